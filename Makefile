@@ -1,0 +1,46 @@
+# san: build, test, demo. `make test` and `make demo` are the README's quick start.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DATA ?= $(CURDIR)/data
+API ?= 127.0.0.1:8080
+# Debian packages the build and the tests need.
+APT_PACKAGES := python3 python3-venv python3-dev gcc make
+
+.PHONY: test demo deps venv lint unit bench clean
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
+	else \
+		echo "missing Debian packages; as root run: apt-get update && apt-get install -y$$missing"; exit 1; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py san/_fastmap.pyx san/_fastmap.pxd | deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check san tests bench
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest
+
+test: lint unit
+
+bench: venv
+	$(PY) bench/fastmap.py
+
+demo: venv
+	$(VENV)/bin/san serve --data $(DATA) --api $(API)
+
+clean:
+	rm -rf $(VENV) build bench/build san/*.so san/*.c *.egg-info

@@ -1,0 +1,90 @@
+# cython: language_level=3
+# The C-level interface of the agent's map table, for other Cython modules (cimport san._fastmap).
+# translate_c() and the I/O gate take no Python objects; io_start_c()/io_end_c() need the GIL held.
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+
+cdef enum:
+    ST_INVALID = 1
+    ST_NOWRITE = 2
+    ST_ZERO = 4
+    ST_ERROR = 8
+
+ctypedef struct entry_t:
+    uint32_t segment      # physical segment in the container
+    uint32_t alt          # index into the alternate-location array, or NO_ALT
+    uint16_t container
+    uint8_t state
+    uint8_t pad
+
+ctypedef struct alt_t:
+    uint32_t segment
+    uint16_t container
+    uint16_t used
+    uint64_t *bitmap      # one bit per block of the segment: set = block lives here
+
+ctypedef struct extent_t:
+    int64_t container     # -1: zeros, no I/O
+    uint64_t offset       # byte offset in the container
+    uint64_t length       # bytes
+
+ctypedef struct fault_t:
+    uint64_t segment
+    uint32_t state
+
+
+cdef class MapTable:
+    cdef entry_t *entries
+    cdef alt_t *alts
+    cdef uint32_t nalts
+    cdef uint32_t alts_cap
+    cdef uint32_t free_alt
+    cdef readonly uint64_t nsegments
+    cdef readonly uint32_t block_size
+    cdef readonly uint32_t segment_blocks
+    cdef uint32_t block_shift
+    cdef uint32_t seg_shift
+    cdef uint32_t bitmap_words
+    cdef uint64_t io_count[2]
+    cdef int cur_slot
+    cdef bint draining
+    cdef list waiters
+    cdef list next_waiters
+
+    cdef int translate_c(self, uint64_t lba, uint64_t nblocks, bint is_write,
+                         extent_t *out, int max_out, fault_t *fault) noexcept nogil
+    cdef int io_start_c(self) noexcept
+    cdef void io_end_c(self, int slot)
+    cdef void _start_drain(self)
+    cdef uint32_t _new_alt(self) except? 0xFFFFFFFF
+    cdef void _drop_alt(self, uint64_t segment) noexcept
+
+
+cdef inline int translate_fast(MapTable table, uint64_t lba, uint64_t nblocks, bint is_write,
+                               extent_t *out, int max_out, fault_t *fault) noexcept nogil:
+    """translate_c() with the common case inlined into the caller: a request inside one plain, usable entry."""
+    cdef uint64_t off = lba & (table.segment_blocks - 1)
+    cdef entry_t *entry = &table.entries[lba >> table.seg_shift]
+    cdef uint8_t state = entry.state
+    if off + nblocks <= table.segment_blocks and entry.alt == <uint32_t>-1 and max_out > 0:
+        if state == 0 or (state == ST_NOWRITE and not is_write):
+            out[0].container = entry.container
+            out[0].offset = ((<uint64_t>entry.segment << table.seg_shift) + off) << table.block_shift
+            out[0].length = nblocks << table.block_shift
+            return 1
+        if state == ST_ZERO and not is_write:
+            out[0].container = -1
+            out[0].offset = 0
+            out[0].length = nblocks << table.block_shift
+            return 1
+    return table.translate_c(lba, nblocks, is_write, out, max_out, fault)
+
+
+cdef extern from *:
+    void __builtin_prefetch(const void *addr) nogil
+
+
+cdef inline void prefetch_entry(MapTable table, uint64_t lba) noexcept nogil:
+    """Start loading lba's entry into cache; a frontend holding a batch of commands calls it ahead of translate_fast()."""
+    if lba < (table.nsegments << table.seg_shift):
+        __builtin_prefetch(&table.entries[lba >> table.seg_shift])

@@ -1,0 +1,433 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The agent's map table: one C array of 12-byte entries per vdisk, translation of I/O into extents.
+
+Entries carry a container id, a physical segment, state bits and an optional alternate location with a block bitmap."""
+
+from collections import namedtuple
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memset
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
+
+
+cdef extern from "sys/mman.h" nogil:
+    int madvise(void *addr, size_t length, int advice)
+    int MADV_HUGEPAGE
+
+cdef size_t HUGE_PAGE = 2 << 20
+
+INVALID = ST_INVALID
+NOWRITE = ST_NOWRITE
+ZERO = ST_ZERO
+ERROR = ST_ERROR
+ALL_STATES = ST_INVALID | ST_NOWRITE | ST_ZERO | ST_ERROR
+ZEROS = -1
+MAX_CONTAINER = 0xFFFE
+MAX_SEGMENT = 0xFFFFFFFE
+
+cdef uint32_t NO_ALT = 0xFFFFFFFF
+
+MapFault = namedtuple("MapFault", "segment state")
+MapFault.__doc__ = "The first segment that stops a translation, and the state bits that stop it."
+
+
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long) nogil
+
+
+cdef inline int _emit(extent_t *out, int n, int max_out, int64_t container,
+                      uint64_t offset, uint64_t length) noexcept nogil:
+    """Append an extent, merging it into the previous one when contiguous; -2 when out is full."""
+    cdef extent_t *prev
+    if n > 0:
+        prev = &out[n - 1]
+        if prev.container == container and (container < 0 or prev.offset + prev.length == offset):
+            prev.length += length
+            return n
+    if n >= max_out:
+        return -2
+    out[n].container = container
+    out[n].offset = offset if container >= 0 else 0
+    out[n].length = length
+    return n + 1
+
+
+cdef inline uint64_t _run_end(const uint64_t *bitmap, uint64_t pos, uint64_t limit, bint bit) noexcept nogil:
+    """First block in [pos, limit) whose bitmap bit differs from `bit`, or limit."""
+    cdef uint64_t word_index = pos >> 6
+    cdef uint64_t word = bitmap[word_index] if not bit else ~bitmap[word_index]
+    word &= ~0ULL << (pos & 63)
+    while True:
+        if word:
+            pos = (word_index << 6) + <uint64_t>__builtin_ctzll(word)
+            return pos if pos < limit else limit
+        word_index += 1
+        if (word_index << 6) >= limit:
+            return limit
+        word = bitmap[word_index] if not bit else ~bitmap[word_index]
+
+
+cdef inline size_t _mapping_bytes(uint64_t nsegments) noexcept nogil:
+    """Bytes mapped for nsegments entries: whole pages, whole huge pages once past one huge page."""
+    cdef size_t size = max(nsegments, 1) * sizeof(entry_t)
+    cdef size_t unit = HUGE_PAGE if size >= HUGE_PAGE else 4096
+    return (size + unit - 1) // unit * unit
+
+
+cdef entry_t *_map_entries(uint64_t nsegments) except NULL:
+    """Anonymous memory for the entry array, on huge pages where the kernel allows: random lookups stay in the TLB."""
+    cdef size_t size = _mapping_bytes(nsegments)
+    cdef void *memory = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+    if memory == MAP_FAILED:
+        raise MemoryError()
+    if size >= HUGE_PAGE:
+        madvise(memory, size, MADV_HUGEPAGE)
+    return <entry_t *>memory
+
+
+cdef class MapTable:
+    """A vdisk's volatile map table: every entry starts INVALID, the controller fills it in.
+
+    translate() turns (lba, nblocks, is_write) into extents or a MapFault; io_start()/io_end()
+    bracket each I/O so that barrier() can report when every I/O begun before it has ended."""
+
+    def __cinit__(self, uint64_t nsegments, uint32_t segment_blocks, uint32_t block_size=512):
+        if segment_blocks == 0 or segment_blocks & (segment_blocks - 1):
+            raise ValueError("segment_blocks must be a power of two")
+        if block_size == 0 or block_size & (block_size - 1):
+            raise ValueError("block_size must be a power of two")
+        self.entries = NULL
+        self.alts = NULL
+        self.nsegments = 0
+        self.block_size = block_size
+        self.segment_blocks = segment_blocks
+        self.block_shift = __builtin_ctzll(block_size)
+        self.seg_shift = __builtin_ctzll(segment_blocks)
+        self.bitmap_words = (segment_blocks + 63) // 64
+        self.nalts = 0
+        self.alts_cap = 0
+        self.free_alt = NO_ALT
+        self.io_count[0] = 0
+        self.io_count[1] = 0
+        self.cur_slot = 0
+        self.draining = False
+        self.waiters = []
+        self.next_waiters = []
+        self.grow(nsegments)
+
+    def __dealloc__(self):
+        cdef uint32_t i
+        if self.alts != NULL:
+            for i in range(self.nalts):
+                free(self.alts[i].bitmap)
+            free(self.alts)
+        if self.entries != NULL:
+            munmap(self.entries, _mapping_bytes(self.nsegments))
+
+    @property
+    def segment_bytes(self) -> int:
+        return <uint64_t>self.segment_blocks << self.block_shift
+
+    @property
+    def nblocks(self) -> int:
+        return self.nsegments << self.seg_shift
+
+    def grow(self, uint64_t nsegments):
+        """Extend the table to nsegments entries; the new entries are INVALID."""
+        cdef uint64_t i
+        cdef entry_t *grown
+        if nsegments < self.nsegments:
+            raise ValueError("a map table cannot shrink")
+        if nsegments == self.nsegments and self.entries != NULL:
+            return
+        grown = _map_entries(nsegments)
+        if self.entries != NULL:
+            memcpy(grown, self.entries, self.nsegments * sizeof(entry_t))
+            munmap(self.entries, _mapping_bytes(self.nsegments))
+        self.entries = grown
+        for i in range(self.nsegments, nsegments):
+            self.entries[i].segment = 0
+            self.entries[i].alt = NO_ALT
+            self.entries[i].container = 0
+            self.entries[i].state = ST_INVALID
+            self.entries[i].pad = 0
+        self.nsegments = nsegments
+
+    cdef int translate_c(self, uint64_t lba, uint64_t nblocks, bint is_write,
+                         extent_t *out, int max_out, fault_t *fault) noexcept nogil:
+        """Fill out[] with the extents of an in-range request; return their count, -1 on a fault, -2 if out is full."""
+        cdef uint64_t seg = lba >> self.seg_shift
+        cdef uint64_t off = lba & (self.segment_blocks - 1)
+        cdef uint64_t remaining = nblocks
+        cdef uint64_t count, pos, stop, run
+        cdef uint32_t bshift = self.block_shift
+        cdef uint32_t sshift = self.seg_shift + self.block_shift
+        cdef uint8_t state
+        cdef entry_t *entry
+        cdef alt_t *alt
+        cdef bint in_alt
+        cdef int n = 0
+        while remaining:
+            entry = &self.entries[seg]
+            count = self.segment_blocks - off
+            if count > remaining:
+                count = remaining
+            state = entry.state
+            if state & (ST_INVALID | ST_ERROR):
+                fault.segment = seg
+                fault.state = state
+                return -1
+            if entry.alt == NO_ALT:
+                if is_write and state & (ST_NOWRITE | ST_ZERO):
+                    fault.segment = seg
+                    fault.state = state
+                    return -1
+                if state & ST_ZERO:
+                    n = _emit(out, n, max_out, -1, 0, count << bshift)
+                else:
+                    n = _emit(out, n, max_out, entry.container,
+                              (<uint64_t>entry.segment << sshift) + (off << bshift), count << bshift)
+                if n < 0:
+                    return n
+            else:
+                alt = &self.alts[entry.alt]
+                pos = off
+                stop = off + count
+                while pos < stop:
+                    in_alt = (alt.bitmap[pos >> 6] >> (pos & 63)) & 1
+                    run = _run_end(alt.bitmap, pos, stop, in_alt) - pos
+                    if in_alt:
+                        n = _emit(out, n, max_out, alt.container,
+                                  (<uint64_t>alt.segment << sshift) + (pos << bshift), run << bshift)
+                    elif is_write and state & (ST_NOWRITE | ST_ZERO):
+                        fault.segment = seg
+                        fault.state = state
+                        return -1
+                    elif state & ST_ZERO:
+                        n = _emit(out, n, max_out, -1, 0, run << bshift)
+                    else:
+                        n = _emit(out, n, max_out, entry.container,
+                                  (<uint64_t>entry.segment << sshift) + (pos << bshift), run << bshift)
+                    if n < 0:
+                        return n
+                    pos += run
+            remaining -= count
+            off = 0
+            seg += 1
+        return n
+
+    def translate(self, uint64_t lba, uint64_t nblocks, bint is_write=False):
+        """Extents [(container, byte offset, length)] covering the request (container -1: zeros), or a MapFault."""
+        cdef extent_t local[16]
+        cdef extent_t *out = local
+        cdef int max_out = 16
+        cdef fault_t fault
+        cdef int n, i
+        if nblocks == 0 or lba + nblocks > (self.nsegments << self.seg_shift) or lba + nblocks < lba:
+            raise ValueError(f"blocks {lba}+{nblocks} are outside the table ({self.nsegments << self.seg_shift} blocks)")
+        n = self.translate_c(lba, nblocks, is_write, out, max_out, &fault)
+        if n == -2:
+            max_out = <int>min(nblocks + 1, 1 << 30)
+            out = <extent_t *>malloc(max_out * sizeof(extent_t))
+            if out == NULL:
+                raise MemoryError()
+            n = self.translate_c(lba, nblocks, is_write, out, max_out, &fault)
+        try:
+            if n == -1:
+                return MapFault(fault.segment, fault.state)
+            return [(out[i].container, out[i].offset, out[i].length) for i in range(n)]
+        finally:
+            if out != local:
+                free(out)
+
+    def get_entries(self, uint64_t start, uint64_t count):
+        """Entries [start, start+count) as (container, segment, state, alternate) with alternate None or (container, segment, bitmap bytes)."""
+        cdef uint64_t i
+        cdef entry_t *entry
+        cdef alt_t *alt
+        self._check_range(start, count)
+        result = []
+        for i in range(start, start + count):
+            entry = &self.entries[i]
+            if entry.alt == NO_ALT:
+                alternate = None
+            else:
+                alt = &self.alts[entry.alt]
+                alternate = (alt.container, alt.segment,
+                             (<char *>alt.bitmap)[:self._bitmap_bytes()])
+            result.append((entry.container, entry.segment, entry.state, alternate))
+        return result
+
+    def set_entries(self, uint64_t start, entries):
+        """Replace entries from start with (container, segment, state) triples; their alternate locations are dropped."""
+        cdef uint64_t i = start
+        cdef uint64_t count = len(entries)
+        cdef long container, segment, state
+        self._check_range(start, count)
+        for triple in entries:
+            container, segment, state = triple
+            if not 0 <= container <= MAX_CONTAINER or not 0 <= segment <= MAX_SEGMENT or state & ~ALL_STATES:
+                raise ValueError(f"bad entry {triple!r}")
+        for container, segment, state in entries:
+            self._drop_alt(i)
+            self.entries[i].container = <uint16_t>container
+            self.entries[i].segment = <uint32_t>segment
+            self.entries[i].state = <uint8_t>state
+            i += 1
+
+    def set_state(self, uint64_t start, uint64_t count, uint32_t bits):
+        """Turn the given state bits on for entries [start, start+count)."""
+        cdef uint64_t i
+        if bits & ~ALL_STATES or not bits:
+            raise ValueError(f"bad state bits {bits:#x}")
+        self._check_range(start, count)
+        for i in range(start, start + count):
+            self.entries[i].state |= <uint8_t>bits
+
+    def clear_state(self, uint64_t start, uint64_t count, uint32_t bits):
+        """Turn NOWRITE off for entries [start, start+count); INVALID, ZERO and ERROR void the entry and need set_entries()."""
+        cdef uint64_t i
+        if bits != ST_NOWRITE:
+            raise ValueError("only NOWRITE can be cleared; INVALID, ZERO and ERROR need a new entry")
+        self._check_range(start, count)
+        for i in range(start, start + count):
+            self.entries[i].state &= <uint8_t>~bits
+
+    def set_alternate(self, uint64_t segment, uint32_t container, uint32_t alt_segment, bitmap=None):
+        """Give entry `segment` an alternate location; blocks whose bit is set in bitmap (bytes, LSB first) live there."""
+        cdef uint32_t index
+        cdef const unsigned char[:] view
+        self._check_range(segment, 1)
+        if container > MAX_CONTAINER or alt_segment > MAX_SEGMENT:
+            raise ValueError("bad alternate location")
+        if bitmap is not None and len(bitmap) > self._bitmap_bytes():
+            raise ValueError(f"bitmap longer than {self._bitmap_bytes()} bytes")
+        index = self.entries[segment].alt
+        if index == NO_ALT:
+            index = self._new_alt()
+            self.entries[segment].alt = index
+        memset(self.alts[index].bitmap, 0, self.bitmap_words * 8)
+        self.alts[index].container = <uint16_t>container
+        self.alts[index].segment = alt_segment
+        if bitmap is not None and len(bitmap):
+            view = bitmap
+            memcpy(self.alts[index].bitmap, &view[0], len(bitmap))
+        self._mask_tail(index)
+
+    def mark_alternate(self, uint64_t segment, uint32_t first_block, uint32_t nblocks, bint in_alt=True):
+        """Set (or clear) the bitmap bits of blocks [first_block, first_block+nblocks) of entry `segment`."""
+        cdef uint32_t b
+        cdef alt_t *alt
+        self._check_range(segment, 1)
+        if self.entries[segment].alt == NO_ALT:
+            raise ValueError(f"segment {segment} has no alternate location")
+        if first_block + nblocks > self.segment_blocks or first_block + nblocks < first_block:
+            raise ValueError("blocks outside the segment")
+        alt = &self.alts[self.entries[segment].alt]
+        for b in range(first_block, first_block + nblocks):
+            if in_alt:
+                alt.bitmap[b >> 6] |= 1ULL << (b & 63)
+            else:
+                alt.bitmap[b >> 6] &= ~(1ULL << (b & 63))
+
+    def clear_alternate(self, uint64_t segment):
+        """Drop entry `segment`'s alternate location: every block reads from the primary again."""
+        self._check_range(segment, 1)
+        self._drop_alt(segment)
+
+    def io_start(self) -> int:
+        """Mark the start of an I/O; pass the returned slot to io_end()."""
+        return self.io_start_c()
+
+    def io_end(self, int slot):
+        """Mark the end of an I/O started with io_start()."""
+        if slot not in (0, 1) or self.io_count[slot] == 0:
+            raise ValueError("io_end without a matching io_start")
+        self.io_end_c(slot)
+
+    def barrier(self, callback):
+        """Call callback() once every I/O begun before this call has ended (at once if there is none)."""
+        if self.draining:
+            self.next_waiters.append(callback)
+            return
+        self.waiters.append(callback)
+        self._start_drain()
+
+    @property
+    def inflight(self) -> int:
+        return self.io_count[0] + self.io_count[1]
+
+    cdef int io_start_c(self) noexcept:
+        cdef int slot = self.cur_slot
+        self.io_count[slot] += 1
+        return slot
+
+    cdef void io_end_c(self, int slot):
+        self.io_count[slot] -= 1
+        if self.draining and slot != self.cur_slot and self.io_count[slot] == 0:
+            self._start_drain()
+
+    cdef void _start_drain(self):
+        cdef int old
+        while True:
+            if self.draining:
+                callbacks = self.waiters
+                self.waiters = []
+                self.draining = False
+                for callback in callbacks:
+                    callback()
+                if not self.next_waiters:
+                    return
+                self.waiters = self.next_waiters
+                self.next_waiters = []
+            old = self.cur_slot
+            self.cur_slot ^= 1
+            self.draining = True
+            if self.io_count[old] != 0:
+                return
+
+    def _check_range(self, uint64_t start, uint64_t count):
+        if start + count > self.nsegments or start + count < start:
+            raise ValueError(f"entries {start}+{count} are outside the table ({self.nsegments} entries)")
+
+    def _bitmap_bytes(self) -> int:
+        return (self.segment_blocks + 7) // 8
+
+    def _mask_tail(self, uint32_t index):
+        cdef uint32_t tail = self.segment_blocks & 63
+        if tail:
+            self.alts[index].bitmap[self.bitmap_words - 1] &= (1ULL << tail) - 1
+
+    cdef uint32_t _new_alt(self) except? 0xFFFFFFFF:
+        cdef uint32_t index
+        cdef alt_t *grown
+        cdef uint64_t *bitmap
+        if self.free_alt != NO_ALT:
+            index = self.free_alt
+            self.free_alt = self.alts[index].segment
+            self.alts[index].used = 1
+            return index
+        if self.nalts == self.alts_cap:
+            grown = <alt_t *>realloc(self.alts, (self.alts_cap * 2 + 4) * sizeof(alt_t))
+            if grown == NULL:
+                raise MemoryError()
+            self.alts = grown
+            self.alts_cap = self.alts_cap * 2 + 4
+        bitmap = <uint64_t *>calloc(self.bitmap_words, 8)
+        if bitmap == NULL:
+            raise MemoryError()
+        index = self.nalts
+        self.alts[index].bitmap = bitmap
+        self.alts[index].used = 1
+        self.nalts += 1
+        return index
+
+    cdef void _drop_alt(self, uint64_t segment) noexcept:
+        cdef uint32_t index = self.entries[segment].alt
+        if index == NO_ALT:
+            return
+        self.entries[segment].alt = NO_ALT
+        self.alts[index].used = 0
+        self.alts[index].segment = self.free_alt
+        self.free_alt = index

@@ -1,0 +1,15 @@
+"""Build script: compiles san's Cython extensions with the machine's compiler.
+
+Metadata lives in pyproject.toml; only the extension list is here."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+extensions = [
+    Extension("san._fastmap", ["san/_fastmap.pyx"], extra_compile_args=["-O3"]),
+]
+
+setup(
+    ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
+    package_data={"san": ["_fastmap.pxd", "_fastmap.pyi", "py.typed"]},
+)

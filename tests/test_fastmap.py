@@ -1,0 +1,175 @@
+"""The Cython map table against the plain-Python reference model, plus its gate and memory use.
+
+Hypothesis drives both tables with the same random commands and compares every translation."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from san._fastmap import ERROR, INVALID, NOWRITE, ZERO, MapFault, MapTable
+from san.agent.refmap import RefMapTable
+
+STATES = st.sampled_from([0, NOWRITE, ZERO, ERROR, INVALID, NOWRITE | ZERO])
+
+
+class TableMachine(RuleBasedStateMachine):
+    """Every rule applies to both tables; every translation must agree exactly."""
+
+    @initialize(segment_blocks=st.sampled_from([1, 8, 64, 128, 256]), nsegments=st.integers(1, 6))
+    def create(self, segment_blocks: int, nsegments: int) -> None:
+        self.fast = MapTable(nsegments, segment_blocks, 512)
+        self.ref = RefMapTable(nsegments, segment_blocks, 512)
+
+    def both(self, name: str, *args: object) -> None:
+        results: list[str | None] = []
+        for table in (self.fast, self.ref):
+            try:
+                getattr(table, name)(*args)
+                results.append(None)
+            except ValueError:
+                results.append("ValueError")
+        assert results[0] == results[1], (name, args, results)
+
+    @rule(data=st.data())
+    def set_entries(self, data: st.DataObject) -> None:
+        start = data.draw(st.integers(0, self.ref.nsegments - 1))
+        entries = data.draw(
+            st.lists(st.tuples(st.integers(0, 5), st.integers(0, 40), STATES), max_size=self.ref.nsegments - start)
+        )
+        self.both("set_entries", start, entries)
+
+    @rule(data=st.data(), bits=st.sampled_from([NOWRITE, ZERO, ERROR, INVALID, 0, 16]))
+    def set_state(self, data: st.DataObject, bits: int) -> None:
+        start = data.draw(st.integers(0, self.ref.nsegments))
+        count = data.draw(st.integers(0, self.ref.nsegments + 1 - start))
+        self.both("set_state", start, count, bits)
+
+    @rule(data=st.data(), bits=st.sampled_from([NOWRITE, ZERO]))
+    def clear_state(self, data: st.DataObject, bits: int) -> None:
+        start = data.draw(st.integers(0, self.ref.nsegments))
+        count = data.draw(st.integers(0, self.ref.nsegments - start))
+        self.both("clear_state", start, count, bits)
+
+    @rule(data=st.data())
+    def set_alternate(self, data: st.DataObject) -> None:
+        segment = data.draw(st.integers(0, self.ref.nsegments - 1))
+        nbytes = (self.ref.segment_blocks + 7) // 8
+        bitmap = data.draw(st.none() | st.binary(min_size=0, max_size=nbytes))
+        self.both("set_alternate", segment, data.draw(st.integers(0, 5)), data.draw(st.integers(0, 40)), bitmap)
+
+    @rule(data=st.data(), in_alt=st.booleans())
+    def mark_alternate(self, data: st.DataObject, in_alt: bool) -> None:
+        segment = data.draw(st.integers(0, self.ref.nsegments - 1))
+        first = data.draw(st.integers(0, self.ref.segment_blocks - 1))
+        count = data.draw(st.integers(0, self.ref.segment_blocks - first + 1))
+        self.both("mark_alternate", segment, first, count, in_alt)
+
+    @rule(data=st.data())
+    def clear_alternate(self, data: st.DataObject) -> None:
+        self.both("clear_alternate", data.draw(st.integers(0, self.ref.nsegments - 1)))
+
+    @precondition(lambda self: self.ref.nsegments < 12)
+    @rule(extra=st.integers(0, 3))
+    def grow(self, extra: int) -> None:
+        self.both("grow", self.ref.nsegments + extra)
+
+    @rule(data=st.data(), is_write=st.booleans())
+    def translate(self, data: st.DataObject, is_write: bool) -> None:
+        total = self.ref.nsegments * self.ref.segment_blocks
+        lba = data.draw(st.integers(0, total - 1))
+        nblocks = data.draw(st.integers(1, total - lba))
+        assert self.fast.translate(lba, nblocks, is_write) == self.ref.translate(lba, nblocks, is_write)
+
+    @invariant()
+    def same_entries(self) -> None:
+        assert self.fast.get_entries(0, self.fast.nsegments) == self.ref.get_entries(0, self.ref.nsegments)
+
+
+TestTableMachine = TableMachine.TestCase
+TestTableMachine.settings = settings(
+    max_examples=300, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def test_new_table_is_invalid_everywhere() -> None:
+    table = MapTable(3, 2048)
+    assert table.translate(0, 1) == MapFault(0, INVALID)
+    assert table.translate(3 * 2048 - 1, 1, True) == MapFault(2, INVALID)
+
+
+def test_out_of_range_requests_are_refused() -> None:
+    table = MapTable(2, 8)
+    table.set_entries(0, [(1, 0, 0), (1, 1, 0)])
+    for lba, n in [(16, 1), (15, 2), (0, 0), (2**64 - 1, 1)]:
+        with pytest.raises(ValueError):
+            table.translate(lba, n)
+    with pytest.raises(ValueError):
+        table.set_entries(1, [(1, 0, 0), (1, 1, 0)])
+    with pytest.raises(ValueError):
+        table.set_entries(0, [(1, 0, 0), (70000, 1, 0)])
+    assert table.translate(0, 16) == [(1, 0, 16 * 512)]
+
+
+def test_a_bad_entry_changes_nothing() -> None:
+    table = MapTable(2, 8)
+    table.set_entries(0, [(1, 4, 0), (1, 5, 0)])
+    with pytest.raises(ValueError):
+        table.set_entries(0, [(2, 0, 0), (1, 1, 99)])
+    assert table.get_entries(0, 2) == [(1, 4, 0, None), (1, 5, 0, None)]
+
+
+def test_one_gib_segments_and_4k_blocks() -> None:
+    table = MapTable(4, (1 << 30) // 4096, 4096)
+    table.set_entries(0, [(7, 3, 0), (7, 4, 0), (7, 9, 0), (1, 0, ZERO)])
+    blocks = (1 << 30) // 4096
+    assert table.translate(blocks - 1, 3) == [(7, 3 * (1 << 30) + (blocks - 1) * 4096, 3 * 4096)]
+    assert table.translate(2 * blocks - 1, 2) == [(7, 5 * (1 << 30) - 4096, 4096), (7, 9 << 30, 4096)]
+    assert table.translate(3 * blocks, blocks) == [(-1, 0, 1 << 30)]
+
+
+def test_barrier_waits_for_io_begun_before_it_only() -> None:
+    table = MapTable(1, 8)
+    fired: list[str] = []
+    first = table.io_start()
+    table.barrier(lambda: fired.append("a"))
+    later = table.io_start()
+    table.barrier(lambda: fired.append("b"))
+    assert fired == []
+    table.io_end(first)
+    assert fired == ["a"]
+    table.io_end(later)
+    assert fired == ["a", "b"]
+    table.barrier(lambda: fired.append("c"))
+    assert fired == ["a", "b", "c"]
+    with pytest.raises(ValueError):
+        table.io_end(later)
+
+
+def test_barrier_ignores_io_started_after_it() -> None:
+    table = MapTable(1, 8)
+    fired: list[str] = []
+    old = table.io_start()
+    table.barrier(lambda: fired.append("x"))
+    new = table.io_start()
+    table.io_end(old)
+    assert fired == ["x"]
+    assert table.inflight == 1
+    table.io_end(new)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_per_entry_is_at_most_16_bytes() -> None:
+    nsegments = 16 << 20
+    before = _rss_bytes()
+    table = MapTable(nsegments, 2048)
+    table.set_state(0, nsegments, ZERO)
+    grown = _rss_bytes() - before
+    assert grown / nsegments <= 16, f"{grown / nsegments:.1f} bytes per entry"
+    del table
