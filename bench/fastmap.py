@@ -41,7 +41,7 @@ def main() -> None:
     pyximport.install(language_level=3, build_dir=str(Path(__file__).parent / "build"))
     sys.path.insert(0, str(Path(__file__).parent))
     sys.path.append(str(Path(san.__file__).parent.parent))  # where Cython finds san/_fastmap.pxd
-    from _translate_loop import translate_loop  # type: ignore[import-not-found]
+    from _translate_loop import translate_loop
 
     nsegments = TIB // MIB
     segment_blocks = MIB // BLOCK

@@ -1,0 +1,216 @@
+"""The mapping agent: map tables per vdisk, reads and writes through them, faults to the controller.
+
+The common case never leaves the agent: translate, then pread/pwrite on the container with the GIL released."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from san._fastmap import ZERO, MapFault, MapTable
+from san.protocol.messages import Action, Command, Fault, Flush, Op, Reason, Response
+from san.protocol.transport import ControllerLink
+from san.storage.containers import ContainerError, ContainerSet
+
+
+class AgentIOError(Exception):
+    """An I/O that cannot complete; reason says why (the SCSI layer turns it into sense data)."""
+
+    def __init__(self, reason: Reason, message: str = "") -> None:
+        super().__init__(message or reason.value)
+        self.reason = reason
+
+
+@dataclass
+class Volume:
+    """An agent's view of one vdisk: its map table and its size in blocks."""
+
+    table: MapTable
+    nblocks: int
+
+
+class Agent:
+    """Holds volatile map tables; everything it knows can be rebuilt by faulting to the controller."""
+
+    def __init__(self, link: ControllerLink) -> None:
+        self.link = link
+        self.volumes: dict[int, Volume] = {}
+        self.containers = ContainerSet()
+        self.allocations_since_flush = 0
+
+    def close(self) -> None:
+        self.containers.close()
+
+    async def handle(self, command: Command) -> Response:
+        """Carry out a controller command; with the blocking flag, answer once earlier I/O has ended."""
+        try:
+            response, volume = self._apply(command)
+        except (ValueError, KeyError, ContainerError) as exc:
+            return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=str(exc))
+        if command.blocking and volume is not None:
+            done = asyncio.get_running_loop().create_future()
+            volume.table.barrier(lambda: None if done.done() else done.set_result(None))
+            await done
+        return response
+
+    def _apply(self, command: Command) -> tuple[Response, Volume | None]:
+        op = command.op
+        if op is Op.ATTACH_CONTAINER:
+            self.containers.attach(command.container, command.path)
+            return Response(), None
+        if op is Op.DETACH_CONTAINER:
+            self.containers.detach(command.container)
+            return Response(), None
+        if op is Op.CREATE_TABLE:
+            table = MapTable(command.nsegments, command.segment_blocks, command.block_size)
+            self.volumes[command.vdisk] = Volume(table, command.nblocks)
+            return Response(), None
+        volume = self.volumes[command.vdisk]
+        if op is Op.DELETE_TABLE:
+            del self.volumes[command.vdisk]
+        elif op is Op.GROW_TABLE:
+            volume.table.grow(command.nsegments)
+            volume.nblocks = command.nblocks
+        elif op is Op.GET_ENTRIES:
+            entries = volume.table.get_entries(command.start, command.count)
+            return Response(start=command.start, entries=tuple(e[:3] for e in entries)), volume
+        elif op is Op.SET_ENTRIES:
+            volume.table.set_entries(command.start, command.entries)
+        elif op is Op.SET_STATE:
+            volume.table.set_state(command.start, command.count, command.bits)
+        elif op is Op.CLEAR_STATE:
+            volume.table.clear_state(command.start, command.count, command.bits)
+        return Response(), volume
+
+    def _volume(self, vdisk: int, lba: int, nblocks: int) -> Volume:
+        volume = self.volumes.get(vdisk)
+        if volume is None:
+            raise AgentIOError(Reason.NO_VDISK, f"vdisk {vdisk} is not served here")
+        if nblocks < 0 or lba < 0 or lba + nblocks > volume.nblocks:
+            raise AgentIOError(Reason.OUT_OF_RANGE, f"blocks {lba}+{nblocks} outside vdisk of {volume.nblocks} blocks")
+        return volume
+
+    async def read(self, vdisk: int, lba: int, nblocks: int) -> bytearray:
+        """The data of blocks [lba, lba+nblocks); unwritten space reads as zeros."""
+        volume = self._volume(vdisk, lba, nblocks)
+        table = volume.table
+        block_size = table.block_size
+        buffer = bytearray(nblocks * block_size)
+        view = memoryview(buffer)
+        slot = table.io_start()
+        try:
+            pos, end = lba, lba + nblocks
+            while pos < end:
+                result = table.translate(pos, end - pos, False)
+                if isinstance(result, MapFault):
+                    await self._resolve(vdisk, table, result, False, view, lba, pos, end)
+                    continue
+                at = (pos - lba) * block_size
+                for container, offset, length in result:
+                    if container >= 0:
+                        self.containers.read_into(container, offset, view[at : at + length])
+                    at += length
+                pos = end
+        except (ContainerError, OSError) as exc:
+            raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
+        finally:
+            table.io_end(slot)
+        return buffer
+
+    async def write(self, vdisk: int, lba: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        """Write whole blocks at lba; with fua, the data and any new mapping are durable on return."""
+        view = memoryview(data).cast("B")
+        volume = self._volume(vdisk, lba, 0)
+        table = volume.table
+        block_size = table.block_size
+        if len(view) % block_size:
+            raise AgentIOError(Reason.OUT_OF_RANGE, f"{len(view)} bytes is not a whole number of {block_size}-byte blocks")
+        nblocks = len(view) // block_size
+        self._volume(vdisk, lba, nblocks)
+        slot = table.io_start()
+        written: set[int] = set()
+        try:
+            pos, end = lba, lba + nblocks
+            while pos < end:
+                result = table.translate(pos, end - pos, True)
+                if isinstance(result, MapFault):
+                    pos = await self._resolve(vdisk, table, result, True, view, lba, pos, end, written)
+                    continue
+                self._write_extents(result, view[(pos - lba) * block_size :], written)
+                pos = end
+            if fua:
+                self.containers.flush(written)
+        except (ContainerError, OSError) as exc:
+            raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
+        finally:
+            table.io_end(slot)
+        if fua and self.allocations_since_flush:
+            await self._commit()
+
+    def _write_extents(self, extents: list[tuple[int, int, int]], view: memoryview, written: set[int]) -> None:
+        at = 0
+        for container, offset, length in extents:
+            self.containers.write_from(container, offset, view[at : at + length])
+            written.add(container)
+            at += length
+
+    async def _resolve(
+        self,
+        vdisk: int,
+        table: MapTable,
+        fault: MapFault,
+        write: bool,
+        view: memoryview,
+        lba: int,
+        pos: int,
+        end: int,
+        written: set[int] | None = None,
+    ) -> int:
+        """Handle a fault met at pos: do the usable part before the faulting segment, then ask the controller.
+
+        Returns where the request goes on from (the faulting segment again, or past it if it completed)."""
+        block_size = table.block_size
+        seg_start = fault.segment * table.segment_blocks
+        seg_end = min(seg_start + table.segment_blocks, end)
+        if seg_start > pos:
+            prefix = table.translate(pos, seg_start - pos, write)
+            if isinstance(prefix, MapFault):
+                return pos
+            at = (pos - lba) * block_size
+            if write:
+                assert written is not None
+                self._write_extents(prefix, view[at:], written)
+            else:
+                for container, offset, length in prefix:
+                    if container >= 0:
+                        self.containers.read_into(container, offset, view[at : at + length])
+                    at += length
+            pos = seg_start
+        zero_data = False
+        if write and fault.state & ZERO and table.get_entries(fault.segment, 1)[0][3] is None:
+            piece = view[(pos - lba) * block_size : (seg_end - lba) * block_size]
+            zero_data = piece.tobytes() == bytes(len(piece))
+        response = await self.link.send(Fault(vdisk, fault.segment, fault.state, write, zero_data))
+        if response.action is Action.FAIL:
+            raise AgentIOError(response.reason, response.message)
+        if response.action is Action.COMPLETE:
+            return seg_end
+        if response.entries:
+            table.set_entries(response.start, response.entries)
+            if write and fault.state & ZERO:
+                self.allocations_since_flush += 1
+        return pos
+
+    async def flush(self) -> None:
+        """SYNCHRONIZE CACHE: written data, then the metadata that points at it, made durable."""
+        try:
+            self.containers.flush()
+        except OSError as exc:
+            raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
+        await self._commit()
+
+    async def _commit(self) -> None:
+        self.allocations_since_flush = 0
+        response = await self.link.send(Flush())
+        if response.action is Action.FAIL:
+            raise AgentIOError(response.reason, response.message)

@@ -1,0 +1,276 @@
+"""The `san` command: `serve` and `check` work on a data directory; the rest are clients of the API.
+
+Every error prints one line on stderr and exits 1; --json prints the API's JSON unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, NoReturn
+
+from san.cli.client import DEFAULT_API, ApiError, Client
+from san.cli.output import fields, progress, table
+from san.units import format_size, parse_size
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `san: <what is wrong>` and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="san", description="A software SAN target: pools, thin vdisks, iSCSI.")
+    parser.add_argument(
+        "--api", default=os.environ.get("SAN_API", DEFAULT_API), help="management API URL (env SAN_API; default %(default)s)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the controller, an agent and the management API")
+    serve.add_argument("--data", required=True, help="data directory (store, default pool files)")
+    serve.add_argument("--api", dest="listen", type=_hostport, default=("127.0.0.1", 8080), help="HOST:PORT to serve the API on")
+    serve.add_argument("--commit-interval", type=float, default=1.0, help="seconds between metadata commits")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check", help="check a data directory's store offline (exit 1 on damage)")
+    check.add_argument("--data", required=True, help="data directory")
+
+    status = commands.add_parser("status", help="show the service's status")
+    status.add_argument("--json", action="store_true")
+
+    pool = commands.add_parser("pool", help="manage pools").add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = pool.add_parser("create", help="create a pool on a new sparse file or an existing file/device")
+    create.add_argument("name")
+    create.add_argument("--size", type=_size_arg, help="size, e.g. 100G (required for a new file)")
+    create.add_argument("--path", help="file or block device (default: DATA/pools/NAME.img)")
+    create.add_argument("--segment-size", type=_size_arg, default="1M", help="power of two, 64K-1G (default 1M)")
+    create.add_argument("--warn-percent", type=int, default=80, help="fullness that raises the threshold warning")
+    create.add_argument("--allocate-ahead", type=int, default=4, help="extra segments allocated for sequential writers")
+    for name in ("list",):
+        pool.add_parser(name, help="list pools").add_argument("--json", action="store_true")
+    show = pool.add_parser("show", help="show one pool")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    pool.add_parser("delete", help="delete an empty pool (files san created are removed)").add_argument("name")
+
+    vdisk = commands.add_parser("vdisk", help="manage virtual disks").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = vdisk.add_parser("create", help="create a vdisk (thin unless --thick)")
+    create.add_argument("name")
+    create.add_argument("--pool", required=True)
+    create.add_argument("--size", type=_size_arg, required=True, help="size, e.g. 10G")
+    create.add_argument("--thick", action="store_true", help="allocate every segment now")
+    create.add_argument("--block-size", type=int, choices=[512, 4096], default=512)
+    vdisk.add_parser("list", help="list vdisks").add_argument("--json", action="store_true")
+    show = vdisk.add_parser("show", help="show one vdisk")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    grow = vdisk.add_parser("grow", help="grow a vdisk")
+    grow.add_argument("name")
+    grow.add_argument("--size", type=_size_arg, required=True, help="new size, e.g. 20G")
+    vdisk.add_parser("delete", help="delete a vdisk; its segments go back to the pool").add_argument("name")
+    return parser
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _pool_rows(pools: list[dict[str, Any]]) -> str:
+    return table(
+        ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "USED%", "PROVISIONED", "VDISKS"],
+        [
+            [
+                p["name"],
+                format_size(p["segment_size"]),
+                format_size(p["capacity_bytes"]),
+                format_size(p["used_bytes"]),
+                format_size(p["free_bytes"]),
+                f"{p['used_percent']:.1f}%",
+                format_size(p["provisioned_bytes"]),
+                p["vdisks"],
+            ]
+            for p in pools
+        ],
+    )
+
+
+def _vdisk_rows(vdisks: list[dict[str, Any]]) -> str:
+    return table(
+        ["NAME", "POOL", "SIZE", "ALLOCATED", "TYPE", "BLOCK", "STATE"],
+        [
+            [
+                v["name"],
+                v["pool"],
+                format_size(v["size_bytes"]),
+                format_size(v["allocated_bytes"]),
+                "thin" if v["thin"] else "thick",
+                v["block_size"],
+                v["state"] if v["state"] == "ready" else f"{v['state']} {v['progress'] * 100:.0f}%",
+            ]
+            for v in vdisks
+        ],
+    )
+
+
+def _show_vdisk(v: dict[str, Any]) -> str:
+    return fields(
+        [
+            ("name", v["name"]),
+            ("pool", v["pool"]),
+            ("size", f"{format_size(v['size_bytes'])} ({v['size_bytes']} bytes)"),
+            ("allocated", f"{format_size(v['allocated_bytes'])} ({v['allocated_bytes']} bytes)"),
+            ("provisioning", "thin" if v["thin"] else "thick"),
+            ("block size", v["block_size"]),
+            ("serial", v["serial"]),
+            ("state", v["state"]),
+        ]
+    )
+
+
+def _show_pool(p: dict[str, Any]) -> str:
+    pairs = [
+        ("name", p["name"]),
+        ("segment size", format_size(p["segment_size"])),
+        ("capacity", f"{format_size(p['capacity_bytes'])} ({p['capacity_bytes']} bytes)"),
+        ("used", f"{format_size(p['used_bytes'])} ({p['used_percent']:.1f}%)"),
+        ("free", format_size(p["free_bytes"])),
+        ("provisioned", format_size(p["provisioned_bytes"])),
+        ("warn at", f"{p['warn_percent']}%"),
+        ("allocate ahead", f"{p['allocate_ahead']} segments"),
+        ("vdisks", p["vdisks"]),
+    ]
+    pairs += [(f"container {c['id']}", f"{c['path']} ({c['kind']}, {format_size(c['size_bytes'])})") for c in p["containers"]]
+    return fields(pairs)
+
+
+def _wait_thick(client: Client, vdisk: dict[str, Any]) -> dict[str, Any]:
+    label = f"allocating {vdisk['name']}"
+    while vdisk["state"] == "allocating":
+        progress(vdisk["progress"], label)
+        time.sleep(0.2)
+        vdisk = client.get(f"/vdisks/{vdisk['name']}")
+    progress(1.0, label)
+    return vdisk
+
+
+def run_client(args: argparse.Namespace) -> int:
+    client = Client(args.api)
+    if args.command == "status":
+        status = client.get("/status")
+        if args.json:
+            _print_json(status)
+        else:
+            print(fields([(k.replace("_", " "), v) for k, v in status.items()]))
+        return 0
+    if args.command == "pool":
+        if args.action == "create":
+            body = {
+                "name": args.name,
+                "size": args.size,
+                "path": args.path,
+                "segment_size": args.segment_size,
+                "warn_percent": args.warn_percent,
+                "allocate_ahead": args.allocate_ahead,
+            }
+            pool = client.post("/pools", body)
+            print(
+                f"pool {pool['name']} created: {format_size(pool['capacity_bytes'])}"
+                f" in {format_size(pool['segment_size'])} segments"
+            )
+        elif args.action == "list":
+            pools = client.get("/pools")
+            _print_json(pools) if args.json else print(_pool_rows(pools))
+        elif args.action == "show":
+            pool = client.get(f"/pools/{args.name}")
+            _print_json(pool) if args.json else print(_show_pool(pool))
+        elif args.action == "delete":
+            client.delete(f"/pools/{args.name}")
+            print(f"pool {args.name} deleted")
+        return 0
+    if args.action == "create":
+        body = {"name": args.name, "pool": args.pool, "size": args.size, "thick": args.thick, "block_size": args.block_size}
+        vdisk = client.post("/vdisks", body)
+        if vdisk["state"] == "allocating":
+            vdisk = _wait_thick(client, vdisk)
+        print(
+            f"vdisk {vdisk['name']} created: {format_size(vdisk['size_bytes'])}"
+            f" {'thin' if vdisk['thin'] else 'thick'} in pool {vdisk['pool']}"
+        )
+    elif args.action == "list":
+        vdisks = client.get("/vdisks")
+        _print_json(vdisks) if args.json else print(_vdisk_rows(vdisks))
+    elif args.action == "show":
+        vdisk = client.get(f"/vdisks/{args.name}")
+        _print_json(vdisk) if args.json else print(_show_vdisk(vdisk))
+    elif args.action == "grow":
+        vdisk = client.post(f"/vdisks/{args.name}/grow", {"size": args.size})
+        print(f"vdisk {vdisk['name']} grown to {format_size(vdisk['size_bytes'])}")
+    elif args.action == "delete":
+        client.delete(f"/vdisks/{args.name}")
+        print(f"vdisk {args.name} deleted")
+    return 0
+
+
+def run_check(data: str) -> int:
+    from san.service import DB_NAME
+    from san.store.check import check_store
+
+    problems, summary = check_store(os.path.join(data, DB_NAME))
+    for line in summary:
+        print(line)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print("clean")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from san.serve import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host, port = args.listen
+    return asyncio.run(serve(args.data, host, port, args.commit_interval))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return run_serve(args)
+        if args.command == "check":
+            return run_check(args.data)
+        return run_client(args)
+    except ApiError as exc:
+        print(f"san: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The controller: pools, the allocator, vdisk management and the answers to agents' faults."""

@@ -1,0 +1,138 @@
+"""The allocator: which physical segments of a pool are free, used or reserved, and which to hand out next.
+
+Pure data structure, no I/O: it prefers contiguous regions and the segment after the vdisk's neighbour."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+FREE = 0
+USED = 1
+RESERVED = 2
+
+Segment = tuple[int, int]
+Run = tuple[int, int, int]
+
+
+class SegmentMap:
+    """One byte of state per physical segment of one container."""
+
+    def __init__(self, container_id: int, nsegments: int) -> None:
+        self.container_id = container_id
+        self.state = bytearray(nsegments)
+        self.free = nsegments
+        self.cursor = 0
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def set(self, pseg: int, value: int) -> None:
+        old = self.state[pseg]
+        if old == value:
+            return
+        self.free += (value == FREE) - (old == FREE)
+        self.state[pseg] = value
+
+    def find_run(self, count: int) -> int:
+        """Start of a free run of count segments at or after the cursor (wrapping), or -1."""
+        pattern = bytes(count)
+        at = self.state.find(pattern, self.cursor)
+        if at < 0:
+            at = self.state.find(pattern, 0)
+        return at
+
+
+class PoolAllocator:
+    """Free-space map of one pool's containers plus its reserve of zeroed segments ready to hand out."""
+
+    def __init__(self, containers: Iterable[tuple[int, int]]) -> None:
+        self.maps: dict[int, SegmentMap] = {cid: SegmentMap(cid, n) for cid, n in containers}
+        self.reserve: list[Segment] = []
+
+    @property
+    def capacity(self) -> int:
+        return sum(len(m) for m in self.maps.values())
+
+    @property
+    def used(self) -> int:
+        """Segments referenced by vdisks (reserved segments count as free)."""
+        return self.capacity - self.free
+
+    @property
+    def free(self) -> int:
+        return sum(m.free for m in self.maps.values()) + len(self.reserve)
+
+    def mark_used(self, segments: Iterable[Segment]) -> None:
+        for container_id, pseg in segments:
+            self.maps[container_id].set(pseg, USED)
+
+    def release(self, segments: Iterable[Segment]) -> None:
+        for container_id, pseg in segments:
+            self.maps[container_id].set(pseg, FREE)
+
+    def claim_runs(self, count: int, state: int = USED) -> list[Run]:
+        """Take count free segments as few long runs, marking them state; [] if the pool has fewer free."""
+        if sum(m.free for m in self.maps.values()) < count <= self.free:
+            self.release(self.reserve)
+            self.reserve.clear()
+        if sum(m.free for m in self.maps.values()) < count:
+            return []
+        runs: list[Run] = []
+        want = count
+        while want:
+            run = self._longest_run(want)
+            container_id, first, length = run
+            segment_map = self.maps[container_id]
+            for pseg in range(first, first + length):
+                segment_map.set(pseg, state)
+            segment_map.cursor = first + length
+            runs.append(run)
+            want -= length
+        return runs
+
+    def _longest_run(self, want: int) -> Run:
+        """A free run of up to want segments: the full length if any container has one, else the longest found."""
+        size = want
+        while True:
+            for segment_map in self.maps.values():
+                if segment_map.free >= size:
+                    at = segment_map.find_run(size)
+                    if at >= 0:
+                        return (segment_map.container_id, at, size)
+            size = max(1, size // 2)
+
+    def plan_reserve(self, target: int) -> list[Run]:
+        """Runs of free segments to zero and then add_reserve(), bringing the reserve up to target."""
+        want = min(target - len(self.reserve), sum(m.free for m in self.maps.values()))
+        if want <= 0:
+            return []
+        return self.claim_runs(want, RESERVED)
+
+    def add_reserve(self, runs: Iterable[Run]) -> None:
+        for container_id, first, length in runs:
+            self.reserve.extend((container_id, pseg) for pseg in range(first, first + length))
+
+    def cancel_reserve(self, runs: Iterable[Run]) -> None:
+        for container_id, first, length in runs:
+            for pseg in range(first, first + length):
+                self.maps[container_id].set(pseg, FREE)
+
+    def take(self, count: int, hint: Segment | None) -> list[Segment]:
+        """Up to count reserved segments for consecutive vdisk segments: from hint on while it is reserved,
+        else the front of the reserve, kept contiguous while the reserve allows."""
+        if not self.reserve:
+            return []
+        start = hint if hint is not None and hint in self.reserve else self.reserve[0]
+        taken = [start]
+        while len(taken) < count:
+            following = (taken[-1][0], taken[-1][1] + 1)
+            if following in self.reserve and following not in taken:
+                taken.append(following)
+            else:
+                break
+        for segment in taken:
+            self.reserve.remove(segment)
+        while len(taken) < count and self.reserve:
+            taken.append(self.reserve.pop(0))
+        self.mark_used(taken)
+        return taken

@@ -1,0 +1,460 @@
+"""The controller: pools, vdisks and their persistent tables; answers agents' faults; commits metadata.
+
+Policy lives here (what to allocate, when to commit); data structures in allocator.py, persistence in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
+from san.controller.allocator import PoolAllocator, Run, Segment
+from san.errors import Conflict, InvalidRequest, NoSpace, NotFound
+from san.model import (
+    BLOCK_SIZES,
+    DEFAULT_ALLOCATE_AHEAD,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_SEGMENT_SIZE,
+    DEFAULT_WARN_PERCENT,
+    MAX_CONTAINERS,
+    MAX_SEGMENT_SIZE,
+    MIN_SEGMENT_SIZE,
+    Container,
+    Pool,
+    VDisk,
+)
+from san.protocol.messages import Action, Command, Entry, Fault, Flush, Op, Reason, Response
+from san.protocol.transport import AgentLink
+from san.storage.containers import ContainerError, ContainerSet, create_sparse_file, device_size, is_block_device
+from san.store.sqlite import SQLiteStore
+from san.store.store import Mapping
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+LOAD_CHUNK = 1024
+ZERO_STEP = 4096
+MAX_SEGMENTS = 0xFFFFFFFF
+
+
+@dataclass
+class PoolUsage:
+    """A pool's capacity and fullness, in bytes."""
+
+    capacity_bytes: int
+    used_bytes: int
+    free_bytes: int
+    provisioned_bytes: int
+    used_percent: float
+
+
+def check_name(kind: str, name: str) -> None:
+    if not NAME.match(name):
+        raise InvalidRequest(
+            f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+
+
+class Controller:
+    """Owns the store, the allocators and the list of agents; every management change goes through here."""
+
+    def __init__(self, store: SQLiteStore, data_dir: str, reserve_segments: int = 32) -> None:
+        self.store = store
+        self.data_dir = data_dir
+        self.reserve_segments = reserve_segments
+        self.agents: list[AgentLink] = []
+        self.containers = ContainerSet()
+        self.pools: dict[int, Pool] = {}
+        self.allocators: dict[int, PoolAllocator] = {}
+        self.vdisks: dict[int, VDisk] = {}
+        self.progress: dict[int, float] = {}
+        self._thick_runs: dict[int, list[Run]] = {}
+        self.dirty = False
+        self._load()
+
+    def _load(self) -> None:
+        self.pools = {pool.id: pool for pool in self.store.pools()}
+        containers = self.store.containers()
+        for pool in self.pools.values():
+            self.allocators[pool.id] = PoolAllocator((c.id, c.nsegments) for c in containers if c.pool_id == pool.id)
+        owner = {c.id: c.pool_id for c in containers}
+        for c in containers:
+            self.containers.attach(c.id, c.path)
+        for container_id, pseg in self.store.used_segments():
+            self.allocators[owner[container_id]].mark_used([(container_id, pseg)])
+        self.vdisks = {vdisk.id: vdisk for vdisk in self.store.vdisks()}
+
+    def close(self) -> None:
+        self.commit()
+        self.containers.close()
+        self.store.close()
+
+    # -- lookups -------------------------------------------------------------------------------------------
+
+    def pool(self, name: str) -> Pool:
+        for pool in self.pools.values():
+            if pool.name == name:
+                return pool
+        raise NotFound(f"no pool named {name!r}")
+
+    def vdisk(self, name: str) -> VDisk:
+        for vdisk in self.vdisks.values():
+            if vdisk.name == name:
+                return vdisk
+        raise NotFound(f"no vdisk named {name!r}")
+
+    def pool_containers(self, pool: Pool) -> list[Container]:
+        return self.store.containers(pool.id)
+
+    def usage(self, pool: Pool) -> PoolUsage:
+        allocator = self.allocators[pool.id]
+        capacity = allocator.capacity * pool.segment_size
+        used = allocator.used * pool.segment_size
+        provisioned = sum(v.size_bytes for v in self.vdisks.values() if v.pool_id == pool.id)
+        return PoolUsage(capacity, used, capacity - used, provisioned, round(100 * used / capacity, 2) if capacity else 0)
+
+    def allocated_bytes(self, vdisk: VDisk) -> int:
+        segment_size = self.pools[vdisk.pool_id].segment_size
+        return len(self.store.mappings(vdisk.id, 0, vdisk.nsegments(segment_size))) * segment_size
+
+    # -- pools ---------------------------------------------------------------------------------------------
+
+    def create_pool(
+        self,
+        name: str,
+        size: int | None = None,
+        path: str | None = None,
+        segment_size: int = DEFAULT_SEGMENT_SIZE,
+        warn_percent: int = DEFAULT_WARN_PERCENT,
+        allocate_ahead: int = DEFAULT_ALLOCATE_AHEAD,
+    ) -> Pool:
+        """A pool on one container: a new sparse file (default under the data directory) or an existing device."""
+        check_name("pool", name)
+        if any(p.name == name for p in self.pools.values()):
+            raise Conflict(f"pool {name!r} already exists")
+        if segment_size & (segment_size - 1) or not MIN_SEGMENT_SIZE <= segment_size <= MAX_SEGMENT_SIZE:
+            raise InvalidRequest(f"segment size {segment_size} must be a power of two from 64K to 1G")
+        if not 1 <= warn_percent <= 100:
+            raise InvalidRequest(f"warning threshold {warn_percent}% must be between 1 and 100")
+        if not 0 <= allocate_ahead <= 1024:
+            raise InvalidRequest(f"allocate-ahead {allocate_ahead} must be between 0 and 1024 segments")
+        if size is not None and size < segment_size:
+            raise InvalidRequest(f"pool size {size} is smaller than one segment ({segment_size} bytes)")
+        if len(self.store.containers()) >= MAX_CONTAINERS:
+            raise Conflict(f"san serves at most {MAX_CONTAINERS} containers")
+        path = os.path.abspath(path or os.path.join(self.data_dir, "pools", f"{name}.img"))
+        if any(c.path == path for c in self.store.containers()):
+            raise Conflict(f"{path} is already a container of a pool")
+        owned = not os.path.exists(path)
+        if owned:
+            if size is None:
+                raise InvalidRequest(f"{path} does not exist: give --size to create it")
+            if not os.path.isdir(os.path.dirname(path)):
+                if os.path.dirname(path) != os.path.join(self.data_dir, "pools"):
+                    raise InvalidRequest(f"directory {os.path.dirname(path)} does not exist")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+        else:
+            if not (is_block_device(path) or os.path.isfile(path)):
+                raise InvalidRequest(f"{path} is neither a regular file nor a block device")
+            actual = device_size(path)
+            if size is None:
+                size = actual
+            elif size > actual:
+                raise InvalidRequest(f"{path} has {actual} bytes, less than the {size} asked for")
+        nsegments = size // segment_size
+        if nsegments < 1 or nsegments > MAX_SEGMENTS:
+            raise InvalidRequest(f"a container holds 1 to {MAX_SEGMENTS} segments, not {nsegments}")
+        kind = "device" if is_block_device(path) else "file"
+        try:
+            if owned:
+                create_sparse_file(path, size)
+            pool = self.store.add_pool(name, segment_size, warn_percent, allocate_ahead)
+            container = self.store.add_container(pool.id, path, kind, size, nsegments, owned)
+            self.containers.attach(container.id, path)
+            self.store.commit()
+        except ContainerError as exc:
+            self.store.rollback()
+            raise InvalidRequest(str(exc)) from None
+        except BaseException:
+            self.store.rollback()
+            if owned and os.path.exists(path):
+                os.unlink(path)
+            raise
+        self.pools[pool.id] = pool
+        self.allocators[pool.id] = PoolAllocator([(container.id, nsegments)])
+        return pool
+
+    async def attach_pool(self, pool: Pool) -> None:
+        """Tell every agent about the pool's containers."""
+        for container in self.pool_containers(pool):
+            await self._broadcast(Command(Op.ATTACH_CONTAINER, container=container.id, path=container.path))
+
+    async def delete_pool(self, name: str) -> None:
+        pool = self.pool(name)
+        users = sorted(v.name for v in self.vdisks.values() if v.pool_id == pool.id)
+        if users:
+            raise Conflict(f"pool {name!r} still has vdisks: {', '.join(users)}")
+        containers = self.pool_containers(pool)
+        for container in containers:
+            await self._broadcast(Command(Op.DETACH_CONTAINER, container=container.id))
+            self.containers.detach(container.id)
+        self.store.delete_pool(pool.id)
+        self.store.commit()
+        del self.pools[pool.id]
+        del self.allocators[pool.id]
+        for container in containers:
+            if container.owned and os.path.exists(container.path):
+                os.unlink(container.path)
+
+    # -- vdisks --------------------------------------------------------------------------------------------
+
+    async def create_vdisk(
+        self, name: str, pool_name: str, size: int, thin: bool = True, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> VDisk:
+        """Create a vdisk; a thick one is returned in state 'allocating' and finished by finish_thick()."""
+        check_name("vdisk", name)
+        pool = self.pool(pool_name)
+        if any(v.name == name for v in self.vdisks.values()):
+            raise Conflict(f"vdisk {name!r} already exists")
+        if block_size not in BLOCK_SIZES:
+            raise InvalidRequest(f"block size {block_size} must be 512 or 4096")
+        if size <= 0 or size % block_size:
+            raise InvalidRequest(f"size {size} must be a positive multiple of the {block_size}-byte block size")
+        nsegments = -(-size // pool.segment_size)
+        if nsegments > MAX_SEGMENTS:
+            raise InvalidRequest(f"size {size} needs more than {MAX_SEGMENTS} segments")
+        allocator = self.allocators[pool.id]
+        if not thin and allocator.free < nsegments:
+            raise NoSpace(
+                f"a thick vdisk of {size} bytes needs {nsegments} segments; pool {pool.name!r} has {allocator.free} free"
+            )
+        vdisk = self.store.add_vdisk(name, pool.id, size, block_size, thin, "ready" if thin else "allocating")
+        if not thin:
+            runs = self._claim_thick(allocator, nsegments, vdisk, 0)
+            self.store.commit()
+            self.vdisks[vdisk.id] = vdisk
+            self.progress[vdisk.id] = 0.0
+            self._thick_runs[vdisk.id] = runs
+            return vdisk
+        self.store.commit()
+        self.vdisks[vdisk.id] = vdisk
+        await self._export(vdisk)
+        return vdisk
+
+    def _claim_thick(self, allocator: PoolAllocator, count: int, vdisk: VDisk, first_vseg: int) -> list[Run]:
+        runs = allocator.claim_runs(count)
+        if not runs:
+            raise NoSpace(f"pool has {allocator.free} free segments, {count} needed")
+        vseg = first_vseg
+        mappings: list[Mapping] = []
+        for container_id, first, length in runs:
+            mappings.extend(Mapping(vseg + i, container_id, first + i, 0) for i in range(length))
+            vseg += length
+        self.store.add_mappings(vdisk.id, mappings)
+        return runs
+
+    async def finish_thick(self, vdisk: VDisk, on_progress: Callable[[float], None] | None = None) -> None:
+        """Zero a thick vdisk's segments in steps, yielding between them, then mark it ready and export it."""
+        pool = self.pools[vdisk.pool_id]
+        runs = self._thick_runs.pop(vdisk.id, None)
+        if runs is None:
+            runs = self._runs_of(vdisk, pool)
+        total = sum(length for _, _, length in runs) or 1
+        done = 0
+        for container_id, first, length in runs:
+            for start in range(first, first + length, ZERO_STEP):
+                count = min(ZERO_STEP, first + length - start)
+                self.containers.zero(container_id, [(start * pool.segment_size, count * pool.segment_size)])
+                done += count
+                self.progress[vdisk.id] = done / total
+                if on_progress is not None:
+                    on_progress(done / total)
+                await asyncio.sleep(0)
+        self.containers.flush()
+        vdisk.state = "ready"
+        self.store.update_vdisk(vdisk)
+        self.store.commit()
+        self.progress.pop(vdisk.id, None)
+        await self._export(vdisk)
+
+    def _runs_of(self, vdisk: VDisk, pool: Pool) -> list[Run]:
+        runs: list[Run] = []
+        for m in self.store.mappings(vdisk.id, 0, vdisk.nsegments(pool.segment_size)):
+            if runs and runs[-1][0] == m.container_id and runs[-1][1] + runs[-1][2] == m.pseg:
+                runs[-1] = (m.container_id, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((m.container_id, m.pseg, 1))
+        return runs
+
+    def unfinished_thick(self) -> list[VDisk]:
+        return [v for v in self.vdisks.values() if v.state == "allocating"]
+
+    async def grow_vdisk(self, name: str, size: int) -> VDisk:
+        vdisk = self.vdisk(name)
+        pool = self.pools[vdisk.pool_id]
+        if vdisk.state != "ready":
+            raise Conflict(f"vdisk {name!r} is still being allocated")
+        if size <= vdisk.size_bytes:
+            raise InvalidRequest(f"new size {size} must be larger than the current {vdisk.size_bytes} bytes")
+        if size % vdisk.block_size:
+            raise InvalidRequest(f"size {size} must be a multiple of the {vdisk.block_size}-byte block size")
+        old_segments = vdisk.nsegments(pool.segment_size)
+        new_segments = -(-size // pool.segment_size)
+        if new_segments > MAX_SEGMENTS:
+            raise InvalidRequest(f"size {size} needs more than {MAX_SEGMENTS} segments")
+        allocator = self.allocators[pool.id]
+        if not vdisk.thin and new_segments > old_segments:
+            if allocator.free < new_segments - old_segments:
+                raise NoSpace(
+                    f"growing thick vdisk {name!r} needs {new_segments - old_segments} segments;"
+                    f" pool {pool.name!r} has {allocator.free} free"
+                )
+            runs = self._claim_thick(allocator, new_segments - old_segments, vdisk, old_segments)
+            for container_id, first, length in runs:
+                self.containers.zero(container_id, [(first * pool.segment_size, length * pool.segment_size)])
+            self.containers.flush()
+        vdisk.size_bytes = size
+        self.store.update_vdisk(vdisk)
+        self.store.commit()
+        await self._broadcast(Command(Op.GROW_TABLE, vdisk=vdisk.id, nsegments=new_segments, nblocks=vdisk.nblocks))
+        return vdisk
+
+    async def delete_vdisk(self, name: str) -> None:
+        """Remove a vdisk once no agent has I/O in flight on it; its segments go back to the pool."""
+        vdisk = self.vdisk(name)
+        if vdisk.state != "ready":
+            raise Conflict(f"vdisk {name!r} is still being allocated")
+        pool = self.pools[vdisk.pool_id]
+        await self._broadcast(Command(Op.DELETE_TABLE, vdisk=vdisk.id, blocking=True))
+        freed = self.store.remove_mappings(vdisk.id, 0, vdisk.nsegments(pool.segment_size))
+        self.store.delete_vdisk(vdisk.id)
+        self.store.commit()
+        del self.vdisks[vdisk.id]
+        self.allocators[pool.id].release(freed)
+        for container_id, pseg in freed:
+            self.containers.zero(container_id, [(pseg * pool.segment_size, pool.segment_size)])
+
+    async def _export(self, vdisk: VDisk) -> None:
+        await self._broadcast(self._create_table(vdisk))
+
+    def _create_table(self, vdisk: VDisk) -> Command:
+        pool = self.pools[vdisk.pool_id]
+        return Command(
+            Op.CREATE_TABLE,
+            vdisk=vdisk.id,
+            nsegments=vdisk.nsegments(pool.segment_size),
+            segment_blocks=pool.segment_size // vdisk.block_size,
+            block_size=vdisk.block_size,
+            nblocks=vdisk.nblocks,
+        )
+
+    # -- agents --------------------------------------------------------------------------------------------
+
+    async def add_agent(self, link: AgentLink) -> None:
+        """Register an agent and give it every container and a table (all INVALID) for every ready vdisk."""
+        self.agents.append(link)
+        for container in self.store.containers():
+            await self._send(link, Command(Op.ATTACH_CONTAINER, container=container.id, path=container.path))
+        for vdisk in self.vdisks.values():
+            if vdisk.state == "ready":
+                await self._send(link, self._create_table(vdisk))
+
+    async def _broadcast(self, command: Command) -> None:
+        for link in self.agents:
+            await self._send(link, command)
+
+    @staticmethod
+    async def _send(link: AgentLink, command: Command) -> None:
+        response = await link.send(command)
+        if response.action is Action.FAIL:
+            raise RuntimeError(f"agent refused {command.op}: {response.message}")
+
+    # -- faults --------------------------------------------------------------------------------------------
+
+    def handle(self, message: Fault | Flush) -> Response:
+        """Answer an agent: a Flush commits metadata; a Fault gets entries, completion or failure."""
+        if isinstance(message, Flush):
+            self.commit()
+            return Response()
+        return self.handle_fault(message)
+
+    def handle_fault(self, fault: Fault) -> Response:
+        vdisk = self.vdisks.get(fault.vdisk)
+        if vdisk is None or vdisk.state != "ready":
+            return Response(Action.FAIL, reason=Reason.NO_VDISK, message=f"no vdisk {fault.vdisk}")
+        pool = self.pools[vdisk.pool_id]
+        nsegments = vdisk.nsegments(pool.segment_size)
+        if not 0 <= fault.segment < nsegments:
+            return Response(Action.FAIL, reason=Reason.OUT_OF_RANGE, message=f"segment {fault.segment}")
+        if fault.state & INVALID:
+            start = fault.segment - fault.segment % LOAD_CHUNK
+            return Response(Action.RETRY, start, self._entries(vdisk, start, min(start + LOAD_CHUNK, nsegments)))
+        if fault.state & ERROR:
+            return Response(Action.FAIL, reason=Reason.IO_ERROR, message=f"segment {fault.segment} is in error")
+        current = self.store.mappings(vdisk.id, fault.segment, fault.segment + 1)
+        state = current[0].state if current else ZERO
+        if not fault.write or not state & (NOWRITE | ZERO):
+            return Response(Action.RETRY, fault.segment, self._entries(vdisk, fault.segment, fault.segment + 1))
+        if state & NOWRITE:
+            return Response(Action.FAIL, reason=Reason.WRITE_PROTECTED, message=f"segment {fault.segment} is read-only")
+        if fault.zero_data:
+            return Response(Action.COMPLETE)
+        return self._allocate(vdisk, pool, fault.segment, nsegments)
+
+    def _entries(self, vdisk: VDisk, start: int, stop: int) -> tuple[Entry, ...]:
+        entries: list[Entry] = [(0, 0, ZERO)] * (stop - start)
+        for m in self.store.mappings(vdisk.id, start, stop):
+            entries[m.vseg - start] = (m.container_id, m.pseg, m.state)
+        return tuple(entries)
+
+    def _allocate(self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int) -> Response:
+        """Map vseg (and, for a sequential writer, the next unmapped segments) onto reserved segments."""
+        near = self.store.mappings(vdisk.id, max(vseg - 1, 0), vseg + pool.allocate_ahead + 2)
+        mapped = {m.vseg: m for m in near}
+        hint: Segment | None = None
+        count = 1
+        if vseg - 1 in mapped:
+            before = mapped[vseg - 1]
+            hint = (before.container_id, before.pseg + 1)
+            while count <= pool.allocate_ahead and vseg + count < nsegments and vseg + count not in mapped:
+                count += 1
+        elif vseg + 1 in mapped:
+            after = mapped[vseg + 1]
+            hint = (after.container_id, after.pseg - 1)
+        allocator = self.allocators[pool.id]
+        if len(allocator.reserve) < count:
+            self._refill(pool, max(count, self.reserve_segments))
+        taken = allocator.take(count, hint)
+        if not taken:
+            return Response(Action.FAIL, reason=Reason.NO_SPACE, message=f"pool {pool.name!r} has no free segment")
+        self.store.add_mappings(vdisk.id, [Mapping(vseg + i, c, p, 0) for i, (c, p) in enumerate(taken)])
+        self.dirty = True
+        return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken))
+
+    def _refill(self, pool: Pool, target: int) -> None:
+        """Zero free segments and make them durable as zeros before they join the pool's reserve."""
+        allocator = self.allocators[pool.id]
+        runs = allocator.plan_reserve(target)
+        if not runs:
+            return
+        try:
+            for container_id, first, length in runs:
+                self.containers.zero(container_id, [(first * pool.segment_size, length * pool.segment_size)])
+            self.containers.flush({c for c, _, _ in runs})
+        except OSError:
+            allocator.cancel_reserve(runs)
+            raise
+        allocator.add_reserve(runs)
+
+    def maintain(self) -> None:
+        """Timer work: commit pending metadata, top up every pool's reserve."""
+        self.commit()
+        for pool in self.pools.values():
+            if len(self.allocators[pool.id].reserve) < self.reserve_segments // 2:
+                self._refill(pool, self.reserve_segments)
+
+    def commit(self) -> None:
+        """Make every mapping change so far durable (metadata commit, like dm-thin's)."""
+        self.store.commit()
+        self.dirty = False

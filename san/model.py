@@ -1,0 +1,74 @@
+"""The objects an administrator names (Pool, Container, VDisk), shared by the store, controller, API and CLI.
+
+Plain dataclasses: the same names and fields appear in the database, the JSON of the API and the CLI's tables."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+MIN_SEGMENT_SIZE = 64 * KIB
+MAX_SEGMENT_SIZE = 1 * GIB
+DEFAULT_SEGMENT_SIZE = 1 * MIB
+BLOCK_SIZES = (512, 4096)
+DEFAULT_BLOCK_SIZE = 512
+DEFAULT_WARN_PERCENT = 80
+DEFAULT_ALLOCATE_AHEAD = 4
+MAX_CONTAINERS = 0xFFFE
+
+
+@dataclass
+class Pool:
+    """A set of containers that vdisks draw segments from; all its segments have one size."""
+
+    id: int
+    name: str
+    segment_size: int
+    warn_percent: int = DEFAULT_WARN_PERCENT
+    allocate_ahead: int = DEFAULT_ALLOCATE_AHEAD
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Container:
+    """One physical store of a pool: a sparse file san created, or an existing file or block device."""
+
+    id: int
+    pool_id: int
+    path: str
+    kind: str
+    size_bytes: int
+    nsegments: int
+    owned: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VDisk:
+    """A virtual disk: its size, block size, provisioning, and whether its thick allocation is still running."""
+
+    id: int
+    name: str
+    pool_id: int
+    size_bytes: int
+    block_size: int
+    thin: bool
+    serial: str
+    state: str = "ready"
+
+    def nsegments(self, segment_size: int) -> int:
+        return -(-self.size_bytes // segment_size)
+
+    @property
+    def nblocks(self) -> int:
+        return self.size_bytes // self.block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

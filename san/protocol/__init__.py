@@ -1,0 +1,1 @@
+"""The agent-controller boundary: fault, command and response messages, and their transports."""

@@ -1,0 +1,49 @@
+"""How messages travel: the link interfaces each side talks through, and the in-process implementation.
+
+A network transport implements the same two links; neither the agent nor the controller changes."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from san.protocol.messages import Command, Fault, Flush, Response
+
+
+class ControllerLink(Protocol):
+    """The agent's line to the controller."""
+
+    async def send(self, message: Fault | Flush) -> Response: ...
+
+
+class AgentLink(Protocol):
+    """The controller's line to one agent."""
+
+    async def send(self, command: Command) -> Response: ...
+
+
+class FaultHandler(Protocol):
+    def handle(self, message: Fault | Flush) -> Response: ...
+
+
+class CommandHandler(Protocol):
+    async def handle(self, command: Command) -> Response: ...
+
+
+class LocalControllerLink:
+    """Agent -> controller in one process: a direct call."""
+
+    def __init__(self, controller: FaultHandler) -> None:
+        self.controller = controller
+
+    async def send(self, message: Fault | Flush) -> Response:
+        return self.controller.handle(message)
+
+
+class LocalAgentLink:
+    """Controller -> agent in one process: a direct call, awaited for blocking commands."""
+
+    def __init__(self, agent: CommandHandler) -> None:
+        self.agent = agent
+
+    async def send(self, command: Command) -> Response:
+        return await self.agent.handle(command)

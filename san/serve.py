@@ -1,0 +1,40 @@
+"""`san serve`: start the embedded service and the management API on one asyncio loop, stop cleanly.
+
+SIGTERM and SIGINT commit metadata and flush containers before the process exits."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import uvicorn
+
+from san.api.app import create_app
+from san.service import DataDirLocked, Service
+
+log = logging.getLogger("san")
+
+
+async def serve(data_dir: str, host: str, port: int, commit_interval: float = 1.0) -> int:
+    """Run until a signal; 0 on a clean stop, 1 if the service could not start."""
+    try:
+        service = Service(data_dir, commit_interval)
+    except (DataDirLocked, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    await service.start()
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # uvicorn restores these after serving and re-raises the signal it caught: it must land here, not kill us.
+        signal.signal(signum, lambda *_: setattr(server, "should_exit", True))
+    log.info("san serving data %s, management API on http://%s:%d", service.data_dir, host, port)
+    try:
+        await server.serve()
+    finally:
+        await service.stop()
+    if not server.started:
+        log.error("management API could not listen on %s:%d", host, port)
+        return 1
+    log.info("san stopped cleanly")
+    return 0

@@ -1,0 +1,1 @@
+"""Persistent tables: the store interface, its SQLite implementation and the offline checker."""

@@ -1,0 +1,199 @@
+"""The embedded store: SQLite in WAL mode, one connection, one long transaction committed on demand.
+
+SQL is kept portable (no SQLite-only statements outside open()), for a PostgreSQL store beside it later."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator
+
+from san.model import Container, Pool, VDisk
+from san.store.store import SCHEMA_VERSION, Mapping, StoreError
+
+SCHEMA = [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE pool (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        segment_size BIGINT NOT NULL,
+        warn_percent INTEGER NOT NULL,
+        allocate_ahead INTEGER NOT NULL)""",
+    """CREATE TABLE container (
+        id INTEGER PRIMARY KEY,
+        pool_id INTEGER NOT NULL REFERENCES pool(id),
+        path TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        size_bytes BIGINT NOT NULL,
+        nsegments BIGINT NOT NULL,
+        owned INTEGER NOT NULL)""",
+    """CREATE TABLE vdisk (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        pool_id INTEGER NOT NULL REFERENCES pool(id),
+        size_bytes BIGINT NOT NULL,
+        block_size INTEGER NOT NULL,
+        thin INTEGER NOT NULL,
+        serial TEXT NOT NULL,
+        state TEXT NOT NULL)""",
+    """CREATE TABLE mapping (
+        vdisk_id INTEGER NOT NULL REFERENCES vdisk(id),
+        vseg BIGINT NOT NULL,
+        container_id INTEGER NOT NULL REFERENCES container(id),
+        pseg BIGINT NOT NULL,
+        state INTEGER NOT NULL,
+        PRIMARY KEY (vdisk_id, vseg))""",
+    "CREATE INDEX mapping_physical ON mapping (container_id, pseg)",
+    """CREATE TABLE segment (
+        container_id INTEGER NOT NULL REFERENCES container(id),
+        pseg BIGINT NOT NULL,
+        refcount INTEGER NOT NULL,
+        PRIMARY KEY (container_id, pseg))""",
+]
+
+
+class SQLiteStore:
+    """Store on one SQLite file (`san.db` in the data directory)."""
+
+    def __init__(self, path: str, create: bool = True) -> None:
+        exists = os.path.exists(path)
+        if not exists and not create:
+            raise StoreError(f"no store at {path}")
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+        self.path = path
+        self._open = False
+        tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "meta" not in tables:
+            if tables:
+                raise StoreError(f"{path} is not a san store")
+            self._begin()
+            for statement in SCHEMA:
+                self.db.execute(statement)
+            self.db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self.commit()
+        version = int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{path} has schema version {version}; this san understands version {SCHEMA_VERSION}")
+        self.schema_version = version
+
+    def _begin(self) -> None:
+        if not self._open:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._open = True
+
+    def _write(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        self._begin()
+        return self.db.execute(sql, params)
+
+    def commit(self) -> None:
+        if self._open:
+            self.db.execute("COMMIT")
+            self._open = False
+
+    def rollback(self) -> None:
+        if self._open:
+            self.db.execute("ROLLBACK")
+            self._open = False
+
+    def close(self) -> None:
+        self.commit()
+        self.db.close()
+
+    def add_pool(self, name: str, segment_size: int, warn_percent: int, allocate_ahead: int) -> Pool:
+        cursor = self._write(
+            "INSERT INTO pool (name, segment_size, warn_percent, allocate_ahead) VALUES (?, ?, ?, ?)",
+            (name, segment_size, warn_percent, allocate_ahead),
+        )
+        assert cursor.lastrowid is not None
+        return Pool(cursor.lastrowid, name, segment_size, warn_percent, allocate_ahead)
+
+    def pools(self) -> list[Pool]:
+        rows = self.db.execute("SELECT id, name, segment_size, warn_percent, allocate_ahead FROM pool ORDER BY name")
+        return [Pool(*row) for row in rows]
+
+    def delete_pool(self, pool_id: int) -> None:
+        self._write("DELETE FROM container WHERE pool_id = ?", (pool_id,))
+        self._write("DELETE FROM pool WHERE id = ?", (pool_id,))
+
+    def add_container(self, pool_id: int, path: str, kind: str, size_bytes: int, nsegments: int, owned: bool) -> Container:
+        cursor = self._write(
+            "INSERT INTO container (pool_id, path, kind, size_bytes, nsegments, owned) VALUES (?, ?, ?, ?, ?, ?)",
+            (pool_id, path, kind, size_bytes, nsegments, int(owned)),
+        )
+        assert cursor.lastrowid is not None
+        return Container(cursor.lastrowid, pool_id, path, kind, size_bytes, nsegments, owned)
+
+    def containers(self, pool_id: int | None = None) -> list[Container]:
+        sql = "SELECT id, pool_id, path, kind, size_bytes, nsegments, owned FROM container"
+        rows = (
+            self.db.execute(sql + " ORDER BY id")
+            if pool_id is None
+            else self.db.execute(sql + " WHERE pool_id = ? ORDER BY id", (pool_id,))
+        )
+        return [Container(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6])) for row in rows]
+
+    def add_vdisk(self, name: str, pool_id: int, size_bytes: int, block_size: int, thin: bool, state: str) -> VDisk:
+        serial = os.urandom(8).hex()
+        cursor = self._write(
+            "INSERT INTO vdisk (name, pool_id, size_bytes, block_size, thin, serial, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, pool_id, size_bytes, block_size, int(thin), serial, state),
+        )
+        assert cursor.lastrowid is not None
+        return VDisk(cursor.lastrowid, name, pool_id, size_bytes, block_size, thin, serial, state)
+
+    def vdisks(self) -> list[VDisk]:
+        rows = self.db.execute("SELECT id, name, pool_id, size_bytes, block_size, thin, serial, state FROM vdisk ORDER BY name")
+        return [VDisk(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows]
+
+    def update_vdisk(self, vdisk: VDisk) -> None:
+        self._write("UPDATE vdisk SET size_bytes = ?, state = ? WHERE id = ?", (vdisk.size_bytes, vdisk.state, vdisk.id))
+
+    def delete_vdisk(self, vdisk_id: int) -> None:
+        self._write("DELETE FROM vdisk WHERE id = ?", (vdisk_id,))
+
+    def mappings(self, vdisk_id: int, start: int, stop: int) -> list[Mapping]:
+        rows = self.db.execute(
+            "SELECT vseg, container_id, pseg, state FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ? ORDER BY vseg",
+            (vdisk_id, start, stop),
+        )
+        return [Mapping(*row) for row in rows]
+
+    def add_mappings(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
+        rows = list(mappings)
+        self._begin()
+        self.db.executemany(
+            "INSERT INTO mapping (vdisk_id, vseg, container_id, pseg, state) VALUES (?, ?, ?, ?, ?)",
+            [(vdisk_id, m.vseg, m.container_id, m.pseg, m.state) for m in rows],
+        )
+        self.db.executemany(
+            "INSERT INTO segment (container_id, pseg, refcount) VALUES (?, ?, 1)"
+            " ON CONFLICT (container_id, pseg) DO UPDATE SET refcount = segment.refcount + 1",
+            [(m.container_id, m.pseg) for m in rows],
+        )
+
+    def remove_mappings(self, vdisk_id: int, start: int, stop: int) -> list[tuple[int, int]]:
+        self._begin()
+        gone = self.db.execute(
+            "SELECT container_id, pseg FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?",
+            (vdisk_id, start, stop),
+        ).fetchall()
+        self.db.execute("DELETE FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", (vdisk_id, start, stop))
+        self.db.executemany("UPDATE segment SET refcount = refcount - 1 WHERE container_id = ? AND pseg = ?", gone)
+        freed = self.db.execute(
+            "SELECT container_id, pseg FROM segment WHERE refcount <= 0 ORDER BY container_id, pseg"
+        ).fetchall()
+        self.db.execute("DELETE FROM segment WHERE refcount <= 0")
+        return [(c, p) for c, p in freed]
+
+    def used_segments(self) -> Iterator[tuple[int, int]]:
+        yield from self.db.execute("SELECT container_id, pseg FROM segment")
+
+    def segment_counts(self) -> dict[int, int]:
+        rows = self.db.execute("SELECT container_id, COUNT(*) FROM segment GROUP BY container_id")
+        return {container_id: count for container_id, count in rows}

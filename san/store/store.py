@@ -1,0 +1,67 @@
+"""The interface of the persistent tables: pools, containers, vdisks, mappings and segment reference counts.
+
+Changes accumulate in one open transaction and become durable, all together, at commit()."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple, Protocol
+
+from san.model import Container, Pool, VDisk
+
+SCHEMA_VERSION = 1
+
+
+class Mapping(NamedTuple):
+    """A persistent map-table entry: vdisk segment -> (container, physical segment) with state bits."""
+
+    vseg: int
+    container_id: int
+    pseg: int
+    state: int
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used (missing, newer schema, damaged)."""
+
+
+class Store(Protocol):
+    """Persistent tables behind one small interface; SQLite now, PostgreSQL for a standby controller later."""
+
+    def commit(self) -> None:
+        """Make every change so far durable, atomically."""
+
+    def close(self) -> None: ...
+
+    def add_pool(self, name: str, segment_size: int, warn_percent: int, allocate_ahead: int) -> Pool: ...
+
+    def pools(self) -> list[Pool]: ...
+
+    def delete_pool(self, pool_id: int) -> None: ...
+
+    def add_container(self, pool_id: int, path: str, kind: str, size_bytes: int, nsegments: int, owned: bool) -> Container: ...
+
+    def containers(self, pool_id: int | None = None) -> list[Container]: ...
+
+    def add_vdisk(self, name: str, pool_id: int, size_bytes: int, block_size: int, thin: bool, state: str) -> VDisk: ...
+
+    def vdisks(self) -> list[VDisk]: ...
+
+    def update_vdisk(self, vdisk: VDisk) -> None: ...
+
+    def delete_vdisk(self, vdisk_id: int) -> None: ...
+
+    def mappings(self, vdisk_id: int, start: int, stop: int) -> list[Mapping]:
+        """Mappings of vdisk segments [start, stop), in segment order."""
+
+    def add_mappings(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
+        """Map unmapped vdisk segments and take a reference on each physical segment."""
+
+    def remove_mappings(self, vdisk_id: int, start: int, stop: int) -> list[tuple[int, int]]:
+        """Unmap vdisk segments [start, stop); return the physical segments whose last reference went."""
+
+    def used_segments(self) -> Iterator[tuple[int, int]]:
+        """Every referenced (container id, physical segment)."""
+
+    def segment_counts(self) -> dict[int, int]:
+        """Referenced segments per container id."""

@@ -1,0 +1,38 @@
+"""Sizes as administrators type and read them: 10G, 512M, 1.5T (binary units, like lvcreate -L).
+
+parse_size() rejects anything it cannot read exactly; format_size() prints the shortest exact-enough form."""
+
+from __future__ import annotations
+
+import re
+
+UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size like '10G', '512m', '1.5TiB' or '4096'; ValueError with the reason otherwise."""
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size {text} is negative")
+        return text
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"invalid size {text!r}: use a number with an optional unit K, M, G, T, P or E (powers of 1024)")
+    number, unit = match.groups()
+    scale: int = UNITS[unit.upper()]
+    if "." in number:
+        whole, frac = number.split(".")
+        value: int = int(whole) * scale + int(frac) * scale // 10 ** len(frac)
+        if int(frac) * scale % 10 ** len(frac):
+            raise ValueError(f"invalid size {text!r}: not a whole number of bytes")
+        return value
+    return int(number) * scale
+
+
+def format_size(size: int) -> str:
+    """A short human form: 1.00G, 512.00M, 4.00K, 300B."""
+    for unit in ("E", "P", "T", "G", "M", "K"):
+        if size >= UNITS[unit]:
+            return f"{size / UNITS[unit]:.2f}{unit}"
+    return f"{size}B"
