@@ -128,10 +128,9 @@ def create_app(service: Service) -> FastAPI:
     async def create_pool(body: PoolCreate) -> dict[str, Any]:
         segment_size = _size(body.segment_size)
         assert segment_size is not None
-        pool = controller.create_pool(
+        pool = await controller.create_pool(
             body.name, _size(body.size), body.path, segment_size, body.warn_percent, body.allocate_ahead
         )
-        await controller.attach_pool(pool)
         return pool_json(pool)
 
     @app.get("/pools/{name}")

@@ -120,7 +120,7 @@ class Controller:
 
     # -- pools ---------------------------------------------------------------------------------------------
 
-    def create_pool(
+    async def create_pool(
         self,
         name: str,
         size: int | None = None,
@@ -183,12 +183,8 @@ class Controller:
             raise
         self.pools[pool.id] = pool
         self.allocators[pool.id] = PoolAllocator([(container.id, nsegments)])
+        await self._broadcast(Command(Op.ATTACH_CONTAINER, container=container.id, path=container.path))
         return pool
-
-    async def attach_pool(self, pool: Pool) -> None:
-        """Tell every agent about the pool's containers."""
-        for container in self.pool_containers(pool):
-            await self._broadcast(Command(Op.ATTACH_CONTAINER, container=container.id, path=container.path))
 
     async def delete_pool(self, name: str) -> None:
         pool = self.pool(name)

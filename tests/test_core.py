@@ -1,0 +1,243 @@
+"""The controller and an agent in one process, through the in-process links: thin, thick, faults, reuse.
+
+Real sparse files under a temporary data directory; every check reads back through the agent."""
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from san._fastmap import ERROR, NOWRITE, ZERO
+from san.agent.agent import AgentIOError
+from san.errors import Conflict, InvalidRequest, NoSpace
+from san.model import MIB
+from san.protocol.messages import Command, Op, Reason
+from san.service import DataDirLocked, Service
+
+Body = Callable[[Service], Awaitable[None]]
+
+
+def run(data: str, body: Body, **options: float) -> None:
+    async def main() -> None:
+        service = Service(data, **options)  # type: ignore[arg-type]
+        await service.start()
+        try:
+            await body(service)
+        finally:
+            await service.stop()
+
+    asyncio.run(main())
+
+
+def block(tag: str, size: int = 512) -> bytes:
+    return tag.encode().ljust(size, b".")
+
+
+def test_thin_vdisk_reads_zeros_and_allocates_on_write(tmp_path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 64 * MIB)
+        v = await c.create_vdisk("v", "p", 16 * MIB)
+        assert bytes(await s.agent.read(v.id, 0, 64)) == bytes(64 * 512)
+        assert c.allocated_bytes(v) == 0
+        await s.agent.write(v.id, 5000, block("hello") * 3)
+        assert c.allocated_bytes(v) == MIB
+        assert bytes(await s.agent.read(v.id, 5000, 3)) == block("hello") * 3
+        assert bytes(await s.agent.read(v.id, 4999, 1)) == bytes(512)
+
+    run(str(tmp_path), body)
+
+
+def test_zero_writes_to_thin_space_allocate_nothing(tmp_path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 64 * MIB)
+        v = await c.create_vdisk("v", "p", 16 * MIB)
+        await s.agent.write(v.id, 0, bytes(4 * MIB))
+        assert c.allocated_bytes(v) == 0
+        await s.agent.write(v.id, 2048, block("x") + bytes(MIB))
+        assert c.allocated_bytes(v) == MIB, "only the segment with non-zero data is allocated"
+        assert [m.vseg for m in c.store.mappings(v.id, 0, 16)] == [1]
+        assert bytes(await s.agent.read(v.id, 2048, 1)) == block("x")
+
+    run(str(tmp_path), body)
+
+
+def test_sequential_writer_gets_contiguous_segments_allocated_ahead(tmp_path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        pool = await c.create_pool("p", 256 * MIB, allocate_ahead=4)
+        v = await c.create_vdisk("v", "p", 64 * MIB)
+        faults = 0
+        original = c.handle_fault
+
+        def counting(fault):  # type: ignore[no-untyped-def]
+            nonlocal faults
+            if fault.write:
+                faults += 1
+            return original(fault)
+
+        c.handle_fault = counting  # type: ignore[method-assign]
+        for seg in range(20):
+            await s.agent.write(v.id, seg * 2048, block(f"s{seg}") * 2048)
+        mappings = c.store.mappings(v.id, 0, 20)
+        assert [m.vseg for m in mappings] == list(range(20))
+        psegs = [m.pseg for m in mappings]
+        assert psegs == list(range(psegs[0], psegs[0] + 20)), psegs
+        assert faults <= 20 // 5 + 2, faults
+        assert pool.allocate_ahead == 4
+
+    run(str(tmp_path), body)
+
+
+def test_freed_segments_never_show_old_data(tmp_path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 8 * MIB, segment_size=MIB)
+        old = await c.create_vdisk("old", "p", 8 * MIB)
+        await s.agent.write(old.id, 0, block("secret") * (16384 - 1) + block("end"))
+        await s.agent.flush()
+        await c.delete_vdisk("old")
+        new = await c.create_vdisk("new", "p", 8 * MIB)
+        for seg in range(8):
+            await s.agent.write(new.id, seg * 2048 + 7, block("mine"))
+        data = bytes(await s.agent.read(new.id, 0, 16384))
+        assert b"secret" not in data and b"end" not in data
+        for seg in range(8):
+            assert data[(seg * 2048 + 7) * 512 :][:512] == block("mine")
+        assert data.count(b"mine") == 8
+
+    run(str(tmp_path), body)
+
+
+def test_thick_vdisk_is_fully_allocated_and_zeroed(tmp_path) -> None:
+    path = tmp_path / "dirty.img"
+    path.write_bytes(b"\xee" * (16 * MIB))
+
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", path=str(path))
+        v = await c.create_vdisk("v", "p", 10 * MIB, thin=False)
+        assert v.state == "allocating"
+        seen: list[float] = []
+        await c.finish_thick(v, seen.append)
+        assert v.state == "ready" and seen[-1] == 1.0
+        assert c.allocated_bytes(v) == 10 * MIB
+        assert bytes(await s.agent.read(v.id, 0, 20480)) == bytes(10 * MIB)
+        with pytest.raises(NoSpace):
+            await c.create_vdisk("big", "p", 7 * MIB, thin=False)
+        await c.grow_vdisk("v", 12 * MIB)
+        assert c.allocated_bytes(v) == 12 * MIB
+        assert bytes(await s.agent.read(v.id, 20480, 4096)) == bytes(2 * MIB)
+
+    run(str(tmp_path / "data"), body)
+
+
+def test_out_of_space_fails_writes_that_allocate_only(tmp_path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 4 * MIB)
+        v = await c.create_vdisk("v", "p", 64 * MIB)
+        for seg in range(4):
+            await s.agent.write(v.id, seg * 2048, block("full"))
+        with pytest.raises(AgentIOError) as failure:
+            await s.agent.write(v.id, 10 * 2048, block("more"))
+        assert failure.value.reason is Reason.NO_SPACE
+        await s.agent.write(v.id, 3 * 2048 + 1, block("still"))
+        assert bytes(await s.agent.read(v.id, 3 * 2048, 2)) == block("full") + block("still")
+        assert bytes(await s.agent.read(v.id, 10 * 2048, 1)) == bytes(512)
+
+    run(str(tmp_path), body)
+
+
+def test_error_and_nowrite_states(tmp_path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 16 * MIB)
+        v = await c.create_vdisk("v", "p", 8 * MIB)
+        await s.agent.write(v.id, 0, block("a"))
+        await s.agent.handle(Command(Op.SET_STATE, vdisk=v.id, start=0, count=1, bits=NOWRITE))
+        assert bytes(await s.agent.read(v.id, 0, 1)) == block("a")
+        c.store.db.execute("UPDATE mapping SET state = ? WHERE vdisk_id = ?", (NOWRITE, v.id))
+        with pytest.raises(AgentIOError) as refused:
+            await s.agent.write(v.id, 0, block("b"))
+        assert refused.value.reason is Reason.WRITE_PROTECTED
+        await s.agent.handle(Command(Op.SET_STATE, vdisk=v.id, start=1, count=1, bits=ERROR))
+        with pytest.raises(AgentIOError) as failed:
+            await s.agent.read(v.id, 2048, 1)
+        assert failed.value.reason is Reason.IO_ERROR
+
+    run(str(tmp_path), body)
+
+
+def test_blocking_delete_waits_for_io_in_flight(tmp_path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 16 * MIB)
+        v = await c.create_vdisk("v", "p", 8 * MIB)
+        await s.agent.write(v.id, 0, block("a"))
+        table = s.agent.volumes[v.id].table
+        slot = table.io_start()
+        deleting = asyncio.ensure_future(c.delete_vdisk("v"))
+        await asyncio.sleep(0.05)
+        assert not deleting.done()
+        assert c.store.mappings(v.id, 0, 8), "segments were freed while I/O was in flight"
+        table.io_end(slot)
+        await asyncio.wait_for(deleting, 5)
+        assert c.store.mappings(v.id, 0, 8) == []
+        assert c.usage(c.pool("p")).used_bytes == 0
+
+    run(str(tmp_path), body)
+
+
+def test_restart_reloads_tables_by_faulting(tmp_path) -> None:
+    ids: dict[str, int] = {}
+
+    async def first(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 64 * MIB, segment_size=64 * 1024)
+        v = await c.create_vdisk("v", "p", 32 * MIB, block_size=4096)
+        ids["v"] = v.id
+        await s.agent.write(v.id, 100, block("four-k", 4096) * 3)
+        await s.agent.flush()
+
+    async def second(s: Service) -> None:
+        table = s.agent.volumes[ids["v"]].table
+        assert table.get_entries(0, 1)[0][2] & 1, "a restarted agent starts with INVALID entries"
+        assert bytes(await s.agent.read(ids["v"], 100, 3)) == block("four-k", 4096) * 3
+        assert table.get_entries(0, 1)[0][2] == ZERO
+
+    run(str(tmp_path), first)
+    run(str(tmp_path), second)
+
+
+def test_management_errors_change_nothing(tmp_path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 16 * MIB)
+        with pytest.raises(Conflict):
+            await c.create_pool("p", 16 * MIB)
+        for bad in (dict(segment_size=3 * MIB), dict(segment_size=32 * 1024), dict(warn_percent=0)):
+            with pytest.raises(InvalidRequest):
+                await c.create_pool("q", 16 * MIB, **bad)  # type: ignore[arg-type]
+        assert not os.path.exists(os.path.join(s.data_dir, "pools", "q.img"))
+        await c.create_vdisk("v", "p", MIB)
+        with pytest.raises(InvalidRequest):
+            await c.create_vdisk("w", "p", 1000)
+        with pytest.raises(Conflict):
+            await c.delete_pool("p")
+        assert [p.name for p in c.pools.values()] == ["p"]
+        assert [v.name for v in c.vdisks.values()] == ["v"]
+
+    run(str(tmp_path), body)
+
+
+def test_one_service_per_data_directory(tmp_path) -> None:
+    service = Service(str(tmp_path))
+    try:
+        with pytest.raises(DataDirLocked):
+            Service(str(tmp_path))
+    finally:
+        service.controller.close()
+        service._lock.close()
