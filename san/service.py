@@ -28,7 +28,7 @@ class DataDirLocked(Exception):
 class Service:
     """Controller + agent wired together; start() before use, stop() to commit and close."""
 
-    def __init__(self, data_dir: str, commit_interval: float = 1.0, reserve_segments: int = 32) -> None:
+    def __init__(self, data_dir: str, commit_interval: float = 1.0, reserve_segments: int = 64) -> None:
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         self._lock = open(os.path.join(self.data_dir, "lock"), "w")  # noqa: SIM115 - held for the process's life
@@ -41,12 +41,39 @@ class Service:
         self.controller = Controller(SQLiteStore(os.path.join(self.data_dir, DB_NAME)), self.data_dir, reserve_segments)
         self.agent = Agent(LocalControllerLink(self.controller))
         self.tasks: set[asyncio.Task[None]] = set()
+        self.refilling: set[int] = set()
+        self.controller.on_low_reserve = self.refill
 
     async def start(self) -> None:
         await self.controller.add_agent(LocalAgentLink(self.agent))
         for vdisk in self.controller.unfinished_thick():
             self.spawn(self.controller.finish_thick(vdisk))
+        for pool_id in self.controller.pools:
+            self.refill(pool_id)
         self.spawn(self._maintain())
+
+    def refill(self, pool_id: int) -> None:
+        """Top up a pool's reserve in the background: the zeroing and its flush run in a thread."""
+        if pool_id not in self.refilling:
+            self.refilling.add(pool_id)
+            self.spawn(self._refill(pool_id))
+
+    async def _refill(self, pool_id: int) -> None:
+        controller = self.controller
+        try:
+            runs = controller.plan_refill(pool_id)
+            if not runs:
+                return
+            try:
+                await asyncio.to_thread(controller.zero_runs, pool_id, runs)
+            except BaseException:
+                if pool_id in controller.allocators:
+                    controller.allocators[pool_id].cancel_reserve(runs)
+                raise
+            if pool_id in controller.allocators:
+                controller.allocators[pool_id].add_reserve(runs)
+        finally:
+            self.refilling.discard(pool_id)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a background job; failures are logged, not lost."""

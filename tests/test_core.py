@@ -5,6 +5,7 @@ Real sparse files under a temporary data directory; every check reads back throu
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -34,7 +35,7 @@ def block(tag: str, size: int = 512) -> bytes:
     return tag.encode().ljust(size, b".")
 
 
-def test_thin_vdisk_reads_zeros_and_allocates_on_write(tmp_path) -> None:
+def test_thin_vdisk_reads_zeros_and_allocates_on_write(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller
         await c.create_pool("p", 64 * MIB)
@@ -49,7 +50,7 @@ def test_thin_vdisk_reads_zeros_and_allocates_on_write(tmp_path) -> None:
     run(str(tmp_path), body)
 
 
-def test_zero_writes_to_thin_space_allocate_nothing(tmp_path) -> None:
+def test_zero_writes_to_thin_space_allocate_nothing(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller
         await c.create_pool("p", 64 * MIB)
@@ -58,13 +59,13 @@ def test_zero_writes_to_thin_space_allocate_nothing(tmp_path) -> None:
         assert c.allocated_bytes(v) == 0
         await s.agent.write(v.id, 2048, block("x") + bytes(MIB))
         assert c.allocated_bytes(v) == MIB, "only the segment with non-zero data is allocated"
-        assert [m.vseg for m in c.store.mappings(v.id, 0, 16)] == [1]
+        assert [m.vseg for m in c.mappings(v.id, 0, 16)] == [1]
         assert bytes(await s.agent.read(v.id, 2048, 1)) == block("x")
 
     run(str(tmp_path), body)
 
 
-def test_sequential_writer_gets_contiguous_segments_allocated_ahead(tmp_path) -> None:
+def test_sequential_writer_gets_contiguous_segments_allocated_ahead(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller
         pool = await c.create_pool("p", 256 * MIB, allocate_ahead=4)
@@ -81,7 +82,7 @@ def test_sequential_writer_gets_contiguous_segments_allocated_ahead(tmp_path) ->
         c.handle_fault = counting  # type: ignore[method-assign]
         for seg in range(20):
             await s.agent.write(v.id, seg * 2048, block(f"s{seg}") * 2048)
-        mappings = c.store.mappings(v.id, 0, 20)
+        mappings = c.mappings(v.id, 0, 20)
         assert [m.vseg for m in mappings] == list(range(20))
         psegs = [m.pseg for m in mappings]
         assert psegs == list(range(psegs[0], psegs[0] + 20)), psegs
@@ -91,7 +92,7 @@ def test_sequential_writer_gets_contiguous_segments_allocated_ahead(tmp_path) ->
     run(str(tmp_path), body)
 
 
-def test_freed_segments_never_show_old_data(tmp_path) -> None:
+def test_freed_segments_never_show_old_data(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller
         await c.create_pool("p", 8 * MIB, segment_size=MIB)
@@ -111,7 +112,7 @@ def test_freed_segments_never_show_old_data(tmp_path) -> None:
     run(str(tmp_path), body)
 
 
-def test_thick_vdisk_is_fully_allocated_and_zeroed(tmp_path) -> None:
+def test_thick_vdisk_is_fully_allocated_and_zeroed(tmp_path: Path) -> None:
     path = tmp_path / "dirty.img"
     path.write_bytes(b"\xee" * (16 * MIB))
 
@@ -134,7 +135,7 @@ def test_thick_vdisk_is_fully_allocated_and_zeroed(tmp_path) -> None:
     run(str(tmp_path / "data"), body)
 
 
-def test_out_of_space_fails_writes_that_allocate_only(tmp_path) -> None:
+def test_out_of_space_fails_writes_that_allocate_only(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller
         await c.create_pool("p", 4 * MIB)
@@ -151,15 +152,14 @@ def test_out_of_space_fails_writes_that_allocate_only(tmp_path) -> None:
     run(str(tmp_path), body)
 
 
-def test_error_and_nowrite_states(tmp_path) -> None:
+def test_error_and_nowrite_states(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller
         await c.create_pool("p", 16 * MIB)
         v = await c.create_vdisk("v", "p", 8 * MIB)
         await s.agent.write(v.id, 0, block("a"))
-        await s.agent.handle(Command(Op.SET_STATE, vdisk=v.id, start=0, count=1, bits=NOWRITE))
+        await c.set_state("v", 0, 1, NOWRITE)
         assert bytes(await s.agent.read(v.id, 0, 1)) == block("a")
-        c.store.db.execute("UPDATE mapping SET state = ? WHERE vdisk_id = ?", (NOWRITE, v.id))
         with pytest.raises(AgentIOError) as refused:
             await s.agent.write(v.id, 0, block("b"))
         assert refused.value.reason is Reason.WRITE_PROTECTED
@@ -171,7 +171,7 @@ def test_error_and_nowrite_states(tmp_path) -> None:
     run(str(tmp_path), body)
 
 
-def test_blocking_delete_waits_for_io_in_flight(tmp_path) -> None:
+def test_blocking_delete_waits_for_io_in_flight(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller
         await c.create_pool("p", 16 * MIB)
@@ -182,16 +182,16 @@ def test_blocking_delete_waits_for_io_in_flight(tmp_path) -> None:
         deleting = asyncio.ensure_future(c.delete_vdisk("v"))
         await asyncio.sleep(0.05)
         assert not deleting.done()
-        assert c.store.mappings(v.id, 0, 8), "segments were freed while I/O was in flight"
+        assert c.mappings(v.id, 0, 8), "segments were freed while I/O was in flight"
         table.io_end(slot)
         await asyncio.wait_for(deleting, 5)
-        assert c.store.mappings(v.id, 0, 8) == []
+        assert c.mappings(v.id, 0, 8) == []
         assert c.usage(c.pool("p")).used_bytes == 0
 
     run(str(tmp_path), body)
 
 
-def test_restart_reloads_tables_by_faulting(tmp_path) -> None:
+def test_restart_reloads_tables_by_faulting(tmp_path: Path) -> None:
     ids: dict[str, int] = {}
 
     async def first(s: Service) -> None:
@@ -212,7 +212,7 @@ def test_restart_reloads_tables_by_faulting(tmp_path) -> None:
     run(str(tmp_path), second)
 
 
-def test_management_errors_change_nothing(tmp_path) -> None:
+def test_management_errors_change_nothing(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller
         await c.create_pool("p", 16 * MIB)
@@ -233,7 +233,7 @@ def test_management_errors_change_nothing(tmp_path) -> None:
     run(str(tmp_path), body)
 
 
-def test_one_service_per_data_directory(tmp_path) -> None:
+def test_one_service_per_data_directory(tmp_path: Path) -> None:
     service = Service(str(tmp_path))
     try:
         with pytest.raises(DataDirLocked):

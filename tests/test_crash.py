@@ -114,7 +114,7 @@ async def verify(data: str, model: Model) -> int:
         await service.stop()
 
 
-def test_sigkill_at_random_moments_loses_nothing_flushed(tmp_path) -> None:
+def test_sigkill_at_random_moments_loses_nothing_flushed(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
     journal = tmp_path / "journal"
     journal.touch()

@@ -45,9 +45,11 @@ class SegmentMap:
 class PoolAllocator:
     """Free-space map of one pool's containers plus its reserve of zeroed segments ready to hand out."""
 
-    def __init__(self, containers: Iterable[tuple[int, int]]) -> None:
+    def __init__(self, containers: Iterable[tuple[int, int]], reserve_target: int = 64) -> None:
         self.maps: dict[int, SegmentMap] = {cid: SegmentMap(cid, n) for cid, n in containers}
-        self.reserve: list[Segment] = []
+        self.reserve: dict[Segment, None] = {}
+        self.in_flight: list[Run] = []
+        self.reserve_target = reserve_target
 
     @property
     def capacity(self) -> int:
@@ -60,7 +62,8 @@ class PoolAllocator:
 
     @property
     def free(self) -> int:
-        return sum(m.free for m in self.maps.values()) + len(self.reserve)
+        """Segments not referenced by any vdisk: free, reserved, or being zeroed for the reserve."""
+        return sum(m.free for m in self.maps.values()) + len(self.reserve) + sum(r[2] for r in self.in_flight)
 
     def mark_used(self, segments: Iterable[Segment]) -> None:
         for container_id, pseg in segments:
@@ -73,8 +76,10 @@ class PoolAllocator:
     def claim_runs(self, count: int, state: int = USED) -> list[Run]:
         """Take count free segments as few long runs, marking them state; [] if the pool has fewer free."""
         if sum(m.free for m in self.maps.values()) < count <= self.free:
-            self.release(self.reserve)
+            self.release(list(self.reserve))
             self.reserve.clear()
+            for container_id, first, length in self.in_flight:
+                self.release((container_id, pseg) for pseg in range(first, first + length))
         if sum(m.free for m in self.maps.values()) < count:
             return []
         runs: list[Run] = []
@@ -106,33 +111,47 @@ class PoolAllocator:
         want = min(target - len(self.reserve), sum(m.free for m in self.maps.values()))
         if want <= 0:
             return []
-        return self.claim_runs(want, RESERVED)
+        runs = self.claim_runs(want, RESERVED)
+        self.in_flight.extend(runs)
+        return runs
 
     def add_reserve(self, runs: Iterable[Run]) -> None:
-        for container_id, first, length in runs:
-            self.reserve.extend((container_id, pseg) for pseg in range(first, first + length))
+        """Runs from plan_reserve() are zeroed: segments still set aside join the reserve."""
+        for run in runs:
+            self.in_flight.remove(run)
+            container_id, first, length = run
+            state = self.maps[container_id].state
+            self.reserve.update(((container_id, p), None) for p in range(first, first + length) if state[p] == RESERVED)
 
     def cancel_reserve(self, runs: Iterable[Run]) -> None:
-        for container_id, first, length in runs:
+        """Runs from plan_reserve() could not be zeroed: segments still set aside go back to free."""
+        for run in runs:
+            self.in_flight.remove(run)
+            container_id, first, length = run
+            segment_map = self.maps[container_id]
             for pseg in range(first, first + length):
-                self.maps[container_id].set(pseg, FREE)
+                if segment_map.state[pseg] == RESERVED:
+                    segment_map.set(pseg, FREE)
 
     def take(self, count: int, hint: Segment | None) -> list[Segment]:
         """Up to count reserved segments for consecutive vdisk segments: from hint on while it is reserved,
         else the front of the reserve, kept contiguous while the reserve allows."""
         if not self.reserve:
             return []
-        start = hint if hint is not None and hint in self.reserve else self.reserve[0]
+        start = hint if hint is not None and hint in self.reserve else next(iter(self.reserve))
         taken = [start]
-        while len(taken) < count:
+        del self.reserve[start]
+        while len(taken) < count and self.reserve:
             following = (taken[-1][0], taken[-1][1] + 1)
-            if following in self.reserve and following not in taken:
+            if following in self.reserve:
+                del self.reserve[following]
                 taken.append(following)
             else:
-                break
-        for segment in taken:
-            self.reserve.remove(segment)
-        while len(taken) < count and self.reserve:
-            taken.append(self.reserve.pop(0))
+                taken.append(self._pop_front())
         self.mark_used(taken)
         return taken
+
+    def _pop_front(self) -> Segment:
+        segment = next(iter(self.reserve))
+        del self.reserve[segment]
+        return segment

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
@@ -36,6 +37,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 LOAD_CHUNK = 1024
 ZERO_STEP = 4096
 MAX_SEGMENTS = 0xFFFFFFFF
+MAX_RESERVE = 8192
+CACHE_CHUNKS = 256
 
 
 @dataclass
@@ -49,6 +52,17 @@ class PoolUsage:
     used_percent: float
 
 
+def _runs(segments: Iterable[Segment]) -> list[Run]:
+    """Consecutive (container, segment) pairs folded into (container, first, length) runs."""
+    runs: list[Run] = []
+    for container_id, pseg in segments:
+        if runs and runs[-1][0] == container_id and runs[-1][1] + runs[-1][2] == pseg:
+            runs[-1] = (container_id, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((container_id, pseg, 1))
+    return runs
+
+
 def check_name(kind: str, name: str) -> None:
     if not NAME.match(name):
         raise InvalidRequest(
@@ -59,7 +73,7 @@ def check_name(kind: str, name: str) -> None:
 class Controller:
     """Owns the store, the allocators and the list of agents; every management change goes through here."""
 
-    def __init__(self, store: SQLiteStore, data_dir: str, reserve_segments: int = 32) -> None:
+    def __init__(self, store: SQLiteStore, data_dir: str, reserve_segments: int = 64) -> None:
         self.store = store
         self.data_dir = data_dir
         self.reserve_segments = reserve_segments
@@ -70,7 +84,9 @@ class Controller:
         self.vdisks: dict[int, VDisk] = {}
         self.progress: dict[int, float] = {}
         self._thick_runs: dict[int, list[Run]] = {}
-        self.dirty = False
+        self.pending: dict[int, dict[int, Mapping]] = {}
+        self.cache: OrderedDict[tuple[int, int], list[Mapping | None]] = OrderedDict()
+        self.on_low_reserve: Callable[[int], None] | None = None
         self._load()
 
     def _load(self) -> None:
@@ -116,7 +132,7 @@ class Controller:
 
     def allocated_bytes(self, vdisk: VDisk) -> int:
         segment_size = self.pools[vdisk.pool_id].segment_size
-        return len(self.store.mappings(vdisk.id, 0, vdisk.nsegments(segment_size))) * segment_size
+        return (self.store.count_mappings(vdisk.id) + len(self.pending.get(vdisk.id, ()))) * segment_size
 
     # -- pools ---------------------------------------------------------------------------------------------
 
@@ -172,7 +188,7 @@ class Controller:
             pool = self.store.add_pool(name, segment_size, warn_percent, allocate_ahead)
             container = self.store.add_container(pool.id, path, kind, size, nsegments, owned)
             self.containers.attach(container.id, path)
-            self.store.commit()
+            self.commit()
         except ContainerError as exc:
             self.store.rollback()
             raise InvalidRequest(str(exc)) from None
@@ -182,8 +198,10 @@ class Controller:
                 os.unlink(path)
             raise
         self.pools[pool.id] = pool
-        self.allocators[pool.id] = PoolAllocator([(container.id, nsegments)])
+        self.allocators[pool.id] = PoolAllocator([(container.id, nsegments)], self.reserve_segments)
         await self._broadcast(Command(Op.ATTACH_CONTAINER, container=container.id, path=container.path))
+        if self.on_low_reserve is not None:
+            self.on_low_reserve(pool.id)
         return pool
 
     async def delete_pool(self, name: str) -> None:
@@ -196,7 +214,7 @@ class Controller:
             await self._broadcast(Command(Op.DETACH_CONTAINER, container=container.id))
             self.containers.detach(container.id)
         self.store.delete_pool(pool.id)
-        self.store.commit()
+        self.commit()
         del self.pools[pool.id]
         del self.allocators[pool.id]
         for container in containers:
@@ -228,12 +246,12 @@ class Controller:
         vdisk = self.store.add_vdisk(name, pool.id, size, block_size, thin, "ready" if thin else "allocating")
         if not thin:
             runs = self._claim_thick(allocator, nsegments, vdisk, 0)
-            self.store.commit()
+            self.commit()
             self.vdisks[vdisk.id] = vdisk
             self.progress[vdisk.id] = 0.0
             self._thick_runs[vdisk.id] = runs
             return vdisk
-        self.store.commit()
+        self.commit()
         self.vdisks[vdisk.id] = vdisk
         await self._export(vdisk)
         return vdisk
@@ -248,6 +266,7 @@ class Controller:
             mappings.extend(Mapping(vseg + i, container_id, first + i, 0) for i in range(length))
             vseg += length
         self.store.add_mappings(vdisk.id, mappings)
+        self._forget(vdisk.id)
         return runs
 
     async def finish_thick(self, vdisk: VDisk, on_progress: Callable[[float], None] | None = None) -> None:
@@ -270,18 +289,12 @@ class Controller:
         self.containers.flush()
         vdisk.state = "ready"
         self.store.update_vdisk(vdisk)
-        self.store.commit()
+        self.commit()
         self.progress.pop(vdisk.id, None)
         await self._export(vdisk)
 
     def _runs_of(self, vdisk: VDisk, pool: Pool) -> list[Run]:
-        runs: list[Run] = []
-        for m in self.store.mappings(vdisk.id, 0, vdisk.nsegments(pool.segment_size)):
-            if runs and runs[-1][0] == m.container_id and runs[-1][1] + runs[-1][2] == m.pseg:
-                runs[-1] = (m.container_id, runs[-1][1], runs[-1][2] + 1)
-            else:
-                runs.append((m.container_id, m.pseg, 1))
-        return runs
+        return _runs((m.container_id, m.pseg) for m in self.mappings(vdisk.id, 0, vdisk.nsegments(pool.segment_size)))
 
     def unfinished_thick(self) -> list[VDisk]:
         return [v for v in self.vdisks.values() if v.state == "allocating"]
@@ -312,7 +325,7 @@ class Controller:
             self.containers.flush()
         vdisk.size_bytes = size
         self.store.update_vdisk(vdisk)
-        self.store.commit()
+        self.commit()
         await self._broadcast(Command(Op.GROW_TABLE, vdisk=vdisk.id, nsegments=new_segments, nblocks=vdisk.nblocks))
         return vdisk
 
@@ -323,13 +336,34 @@ class Controller:
             raise Conflict(f"vdisk {name!r} is still being allocated")
         pool = self.pools[vdisk.pool_id]
         await self._broadcast(Command(Op.DELETE_TABLE, vdisk=vdisk.id, blocking=True))
+        self._write_pending()
         freed = self.store.remove_mappings(vdisk.id, 0, vdisk.nsegments(pool.segment_size))
+        self._forget(vdisk.id)
         self.store.delete_vdisk(vdisk.id)
-        self.store.commit()
+        self.commit()
         del self.vdisks[vdisk.id]
-        self.allocators[pool.id].release(freed)
-        for container_id, pseg in freed:
-            self.containers.zero(container_id, [(pseg * pool.segment_size, pool.segment_size)])
+        allocator = self.allocators[pool.id]
+        allocator.release(freed)
+        for container_id, first, length in _runs(freed):
+            self.containers.zero(container_id, [(first * pool.segment_size, length * pool.segment_size)])
+
+    async def set_state(self, name: str, start: int, count: int, state: int) -> None:
+        """Give mapped segments [start, start+count) persistent state bits (NOWRITE, ERROR) and tell the agents."""
+        vdisk = self.vdisk(name)
+        if (
+            state & ~(NOWRITE | ERROR)
+            or start < 0
+            or count < 1
+            or start + count > vdisk.nsegments(self.pools[vdisk.pool_id].segment_size)
+        ):
+            raise InvalidRequest(f"bad state {state} or segments {start}+{count} for vdisk {name!r}")
+        self._write_pending()
+        self.store.set_mapping_state(vdisk.id, start, start + count, state)
+        self.commit()
+        self._forget(vdisk.id)
+        await self._broadcast(
+            Command(Op.SET_ENTRIES, vdisk=vdisk.id, start=start, entries=self._entries(vdisk, start, start + count))
+        )
 
     async def _export(self, vdisk: VDisk) -> None:
         await self._broadcast(self._create_table(vdisk))
@@ -388,26 +422,25 @@ class Controller:
             return Response(Action.RETRY, start, self._entries(vdisk, start, min(start + LOAD_CHUNK, nsegments)))
         if fault.state & ERROR:
             return Response(Action.FAIL, reason=Reason.IO_ERROR, message=f"segment {fault.segment} is in error")
-        current = self.store.mappings(vdisk.id, fault.segment, fault.segment + 1)
-        state = current[0].state if current else ZERO
+        near = {m.vseg: m for m in self.mappings(vdisk.id, max(fault.segment - 1, 0), fault.segment + pool.allocate_ahead + 2)}
+        current = near.get(fault.segment)
+        state = current.state if current else ZERO
         if not fault.write or not state & (NOWRITE | ZERO):
             return Response(Action.RETRY, fault.segment, self._entries(vdisk, fault.segment, fault.segment + 1))
         if state & NOWRITE:
             return Response(Action.FAIL, reason=Reason.WRITE_PROTECTED, message=f"segment {fault.segment} is read-only")
         if fault.zero_data:
             return Response(Action.COMPLETE)
-        return self._allocate(vdisk, pool, fault.segment, nsegments)
+        return self._allocate(vdisk, pool, fault.segment, nsegments, near)
 
     def _entries(self, vdisk: VDisk, start: int, stop: int) -> tuple[Entry, ...]:
         entries: list[Entry] = [(0, 0, ZERO)] * (stop - start)
-        for m in self.store.mappings(vdisk.id, start, stop):
+        for m in self.mappings(vdisk.id, start, stop):
             entries[m.vseg - start] = (m.container_id, m.pseg, m.state)
         return tuple(entries)
 
-    def _allocate(self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int) -> Response:
+    def _allocate(self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int, mapped: dict[int, Mapping]) -> Response:
         """Map vseg (and, for a sequential writer, the next unmapped segments) onto reserved segments."""
-        near = self.store.mappings(vdisk.id, max(vseg - 1, 0), vseg + pool.allocate_ahead + 2)
-        mapped = {m.vseg: m for m in near}
         hint: Segment | None = None
         count = 1
         if vseg - 1 in mapped:
@@ -419,38 +452,85 @@ class Controller:
             after = mapped[vseg + 1]
             hint = (after.container_id, after.pseg - 1)
         allocator = self.allocators[pool.id]
-        if len(allocator.reserve) < count:
-            self._refill(pool, max(count, self.reserve_segments))
+        if not allocator.reserve:
+            allocator.reserve_target = min(allocator.reserve_target * 2, MAX_RESERVE)
+            self._refill(pool, max(count, allocator.reserve_target))
         taken = allocator.take(count, hint)
+        if len(allocator.reserve) < allocator.reserve_target // 2 and self.on_low_reserve is not None:
+            self.on_low_reserve(pool.id)
         if not taken:
             return Response(Action.FAIL, reason=Reason.NO_SPACE, message=f"pool {pool.name!r} has no free segment")
-        self.store.add_mappings(vdisk.id, [Mapping(vseg + i, c, p, 0) for i, (c, p) in enumerate(taken)])
-        self.dirty = True
+        pending = self.pending.setdefault(vdisk.id, {})
+        for i, (c, p) in enumerate(taken):
+            mapping = Mapping(vseg + i, c, p, 0)
+            pending[vseg + i] = mapping
+            self._chunk(vdisk.id, mapping.vseg // LOAD_CHUNK)[mapping.vseg % LOAD_CHUNK] = mapping
         return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken))
 
     def _refill(self, pool: Pool, target: int) -> None:
-        """Zero free segments and make them durable as zeros before they join the pool's reserve."""
-        allocator = self.allocators[pool.id]
-        runs = allocator.plan_reserve(target)
-        if not runs:
-            return
+        """Top up the reserve in line (the slow path: only when it ran dry before a background refill)."""
+        runs = self.plan_refill(pool.id, target)
         try:
-            for container_id, first, length in runs:
-                self.containers.zero(container_id, [(first * pool.segment_size, length * pool.segment_size)])
-            self.containers.flush({c for c, _, _ in runs})
+            self.zero_runs(pool.id, runs)
         except OSError:
-            allocator.cancel_reserve(runs)
+            self.allocators[pool.id].cancel_reserve(runs)
             raise
-        allocator.add_reserve(runs)
+        self.allocators[pool.id].add_reserve(runs)
+
+    def plan_refill(self, pool_id: int, target: int | None = None) -> list[Run]:
+        """Free runs set aside for the reserve; zero_runs() them (any thread), then add_reserve() them."""
+        allocator = self.allocators[pool_id]
+        return allocator.plan_reserve(target or allocator.reserve_target)
+
+    def zero_runs(self, pool_id: int, runs: list[Run]) -> None:
+        """Zero runs of segments and make the zeros durable: a handed-out segment never shows old bytes."""
+        segment_size = self.pools[pool_id].segment_size
+        for container_id, first, length in runs:
+            self.containers.zero(container_id, [(first * segment_size, length * segment_size)])
+        self.containers.flush({c for c, _, _ in runs})
 
     def maintain(self) -> None:
-        """Timer work: commit pending metadata, top up every pool's reserve."""
+        """Timer work: commit pending metadata."""
         self.commit()
-        for pool in self.pools.values():
-            if len(self.allocators[pool.id].reserve) < self.reserve_segments // 2:
-                self._refill(pool, self.reserve_segments)
+
+    def mappings(self, vdisk_id: int, start: int, stop: int) -> list[Mapping]:
+        """Mappings of vdisk segments [start, stop), from the cache of the persistent table."""
+        found: list[Mapping] = []
+        for index in range(start // LOAD_CHUNK, (stop - 1) // LOAD_CHUNK + 1 if stop > start else 0):
+            base = index * LOAD_CHUNK
+            chunk = self._chunk(vdisk_id, index)
+            found.extend(m for m in chunk[max(start - base, 0) : stop - base] if m is not None)
+        return found
+
+    def _chunk(self, vdisk_id: int, index: int) -> list[Mapping | None]:
+        """One LOAD_CHUNK-entry slice of a vdisk's persistent table: the store's rows plus uncommitted ones."""
+        key = (vdisk_id, index)
+        chunk = self.cache.get(key)
+        if chunk is not None:
+            self.cache.move_to_end(key)
+            return chunk
+        base = index * LOAD_CHUNK
+        chunk = [None] * LOAD_CHUNK
+        for m in self.store.mappings(vdisk_id, base, base + LOAD_CHUNK):
+            chunk[m.vseg - base] = m
+        for vseg, m in self.pending.get(vdisk_id, {}).items():
+            if base <= vseg < base + LOAD_CHUNK:
+                chunk[vseg - base] = m
+        self.cache[key] = chunk
+        if len(self.cache) > CACHE_CHUNKS:
+            self.cache.popitem(last=False)
+        return chunk
+
+    def _forget(self, vdisk_id: int) -> None:
+        for key in [k for k in self.cache if k[0] == vdisk_id]:
+            del self.cache[key]
+
+    def _write_pending(self) -> None:
+        for vdisk_id, pending in self.pending.items():
+            self.store.add_mappings(vdisk_id, sorted(pending.values()))
+        self.pending.clear()
 
     def commit(self) -> None:
-        """Make every mapping change so far durable (metadata commit, like dm-thin's)."""
+        """Make every mapping change so far durable, atomically (a metadata commit, like dm-thin's)."""
+        self._write_pending()
         self.store.commit()
-        self.dirty = False

@@ -164,6 +164,12 @@ class SQLiteStore:
         )
         return [Mapping(*row) for row in rows]
 
+    def set_mapping_state(self, vdisk_id: int, start: int, stop: int, state: int) -> None:
+        self._write("UPDATE mapping SET state = ? WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", (state, vdisk_id, start, stop))
+
+    def count_mappings(self, vdisk_id: int) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM mapping WHERE vdisk_id = ?", (vdisk_id,)).fetchone()[0])
+
     def add_mappings(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
         rows = list(mappings)
         self._begin()

@@ -54,6 +54,12 @@ class Store(Protocol):
     def mappings(self, vdisk_id: int, start: int, stop: int) -> list[Mapping]:
         """Mappings of vdisk segments [start, stop), in segment order."""
 
+    def set_mapping_state(self, vdisk_id: int, start: int, stop: int, state: int) -> None:
+        """Set the state bits of the mapped segments in [start, stop)."""
+
+    def count_mappings(self, vdisk_id: int) -> int:
+        """How many segments of the vdisk are mapped."""
+
     def add_mappings(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
         """Map unmapped vdisk segments and take a reference on each physical segment."""
 
