@@ -40,6 +40,8 @@ bench: venv
 	$(PY) bench/fastmap.py
 
 demo: venv
+	@echo "san serving $(DATA); management API on http://$(API) (Ctrl-C stops it)"
+	@echo "in another terminal: $(VENV)/bin/san --api http://$(API) pool create demo --size 20G"
 	$(VENV)/bin/san serve --data $(DATA) --api $(API)
 
 clean:

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--api", default=os.environ.get("SAN_API", DEFAULT_API), help="management API URL (env SAN_API; default %(default)s)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = Parser(add_help=False)
+    client.add_argument("--api", default=argparse.SUPPRESS, help="management API URL (as before the command)")
 
     serve = commands.add_parser("serve", help="run the controller, an agent and the management API")
     serve.add_argument("--data", required=True, help="data directory (store, default pool files)")
@@ -55,41 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="check a data directory's store offline (exit 1 on damage)")
     check.add_argument("--data", required=True, help="data directory")
 
-    status = commands.add_parser("status", help="show the service's status")
+    status = commands.add_parser("status", parents=[client], help="show the service's status")
     status.add_argument("--json", action="store_true")
 
     pool = commands.add_parser("pool", help="manage pools").add_subparsers(dest="action", required=True, metavar="ACTION")
-    create = pool.add_parser("create", help="create a pool on a new sparse file or an existing file/device")
+    create = pool.add_parser("create", parents=[client], help="create a pool on a new sparse file or an existing file/device")
     create.add_argument("name")
     create.add_argument("--size", type=_size_arg, help="size, e.g. 100G (required for a new file)")
     create.add_argument("--path", help="file or block device (default: DATA/pools/NAME.img)")
     create.add_argument("--segment-size", type=_size_arg, default="1M", help="power of two, 64K-1G (default 1M)")
     create.add_argument("--warn-percent", type=int, default=80, help="fullness that raises the threshold warning")
     create.add_argument("--allocate-ahead", type=int, default=4, help="extra segments allocated for sequential writers")
-    for name in ("list",):
-        pool.add_parser(name, help="list pools").add_argument("--json", action="store_true")
-    show = pool.add_parser("show", help="show one pool")
+    pool.add_parser("list", parents=[client], help="list pools").add_argument("--json", action="store_true")
+    show = pool.add_parser("show", parents=[client], help="show one pool")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
-    pool.add_parser("delete", help="delete an empty pool (files san created are removed)").add_argument("name")
+    pool.add_parser("delete", parents=[client], help="delete an empty pool (files san created are removed)").add_argument("name")
 
     vdisk = commands.add_parser("vdisk", help="manage virtual disks").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    create = vdisk.add_parser("create", help="create a vdisk (thin unless --thick)")
+    create = vdisk.add_parser("create", parents=[client], help="create a vdisk (thin unless --thick)")
     create.add_argument("name")
     create.add_argument("--pool", required=True)
     create.add_argument("--size", type=_size_arg, required=True, help="size, e.g. 10G")
     create.add_argument("--thick", action="store_true", help="allocate every segment now")
     create.add_argument("--block-size", type=int, choices=[512, 4096], default=512)
-    vdisk.add_parser("list", help="list vdisks").add_argument("--json", action="store_true")
-    show = vdisk.add_parser("show", help="show one vdisk")
+    vdisk.add_parser("list", parents=[client], help="list vdisks").add_argument("--json", action="store_true")
+    show = vdisk.add_parser("show", parents=[client], help="show one vdisk")
     show.add_argument("name")
     show.add_argument("--json", action="store_true")
-    grow = vdisk.add_parser("grow", help="grow a vdisk")
+    grow = vdisk.add_parser("grow", parents=[client], help="grow a vdisk")
     grow.add_argument("name")
     grow.add_argument("--size", type=_size_arg, required=True, help="new size, e.g. 20G")
-    vdisk.add_parser("delete", help="delete a vdisk; its segments go back to the pool").add_argument("name")
+    vdisk.add_parser("delete", parents=[client], help="delete a vdisk; its segments go back to the pool").add_argument("name")
     return parser
 
 

@@ -286,7 +286,7 @@ class Controller:
                 if on_progress is not None:
                     on_progress(done / total)
                 await asyncio.sleep(0)
-        self.containers.flush()
+        self.containers.flush({c for c, _, _ in runs})
         vdisk.state = "ready"
         self.store.update_vdisk(vdisk)
         self.commit()
@@ -322,7 +322,7 @@ class Controller:
             runs = self._claim_thick(allocator, new_segments - old_segments, vdisk, old_segments)
             for container_id, first, length in runs:
                 self.containers.zero(container_id, [(first * pool.segment_size, length * pool.segment_size)])
-            self.containers.flush()
+            self.containers.flush({c for c, _, _ in runs})
         vdisk.size_bytes = size
         self.store.update_vdisk(vdisk)
         self.commit()

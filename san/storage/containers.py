@@ -152,8 +152,12 @@ class ContainerSet:
         self.dirty.add(container_id)
 
     def flush(self, container_ids: Iterable[int] | None = None) -> None:
-        """fdatasync the containers written since their last flush (or the ones named)."""
-        targets = set(self.dirty if container_ids is None else container_ids) & self.dirty
+        """fdatasync the named containers, or, with none named, those written or zeroed since their last flush."""
+        targets = set(self.dirty) if container_ids is None else set(container_ids)
         for container_id in sorted(targets):
-            os.fdatasync(self.fds[container_id])
             self.dirty.discard(container_id)
+            try:
+                os.fdatasync(self.fd(container_id))
+            except OSError:
+                self.dirty.add(container_id)
+                raise
