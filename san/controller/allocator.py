@@ -4,11 +4,13 @@ Pure data structure, no I/O: it prefers contiguous regions and the segment after
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 FREE = 0
 USED = 1
 RESERVED = 2
+_FREE_RUN = re.compile(b"\\x00+")
 
 Segment = tuple[int, int]
 Run = tuple[int, int, int]
@@ -40,6 +42,18 @@ class SegmentMap:
         if at < 0:
             at = self.state.find(pattern, 0)
         return at
+
+
+    def longest_run(self, limit: int) -> tuple[int, int]:
+        """(start, length) of the longest free run, stopping early at one of limit segments."""
+        best = (0, 0)
+        for match in _FREE_RUN.finditer(self.state):
+            length = match.end() - match.start()
+            if length > best[1]:
+                best = (match.start(), min(length, limit))
+                if length >= limit:
+                    break
+        return best
 
 
 class PoolAllocator:
@@ -96,15 +110,18 @@ class PoolAllocator:
         return runs
 
     def _longest_run(self, want: int) -> Run:
-        """A free run of up to want segments: the full length if any container has one, else the longest found."""
-        size = want
-        while True:
-            for segment_map in self.maps.values():
-                if segment_map.free >= size:
-                    at = segment_map.find_run(size)
-                    if at >= 0:
-                        return (segment_map.container_id, at, size)
-            size = max(1, size // 2)
+        """A free run of want segments if any container has one (next fit), else the longest free run there is."""
+        for segment_map in self.maps.values():
+            if segment_map.free >= want:
+                at = segment_map.find_run(want)
+                if at >= 0:
+                    return (segment_map.container_id, at, want)
+        best: Run = (0, 0, 0)
+        for segment_map in self.maps.values():
+            at, length = segment_map.longest_run(want)
+            if length > best[2]:
+                best = (segment_map.container_id, at, length)
+        return best
 
     def plan_reserve(self, target: int) -> list[Run]:
         """Runs of free segments to zero and then add_reserve(), bringing the reserve up to target."""
