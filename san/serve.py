@@ -31,6 +31,8 @@ async def serve(data_dir: str, host: str, port: int, commit_interval: float = 1.
     log.info("san serving data %s, management API on http://%s:%d", service.data_dir, host, port)
     try:
         await server.serve()
+    except SystemExit:
+        pass
     finally:
         await service.stop()
     if not server.started:

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import san
 from san.errors import InvalidRequest, SanError
@@ -38,7 +39,7 @@ def _size(value: int | str | None) -> int | None:
 class PoolCreate(BaseModel):
     """POST /pools: a pool on a new sparse file (size) or an existing file or block device (path)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     size: int | str | None = Field(None, description="bytes, or a size like 100G")
     path: str | None = Field(None, description="file or block device; default: <data>/pools/<name>.img")
@@ -50,7 +51,7 @@ class PoolCreate(BaseModel):
 class VDiskCreate(BaseModel):
     """POST /vdisks: thin by default; thick allocates every segment (answer 202 while that runs)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     pool: str
     size: int | str
@@ -66,7 +67,7 @@ class VDiskCreate(BaseModel):
 
 
 class VDiskGrow(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     size: int | str
 
 
@@ -79,6 +80,10 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(SanError)
     async def san_error(_: Request, exc: SanError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

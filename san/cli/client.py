@@ -34,7 +34,7 @@ class Client:
             except (ValueError, AttributeError):
                 message = exc.reason
             raise ApiError(str(message)) from None
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ApiError(f"cannot reach the san API at {self.base}: {reason}") from None
         return json.loads(payload) if payload else None

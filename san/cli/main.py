@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 from san.cli.client import DEFAULT_API, ApiError, Client
 from san.cli.output import fields, progress, table
@@ -171,7 +172,7 @@ def _wait_thick(client: Client, vdisk: dict[str, Any]) -> dict[str, Any]:
     while vdisk["state"] == "allocating":
         progress(vdisk["progress"], label)
         time.sleep(0.2)
-        vdisk = client.get(f"/vdisks/{vdisk['name']}")
+        vdisk = client.get(f"/vdisks/{quote(vdisk['name'], safe='')}")
     progress(1.0, label)
     return vdisk
 
@@ -190,7 +191,7 @@ def run_client(args: argparse.Namespace) -> int:
             body = {
                 "name": args.name,
                 "size": args.size,
-                "path": args.path,
+                "path": os.path.abspath(args.path) if args.path else None,
                 "segment_size": args.segment_size,
                 "warn_percent": args.warn_percent,
                 "allocate_ahead": args.allocate_ahead,
@@ -204,10 +205,10 @@ def run_client(args: argparse.Namespace) -> int:
             pools = client.get("/pools")
             _print_json(pools) if args.json else print(_pool_rows(pools))
         elif args.action == "show":
-            pool = client.get(f"/pools/{args.name}")
+            pool = client.get(f"/pools/{quote(args.name, safe='')}")
             _print_json(pool) if args.json else print(_show_pool(pool))
         elif args.action == "delete":
-            client.delete(f"/pools/{args.name}")
+            client.delete(f"/pools/{quote(args.name, safe='')}")
             print(f"pool {args.name} deleted")
         return 0
     if args.action == "create":
@@ -223,13 +224,13 @@ def run_client(args: argparse.Namespace) -> int:
         vdisks = client.get("/vdisks")
         _print_json(vdisks) if args.json else print(_vdisk_rows(vdisks))
     elif args.action == "show":
-        vdisk = client.get(f"/vdisks/{args.name}")
+        vdisk = client.get(f"/vdisks/{quote(args.name, safe='')}")
         _print_json(vdisk) if args.json else print(_show_vdisk(vdisk))
     elif args.action == "grow":
-        vdisk = client.post(f"/vdisks/{args.name}/grow", {"size": args.size})
+        vdisk = client.post(f"/vdisks/{quote(args.name, safe='')}/grow", {"size": args.size})
         print(f"vdisk {vdisk['name']} grown to {format_size(vdisk['size_bytes'])}")
     elif args.action == "delete":
-        client.delete(f"/vdisks/{args.name}")
+        client.delete(f"/vdisks/{quote(args.name, safe='')}")
         print(f"vdisk {args.name} deleted")
     return 0
 

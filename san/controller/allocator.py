@@ -43,7 +43,6 @@ class SegmentMap:
             at = self.state.find(pattern, 0)
         return at
 
-
     def longest_run(self, limit: int) -> tuple[int, int]:
         """(start, length) of the longest free run, stopping early at one of limit segments."""
         best = (0, 0)

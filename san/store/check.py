@@ -45,11 +45,14 @@ def _check(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
         segment_size = pools[c["pool"]][1]
         if c["nsegments"] * segment_size > c["size"]:
             problems.append(f"container {cid} claims {c['nsegments']} segments, more than its {c['size']} bytes hold")
-        if not os.path.exists(c["path"]):
-            problems.append(f"container {cid}: {c['path']} is missing")
-        else:
+        try:
             with open(c["path"], "rb") as f:
                 actual = f.seek(0, os.SEEK_END)
+        except FileNotFoundError:
+            problems.append(f"container {cid}: {c['path']} is missing")
+        except OSError as exc:
+            problems.append(f"container {cid}: {c['path']} cannot be read: {exc.strerror}")
+        else:
             if actual < c["nsegments"] * segment_size:
                 problems.append(f"container {cid}: {c['path']} has {actual} bytes, segments need {c['nsegments'] * segment_size}")
 

@@ -1,0 +1,219 @@
+"""Fixtures for the end-to-end tests: a real `san serve` subprocess and the real `san` CLI driving it.
+
+SanServer starts, stops and restarts one server on one data directory; `san_server` is a module-wide one that
+must stop with exit status 0 and leave a store that `san check` finds clean."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 20.0
+CLI_TIMEOUT = 60.0
+
+
+def san_command() -> list[str]:
+    """The `san` entry point of the interpreter running the tests (its console script, else `-m`)."""
+    script = Path(sys.executable).with_name("san")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "san.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_san(
+    *args: str, env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None, timeout: float = CLI_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run the `san` CLI as a subprocess; never raises on a non-zero exit (TimeoutExpired if it hangs)."""
+    return subprocess.run(
+        [*san_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else dict(os.environ),
+        cwd=cwd,
+        check=False,
+    )
+
+
+def check_data(data: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+    """`san check --data DIR`."""
+    return run_san("check", "--data", str(data))
+
+
+class SanServer:
+    """One `san serve --data DATA --api 127.0.0.1:PORT` subprocess, started on demand, with CLI and HTTP helpers."""
+
+    def __init__(self, data: Path, cwd: Path, port: int | None = None) -> None:
+        self.data = str(data)
+        self.cwd = cwd
+        self.port = port if port is not None else free_port()
+        self.api = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = cwd / "serve.log"
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> SanServer:
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [*san_command(), "serve", "--data", self.data, "--api", f"127.0.0.1:{self.port}"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                cwd=self.cwd,
+                env=self.env(),
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"san serve exited with {self.proc.returncode} while starting:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.api + "/status", timeout=1) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"san serve did not answer GET /status within {START_TIMEOUT}s:\n{self.log_text()}")
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status (killed, and the test failed, if it does not stop in time)."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise AssertionError(f"san serve did not stop within {STOP_TIMEOUT}s of SIGTERM") from None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    # -- clients -------------------------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["SAN_API"] = self.api
+        return env
+
+    def run(self, *args: str, cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+        """The `san` CLI against this server (through SAN_API)."""
+        return run_san(*args, env=self.env(), cwd=cwd)
+
+    def ok(self, *args: str) -> str:
+        """Run the CLI, insist on success, return stdout."""
+        result = self.run(*args)
+        assert result.returncode == 0, f"san {' '.join(args)} exited {result.returncode}: {result.stderr}"
+        return result.stdout
+
+    def json(self, *args: str) -> Any:
+        """Run a CLI command with --json and parse its output."""
+        return json.loads(self.ok(*args, "--json"))
+
+    def pools(self) -> dict[str, Any]:
+        return {p["name"]: p for p in self.json("pool", "list")}
+
+    def vdisks(self) -> dict[str, Any]:
+        return {v["name"]: v for v in self.json("vdisk", "list")}
+
+    def state(self) -> tuple[Any, Any, list[str]]:
+        """What `pool list --json` and `vdisk list --json` print (read straight from the API, which is much faster
+        than two CLI processes; test_cli checks that the two agree) and the files under DATA/pools."""
+        pools_dir = Path(self.data) / "pools"
+        files = sorted(os.listdir(pools_dir)) if pools_dir.is_dir() else []
+        return self.get("/pools"), self.get("/vdisks"), files
+
+    def get(self, path: str) -> Any:
+        """GET a resource of the API, insisting on 200."""
+        status, body = self.http("GET", path)
+        assert status == 200, (path, status, body)
+        return body
+
+    def http(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
+        """(status, parsed JSON body or None) of one request to the management API."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(self.api + path, data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status, payload = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, payload = exc.code, exc.read()
+        return status, (json.loads(payload) if payload else None)
+
+
+@contextlib.contextmanager
+def running_server(data: Path, cwd: Path) -> Iterator[SanServer]:
+    """A started server that is killed if the test leaves it running."""
+    server = SanServer(data, cwd).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def assert_one_line(stderr: str) -> str:
+    """stderr is exactly one non-empty line; returns it."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip() and stderr.endswith("\n"), f"expected one line on stderr, got {stderr!r}"
+    return lines[0]
+
+
+def assert_clean(data: str | os.PathLike[str]) -> None:
+    result = check_data(data)
+    assert result.returncode == 0, f"san check found damage:\n{result.stdout}{result.stderr}"
+    assert result.stdout.rstrip().endswith("clean")
+
+
+@pytest.fixture(scope="module")
+def san_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
+    """A real `san serve` for the whole module; at the end it must stop on SIGTERM with 0 and leave a clean store."""
+    base = tmp_path_factory.mktemp("san")
+    server = SanServer(base / "data", base / "cwd")
+    server.start()
+    try:
+        yield server
+    finally:
+        if not server.running:
+            status = server.proc.returncode if server.proc else None
+            server.kill()
+            pytest.fail(f"san serve died during the tests (exit {status}):\n{server.log_text()}")
+        status = server.stop()
+        assert status == 0, f"san serve exited {status} on SIGTERM:\n{server.log_text()}"
+        assert_clean(server.data)
+        shutil.rmtree(base, ignore_errors=True)
