@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--ahead", type=int, default=8, help="prefetch distance (requests)")
     args = parser.parse_args()
 
-    pyximport.install(language_level=3, build_dir=str(Path(__file__).parent / "build"))
+    pyximport.install(language_level=3, build_dir=tempfile.mkdtemp(prefix="san-bench-"))
     sys.path.insert(0, str(Path(__file__).parent))
     sys.path.append(str(Path(san.__file__).parent.parent))  # where Cython finds san/_fastmap.pxd
     from _translate_loop import translate_loop

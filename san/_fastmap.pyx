@@ -178,40 +178,31 @@ cdef class MapTable:
                 fault.segment = seg
                 fault.state = state
                 return -1
-            if entry.alt == NO_ALT:
-                if is_write and state & (ST_NOWRITE | ST_ZERO):
+            alt = &self.alts[entry.alt] if entry.alt != NO_ALT else NULL
+            pos = off
+            stop = off + count
+            while pos < stop:
+                if alt != NULL:
+                    in_alt = (alt.bitmap[pos >> 6] >> (pos & 63)) & 1
+                    run = _run_end(alt.bitmap, pos, stop, in_alt) - pos
+                else:
+                    in_alt = False
+                    run = stop - pos
+                if in_alt:
+                    n = _emit(out, n, max_out, alt.container,
+                              (<uint64_t>alt.segment << sshift) + (pos << bshift), run << bshift)
+                elif is_write and state & (ST_NOWRITE | ST_ZERO):
                     fault.segment = seg
                     fault.state = state
                     return -1
-                if state & ST_ZERO:
-                    n = _emit(out, n, max_out, -1, 0, count << bshift)
+                elif state & ST_ZERO:
+                    n = _emit(out, n, max_out, -1, 0, run << bshift)
                 else:
                     n = _emit(out, n, max_out, entry.container,
-                              (<uint64_t>entry.segment << sshift) + (off << bshift), count << bshift)
+                              (<uint64_t>entry.segment << sshift) + (pos << bshift), run << bshift)
                 if n < 0:
                     return n
-            else:
-                alt = &self.alts[entry.alt]
-                pos = off
-                stop = off + count
-                while pos < stop:
-                    in_alt = (alt.bitmap[pos >> 6] >> (pos & 63)) & 1
-                    run = _run_end(alt.bitmap, pos, stop, in_alt) - pos
-                    if in_alt:
-                        n = _emit(out, n, max_out, alt.container,
-                                  (<uint64_t>alt.segment << sshift) + (pos << bshift), run << bshift)
-                    elif is_write and state & (ST_NOWRITE | ST_ZERO):
-                        fault.segment = seg
-                        fault.state = state
-                        return -1
-                    elif state & ST_ZERO:
-                        n = _emit(out, n, max_out, -1, 0, run << bshift)
-                    else:
-                        n = _emit(out, n, max_out, entry.container,
-                                  (<uint64_t>entry.segment << sshift) + (pos << bshift), run << bshift)
-                    if n < 0:
-                        return n
-                    pos += run
+                pos += run
             remaining -= count
             off = 0
             seg += 1
