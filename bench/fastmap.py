@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--ahead", type=int, default=8, help="prefetch distance (requests)")
     args = parser.parse_args()
 
-    pyximport.install(language_level=3, build_dir=tempfile.mkdtemp(prefix="san-bench-"))
+    build_dir = tempfile.TemporaryDirectory(prefix="san-bench-")
+    pyximport.install(language_level=3, build_dir=build_dir.name)
     sys.path.insert(0, str(Path(__file__).parent))
     sys.path.append(str(Path(san.__file__).parent.parent))  # where Cython finds san/_fastmap.pxd
     from _translate_loop import translate_loop

@@ -17,7 +17,8 @@ import san
 from san._fastmap import ERROR, INVALID, NOWRITE, ZERO, MapFault, MapTable
 from san.agent.refmap import RefMapTable
 
-pyximport.install(language_level=3, build_dir=tempfile.mkdtemp(prefix="san-cdef-"))  # fresh: pxd changes rebuild
+BUILD = tempfile.TemporaryDirectory(prefix="san-cdef-")  # a fresh build: pyximport misses .pxd changes
+pyximport.install(language_level=3, build_dir=BUILD.name)
 sys.path.append(str(Path(san.__file__).parent.parent))
 from _cdef_api import translate_cdef  # noqa: E402  (compiled on import)
 
