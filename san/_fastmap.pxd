@@ -48,6 +48,7 @@ cdef class MapTable:
     cdef uint64_t io_count[2]
     cdef int cur_slot
     cdef bint draining
+    cdef bint firing
     cdef list waiters
     cdef list next_waiters
 

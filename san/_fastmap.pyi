@@ -13,6 +13,7 @@ ALL_STATES: int
 ZEROS: int
 MAX_CONTAINER: int
 MAX_SEGMENT: int
+MAX_ENTRIES: int
 
 class MapFault(NamedTuple):
     segment: int

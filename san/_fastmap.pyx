@@ -25,6 +25,7 @@ ALL_STATES = ST_INVALID | ST_NOWRITE | ST_ZERO | ST_ERROR
 ZEROS = -1
 MAX_CONTAINER = 0xFFFE
 MAX_SEGMENT = 0xFFFFFFFE
+MAX_ENTRIES = 1 << 32
 
 cdef uint32_t NO_ALT = 0xFFFFFFFF
 
@@ -112,6 +113,7 @@ cdef class MapTable:
         self.io_count[1] = 0
         self.cur_slot = 0
         self.draining = False
+        self.firing = False
         self.waiters = []
         self.next_waiters = []
         self.grow(nsegments)
@@ -139,6 +141,8 @@ cdef class MapTable:
         cdef entry_t *grown
         if nsegments < self.nsegments:
             raise ValueError("a map table cannot shrink")
+        if nsegments > MAX_ENTRIES:
+            raise ValueError(f"a map table holds at most {MAX_ENTRIES} entries")
         if nsegments == self.nsegments and self.entries != NULL:
             return
         grown = _map_entries(nsegments)
@@ -224,6 +228,9 @@ cdef class MapTable:
             if out == NULL:
                 raise MemoryError()
             n = self.translate_c(lba, nblocks, is_write, out, max_out, &fault)
+            if n == -2:
+                free(out)
+                raise MemoryError("too many extents for one request")
         try:
             if n == -1:
                 return MapFault(fault.segment, fault.state)
@@ -339,11 +346,12 @@ cdef class MapTable:
 
     def barrier(self, callback):
         """Call callback() once every I/O begun before this call has ended (at once if there is none)."""
-        if self.draining:
+        if self.draining and not self.firing:
             self.next_waiters.append(callback)
             return
         self.waiters.append(callback)
-        self._start_drain()
+        if not self.firing:
+            self._start_drain()
 
     @property
     def inflight(self) -> int:
@@ -360,18 +368,24 @@ cdef class MapTable:
             self._start_drain()
 
     cdef void _start_drain(self):
+        """Flip the I/O slot; each time the old slot is empty, fire its waiters and start on the next batch.
+
+        Barriers registered by a firing callback join the batch that drains next."""
         cdef int old
         while True:
             if self.draining:
                 callbacks = self.waiters
-                self.waiters = []
-                self.draining = False
-                for callback in callbacks:
-                    callback()
-                if not self.next_waiters:
-                    return
                 self.waiters = self.next_waiters
                 self.next_waiters = []
+                self.draining = False
+                self.firing = True
+                try:
+                    for callback in callbacks:
+                        callback()
+                finally:
+                    self.firing = False
+                if not self.waiters:
+                    return
             old = self.cur_slot
             self.cur_slot ^= 1
             self.draining = True

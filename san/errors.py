@@ -25,3 +25,15 @@ class Conflict(SanError):
 
 class NoSpace(SanError):
     status = 507
+
+
+class AgentFailure(SanError):
+    """An agent could not carry out a command (for example, no memory for a map table)."""
+
+    status = 503
+
+
+class StoreFailure(SanError):
+    """The persistent tables could not be written; the change did not happen."""
+
+    status = 503

@@ -13,6 +13,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from san.agent.agent import Agent
+from san.controller.allocator import PoolAllocator
 from san.controller.controller import Controller
 from san.protocol.transport import LocalAgentLink, LocalControllerLink
 from san.store.sqlite import SQLiteStore
@@ -41,7 +42,7 @@ class Service:
         self.controller = Controller(SQLiteStore(os.path.join(self.data_dir, DB_NAME)), self.data_dir, reserve_segments)
         self.agent = Agent(LocalControllerLink(self.controller))
         self.tasks: set[asyncio.Task[None]] = set()
-        self.refilling: set[int] = set()
+        self.refilling: set[PoolAllocator] = set()
         self.controller.on_low_reserve = self.refill
 
     async def start(self) -> None:
@@ -54,26 +55,24 @@ class Service:
 
     def refill(self, pool_id: int) -> None:
         """Top up a pool's reserve in the background: the zeroing and its flush run in a thread."""
-        if pool_id not in self.refilling:
-            self.refilling.add(pool_id)
-            self.spawn(self._refill(pool_id))
+        allocator = self.controller.allocators[pool_id]
+        if allocator not in self.refilling:
+            self.refilling.add(allocator)
+            self.spawn(self._refill(pool_id, allocator))
 
-    async def _refill(self, pool_id: int) -> None:
-        controller = self.controller
+    async def _refill(self, pool_id: int, allocator: PoolAllocator) -> None:
         try:
-            runs = controller.plan_refill(pool_id)
+            runs = allocator.plan_reserve(allocator.reserve_target)
             if not runs:
                 return
             try:
-                await asyncio.to_thread(controller.zero_runs, pool_id, runs)
+                await asyncio.to_thread(self.controller.zero_runs, pool_id, runs)
             except BaseException:
-                if pool_id in controller.allocators:
-                    controller.allocators[pool_id].cancel_reserve(runs)
+                allocator.cancel_reserve(runs)
                 raise
-            if pool_id in controller.allocators:
-                controller.allocators[pool_id].add_reserve(runs)
+            allocator.add_reserve(runs)
         finally:
-            self.refilling.discard(pool_id)
+            self.refilling.discard(allocator)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a background job; failures are logged, not lost."""
@@ -91,8 +90,8 @@ class Service:
             await asyncio.sleep(self.commit_interval)
             try:
                 self.controller.maintain()
-            except OSError:
-                log.exception("metadata commit or reserve refill failed")
+            except Exception:
+                log.exception("metadata commit failed; retrying in %s s", self.commit_interval)
 
     async def stop(self) -> None:
         for task in list(self.tasks):

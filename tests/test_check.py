@@ -141,9 +141,12 @@ def test_mapping_past_the_container_end(damaged: Path) -> None:
         # Move the mapping and its reference count together: only the bound is wrong.
         db.execute("UPDATE mapping SET pseg = ? WHERE vdisk_id = ? AND vseg = 0", (beyond, vdisk_id(db, "thick1")))
         db.execute("UPDATE segment SET pseg = ? WHERE container_id = ? AND pseg = ?", (beyond, cid, pseg))
-    problem = one_problem(damaged)
-    assert "thick1" in problem and "outside container" in problem
-    assert f"segment {beyond} of {nsegments}" in problem
+    report = check(damaged)
+    assert report.returncode == 1
+    mapping_problem, space_map_problem = report.problems
+    assert "thick1" in mapping_problem and "outside container" in mapping_problem
+    assert f"segment {beyond} of {nsegments}" in mapping_problem
+    assert f"segment {beyond} of container {cid} is marked used but lies outside it" in space_map_problem
 
 
 def test_refcount_disagrees_with_mappings(damaged: Path) -> None:

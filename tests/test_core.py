@@ -3,7 +3,10 @@
 Real sparse files under a temporary data directory; every check reads back through the agent."""
 
 import asyncio
+import contextlib
 import os
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from san.errors import Conflict, InvalidRequest, NoSpace
 from san.model import MIB
 from san.protocol.messages import Command, Op, Reason
 from san.service import DataDirLocked, Service
+from san.store.check import check_store
 
 Body = Callable[[Service], Awaitable[None]]
 
@@ -241,3 +245,94 @@ def test_one_service_per_data_directory(tmp_path: Path) -> None:
     finally:
         service.controller.close()
         service._lock.close()
+
+
+def test_one_store_cannot_back_two_pools_or_the_metadata(tmp_path: Path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 16 * MIB)
+        image = os.path.join(s.data_dir, "pools", "p.img")
+        link = tmp_path / "link.img"
+        link.symlink_to(image)
+        for alias in (str(link), "/" + image, os.path.join(s.data_dir, "pools", ".", "p.img")):
+            with pytest.raises(Conflict):
+                await c.create_pool("q", path=alias)
+        for inside in ("san.db", "san.db-wal", "lock", "other.img"):
+            with pytest.raises(InvalidRequest):
+                await c.create_pool("q", 16 * MIB, path=os.path.join(s.data_dir, inside))
+        for bad in ("a\n", "a/b", "", "x" * 64):
+            with pytest.raises(InvalidRequest):
+                await c.create_pool(bad, 16 * MIB)
+        with pytest.raises(InvalidRequest):
+            await c.create_pool("q", 16 * MIB, path=str(tmp_path / "nul\0.img"))
+        assert [p.name for p in c.pools.values()] == ["p"]
+
+    run(str(tmp_path / "data"), body)
+
+
+def test_thick_claims_never_take_segments_still_being_zeroed(tmp_path: Path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        zero = c.zero_runs
+
+        def slow_zero(pool_id: int, runs: list[tuple[int, int, int]]) -> None:
+            time.sleep(0.5)  # a block device without discard, or huge segments
+            zero(pool_id, runs)
+
+        c.zero_runs = slow_zero  # type: ignore[method-assign]
+        await c.create_pool("p", 100 * MIB)
+        await asyncio.sleep(0.05)
+        assert c.allocators[c.pool("p").id].in_flight
+        a = await c.create_vdisk("a", "p", 50 * MIB, thin=False)
+        await c.finish_thick(a)
+        await s.agent.write(a.id, 0, block("kept"), fua=True)
+        with pytest.raises(NoSpace):
+            await c.create_vdisk("b", "p", 60 * MIB, thin=False)
+        await asyncio.sleep(0.8)
+        assert bytes(await s.agent.read(a.id, 0, 1)) == block("kept")
+        assert c.usage(c.pool("p")).used_bytes == 50 * MIB
+
+    run(str(tmp_path), body)
+    problems, _ = check_store(str(tmp_path / "san.db"))
+    assert problems == []
+
+
+def test_a_failed_metadata_commit_loses_no_allocation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 16 * MIB)
+        v = await c.create_vdisk("v", "p", 8 * MIB)
+        await s.agent.write(v.id, 0, block("a"))
+        real_commit = c.store.commit
+
+        def disk_full() -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(c.store, "commit", disk_full)
+        with pytest.raises(AgentIOError) as failed:
+            await s.agent.flush()
+        assert failed.value.reason is Reason.IO_ERROR
+        monkeypatch.setattr(c.store, "commit", real_commit)
+        await s.agent.flush()
+        assert c.store.count_mappings(v.id) == 1
+
+    run(str(tmp_path), body)
+    problems, _ = check_store(str(tmp_path / "san.db"))
+    assert problems == []
+
+
+def test_a_full_pool_does_not_inflate_the_reserve(tmp_path: Path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 2 * MIB)
+        await asyncio.sleep(0.1)  # the background refill takes both segments
+        v = await c.create_vdisk("v", "p", 64 * MIB)
+        allocator = c.allocators[c.pool("p").id]
+        target = allocator.reserve_target
+        for seg in range(6):
+            with contextlib.suppress(AgentIOError):
+                await s.agent.write(v.id, seg * 2048, block("x"))
+        assert allocator.reserve_target == target
+        assert c.allocated_bytes(v) == 2 * MIB
+
+    run(str(tmp_path), body)

@@ -187,3 +187,23 @@ def test_memory_per_entry_is_at_most_16_bytes() -> None:
     grown = _rss_bytes() - before
     assert grown / nsegments <= 16, f"{grown / nsegments:.1f} bytes per entry"
     del table
+
+
+def test_a_barrier_registered_by_a_firing_callback_fires_too() -> None:
+    table = MapTable(1, 8)
+    fired: list[str] = []
+    first = table.io_start()
+
+    def x() -> None:
+        fired.append("x")
+        table.barrier(lambda: fired.append("y"))
+
+    table.barrier(x)
+    table.barrier(lambda: fired.append("z"))
+    table.io_end(first)
+    assert fired == ["x", "z", "y"]
+
+
+def test_tables_past_the_entry_limit_are_refused() -> None:
+    with pytest.raises(ValueError):
+        MapTable(0x1555555555555556, 1)

@@ -57,11 +57,13 @@ def test_take_follows_the_hint_then_stays_contiguous() -> None:
     assert allocator.maps[1].state[8] == FREE
 
 
-def test_a_thick_claim_may_take_the_reserve_back() -> None:
+def test_a_thick_claim_may_take_the_reserve_back_but_not_runs_being_zeroed() -> None:
     allocator = PoolAllocator([(1, 8)])
     allocator.add_reserve(allocator.plan_reserve(4))
     in_flight = allocator.plan_reserve(8)
-    assert allocator.claim_runs(8) == [(1, 0, 8)]
+    assert in_flight == [(1, 4, 4)] and allocator.free == 8 and allocator.claimable == 4
+    assert allocator.claim_runs(6) == []
+    assert allocator.claim_runs(4) == [(1, 0, 4)]
     allocator.add_reserve(in_flight)
-    assert not allocator.reserve, "segments claimed meanwhile must not join the reserve"
-    assert allocator.free == 0
+    assert list(allocator.reserve) == [(1, 4), (1, 5), (1, 6), (1, 7)]
+    assert allocator.free == 4 and allocator.used == 4

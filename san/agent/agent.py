@@ -5,6 +5,7 @@ The common case never leaves the agent: translate, then pread/pwrite on the cont
 from __future__ import annotations
 
 import asyncio
+import errno
 from dataclasses import dataclass
 
 from san._fastmap import ZERO, MapFault, MapTable
@@ -47,6 +48,8 @@ class Agent:
             response, volume = self._apply(command)
         except (ValueError, KeyError, ContainerError) as exc:
             return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=str(exc))
+        except MemoryError:
+            return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"no memory to carry out {command.op.value}")
         if command.blocking and volume is not None:
             done = asyncio.get_running_loop().create_future()
             volume.table.barrier(lambda: None if done.done() else done.set_result(None))
@@ -141,6 +144,8 @@ class Agent:
             if fua:
                 self.containers.flush(written)
         except (ContainerError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise AgentIOError(Reason.NO_SPACE, f"the file system under a container is full: {exc}") from None
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
         finally:
             table.io_end(slot)

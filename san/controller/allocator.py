@@ -78,6 +78,11 @@ class PoolAllocator:
         """Segments not referenced by any vdisk: free, reserved, or being zeroed for the reserve."""
         return sum(m.free for m in self.maps.values()) + len(self.reserve) + sum(r[2] for r in self.in_flight)
 
+    @property
+    def claimable(self) -> int:
+        """Segments a claim can have now: free ones and the reserve (not runs still being zeroed)."""
+        return sum(m.free for m in self.maps.values()) + len(self.reserve)
+
     def mark_used(self, segments: Iterable[Segment]) -> None:
         for container_id, pseg in segments:
             self.maps[container_id].set(pseg, USED)
@@ -87,12 +92,12 @@ class PoolAllocator:
             self.maps[container_id].set(pseg, FREE)
 
     def claim_runs(self, count: int, state: int = USED) -> list[Run]:
-        """Take count free segments as few long runs, marking them state; [] if the pool has fewer free."""
-        if sum(m.free for m in self.maps.values()) < count <= self.free:
+        """Take count free segments as few long runs, marking them state; [] if fewer are claimable.
+
+        The reserve goes back to free when a claim needs it; runs being zeroed for the reserve are never taken."""
+        if sum(m.free for m in self.maps.values()) < count <= self.claimable:
             self.release(list(self.reserve))
             self.reserve.clear()
-            for container_id, first, length in self.in_flight:
-                self.release((container_id, pseg) for pseg in range(first, first + length))
         if sum(m.free for m in self.maps.values()) < count:
             return []
         runs: list[Run] = []
@@ -132,22 +137,18 @@ class PoolAllocator:
         return runs
 
     def add_reserve(self, runs: Iterable[Run]) -> None:
-        """Runs from plan_reserve() are zeroed: segments still set aside join the reserve."""
+        """Runs from plan_reserve() are zeroed: they join the reserve."""
         for run in runs:
             self.in_flight.remove(run)
             container_id, first, length = run
-            state = self.maps[container_id].state
-            self.reserve.update(((container_id, p), None) for p in range(first, first + length) if state[p] == RESERVED)
+            self.reserve.update(((container_id, p), None) for p in range(first, first + length))
 
     def cancel_reserve(self, runs: Iterable[Run]) -> None:
-        """Runs from plan_reserve() could not be zeroed: segments still set aside go back to free."""
+        """Runs from plan_reserve() could not be zeroed: they go back to free."""
         for run in runs:
             self.in_flight.remove(run)
             container_id, first, length = run
-            segment_map = self.maps[container_id]
-            for pseg in range(first, first + length):
-                if segment_map.state[pseg] == RESERVED:
-                    segment_map.set(pseg, FREE)
+            self.release((container_id, pseg) for pseg in range(first, first + length))
 
     def take(self, count: int, hint: Segment | None) -> list[Segment]:
         """Up to count reserved segments for consecutive vdisk segments: from hint on while it is reserved,

@@ -5,15 +5,18 @@ Policy lives here (what to allocate, when to commit); data structures in allocat
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
+import sqlite3
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
 from san.controller.allocator import PoolAllocator, Run, Segment
-from san.errors import Conflict, InvalidRequest, NoSpace, NotFound
+from san.errors import AgentFailure, Conflict, InvalidRequest, NoSpace, NotFound, StoreFailure
 from san.model import (
     BLOCK_SIZES,
     DEFAULT_ALLOCATE_AHEAD,
@@ -29,15 +32,24 @@ from san.model import (
 )
 from san.protocol.messages import Action, Command, Entry, Fault, Flush, Op, Reason, Response
 from san.protocol.transport import AgentLink
-from san.storage.containers import ContainerError, ContainerSet, create_sparse_file, device_size, is_block_device
+from san.storage.containers import (
+    ContainerError,
+    ContainerSet,
+    check_unused_device,
+    create_sparse_file,
+    device_size,
+    is_block_device,
+)
 from san.store.sqlite import SQLiteStore
 from san.store.store import Mapping
 
+log = logging.getLogger("san.controller")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 LOAD_CHUNK = 1024
 ZERO_STEP = 4096
 MAX_SEGMENTS = 0xFFFFFFFF
-MAX_RESERVE = 8192
+MAX_RESERVE_BYTES = 8 << 30
+MAX_VDISK_SEGMENTS = 1 << 28
 CACHE_CHUNKS = 256
 
 
@@ -63,8 +75,22 @@ def _runs(segments: Iterable[Segment]) -> list[Run]:
     return runs
 
 
+def _segments(run: Run) -> Iterable[Segment]:
+    container_id, first, length = run
+    return ((container_id, pseg) for pseg in range(first, first + length))
+
+
+def _identity(path: str) -> tuple[int, ...] | None:
+    """What makes two paths the same store: the device number of a block device, else (st_dev, st_ino)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
 def check_name(kind: str, name: str) -> None:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise InvalidRequest(
             f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -85,6 +111,7 @@ class Controller:
         self.progress: dict[int, float] = {}
         self._thick_runs: dict[int, list[Run]] = {}
         self.pending: dict[int, dict[int, Mapping]] = {}
+        self.unsaved: dict[int, dict[int, Mapping]] = {}
         self.cache: OrderedDict[tuple[int, int], list[Mapping | None]] = OrderedDict()
         self.on_low_reserve: Callable[[int], None] | None = None
         self._load()
@@ -159,20 +186,25 @@ class Controller:
             raise InvalidRequest(f"pool size {size} is smaller than one segment ({segment_size} bytes)")
         if len(self.store.containers()) >= MAX_CONTAINERS:
             raise Conflict(f"san serves at most {MAX_CONTAINERS} containers")
-        path = os.path.abspath(path or os.path.join(self.data_dir, "pools", f"{name}.img"))
-        if any(c.path == path for c in self.store.containers()):
-            raise Conflict(f"{path} is already a container of a pool")
+        path = self._container_path(path or os.path.join(self.data_dir, "pools", f"{name}.img"))
         owned = not os.path.exists(path)
         if owned:
             if size is None:
                 raise InvalidRequest(f"{path} does not exist: give --size to create it")
             if not os.path.isdir(os.path.dirname(path)):
-                if os.path.dirname(path) != os.path.join(self.data_dir, "pools"):
+                if os.path.dirname(path) != os.path.join(os.path.realpath(self.data_dir), "pools"):
                     raise InvalidRequest(f"directory {os.path.dirname(path)} does not exist")
                 os.makedirs(os.path.dirname(path), exist_ok=True)
+            if size > os.statvfs(os.path.dirname(path)).f_blocks * os.statvfs(os.path.dirname(path)).f_frsize:
+                raise InvalidRequest(f"{size} bytes is more than the whole file system under {os.path.dirname(path)}")
         else:
             if not (is_block_device(path) or os.path.isfile(path)):
                 raise InvalidRequest(f"{path} is neither a regular file nor a block device")
+            if is_block_device(path):
+                try:
+                    check_unused_device(path)
+                except ContainerError as exc:
+                    raise Conflict(str(exc)) from None
             actual = device_size(path)
             if size is None:
                 size = actual
@@ -191,6 +223,8 @@ class Controller:
             self.commit()
         except ContainerError as exc:
             self.store.rollback()
+            if owned and os.path.exists(path):
+                os.unlink(path)
             raise InvalidRequest(str(exc)) from None
         except BaseException:
             self.store.rollback()
@@ -204,8 +238,25 @@ class Controller:
             self.on_low_reserve(pool.id)
         return pool
 
+    def _container_path(self, path: str) -> str:
+        """The real path of a new container, refused if it is another container under another name or in the data directory."""
+        if "\0" in path:
+            raise InvalidRequest("a path cannot contain a NUL byte")
+        path = os.path.realpath(path)
+        data = os.path.realpath(self.data_dir)
+        if path.startswith(data + os.sep) and os.path.dirname(path) != os.path.join(data, "pools"):
+            raise InvalidRequest(f"{path} is inside the data directory {data}; pool files belong in {data}/pools")
+        identity = _identity(path)
+        for container in self.store.containers():
+            if container.path == path or (identity is not None and _identity(container.path) == identity):
+                raise Conflict(f"{path} is already a container of a pool (as {container.path})")
+        return path
+
     async def delete_pool(self, name: str) -> None:
         pool = self.pool(name)
+        allocator = self.allocators[pool.id]
+        while allocator.in_flight:
+            await asyncio.sleep(0.01)
         users = sorted(v.name for v in self.vdisks.values() if v.pool_id == pool.id)
         if users:
             raise Conflict(f"pool {name!r} still has vdisks: {', '.join(users)}")
@@ -236,30 +287,50 @@ class Controller:
         if size <= 0 or size % block_size:
             raise InvalidRequest(f"size {size} must be a positive multiple of the {block_size}-byte block size")
         nsegments = -(-size // pool.segment_size)
-        if nsegments > MAX_SEGMENTS:
-            raise InvalidRequest(f"size {size} needs more than {MAX_SEGMENTS} segments")
+        if nsegments > MAX_VDISK_SEGMENTS:
+            raise InvalidRequest(
+                f"size {size} needs {nsegments} segments of {pool.segment_size} bytes; a vdisk has at most"
+                f" {MAX_VDISK_SEGMENTS} (use a pool with larger segments)"
+            )
         allocator = self.allocators[pool.id]
-        if not thin and allocator.free < nsegments:
+        if not thin and not await self._claimable(allocator, nsegments):
             raise NoSpace(
                 f"a thick vdisk of {size} bytes needs {nsegments} segments; pool {pool.name!r} has {allocator.free} free"
             )
-        vdisk = self.store.add_vdisk(name, pool.id, size, block_size, thin, "ready" if thin else "allocating")
-        if not thin:
-            runs = self._claim_thick(allocator, nsegments, vdisk, 0)
+        if any(v.name == name for v in self.vdisks.values()):
+            raise Conflict(f"vdisk {name!r} already exists")
+        runs = [] if thin else allocator.claim_runs(nsegments)
+        try:
+            vdisk = self.store.add_vdisk(name, pool.id, size, block_size, thin, "ready" if thin else "allocating")
+            self._map_runs(vdisk, runs, 0)
             self.commit()
-            self.vdisks[vdisk.id] = vdisk
+        except BaseException:
+            self.store.rollback()
+            allocator.release(segment for run in runs for segment in _segments(run))
+            raise
+        self.vdisks[vdisk.id] = vdisk
+        if not thin:
             self.progress[vdisk.id] = 0.0
             self._thick_runs[vdisk.id] = runs
             return vdisk
-        self.commit()
-        self.vdisks[vdisk.id] = vdisk
-        await self._export(vdisk)
+        try:
+            await self._export(vdisk)
+        except AgentFailure:
+            await self._broadcast(Command(Op.DELETE_TABLE, vdisk=vdisk.id), check=False)
+            del self.vdisks[vdisk.id]
+            self.store.delete_vdisk(vdisk.id)
+            self.commit()
+            raise
         return vdisk
 
-    def _claim_thick(self, allocator: PoolAllocator, count: int, vdisk: VDisk, first_vseg: int) -> list[Run]:
-        runs = allocator.claim_runs(count)
-        if not runs:
-            raise NoSpace(f"pool has {allocator.free} free segments, {count} needed")
+    async def _claimable(self, allocator: PoolAllocator, count: int) -> bool:
+        """Whether count segments can be claimed, once the reserve refills under way have finished if need be."""
+        while allocator.claimable < count <= allocator.free and allocator.in_flight:
+            await asyncio.sleep(0.01)
+        return allocator.claimable >= count
+
+    def _map_runs(self, vdisk: VDisk, runs: list[Run], first_vseg: int) -> None:
+        """Map consecutive vdisk segments from first_vseg onto claimed runs, in the store."""
         vseg = first_vseg
         mappings: list[Mapping] = []
         for container_id, first, length in runs:
@@ -267,7 +338,6 @@ class Controller:
             vseg += length
         self.store.add_mappings(vdisk.id, mappings)
         self._forget(vdisk.id)
-        return runs
 
     async def finish_thick(self, vdisk: VDisk, on_progress: Callable[[float], None] | None = None) -> None:
         """Zero a thick vdisk's segments in steps, yielding between them, then mark it ready and export it."""
@@ -310,22 +380,28 @@ class Controller:
             raise InvalidRequest(f"size {size} must be a multiple of the {vdisk.block_size}-byte block size")
         old_segments = vdisk.nsegments(pool.segment_size)
         new_segments = -(-size // pool.segment_size)
-        if new_segments > MAX_SEGMENTS:
-            raise InvalidRequest(f"size {size} needs more than {MAX_SEGMENTS} segments")
+        if new_segments > MAX_VDISK_SEGMENTS:
+            raise InvalidRequest(f"size {size} needs more than the {MAX_VDISK_SEGMENTS} segments a vdisk can have")
         allocator = self.allocators[pool.id]
-        if not vdisk.thin and new_segments > old_segments:
-            if allocator.free < new_segments - old_segments:
-                raise NoSpace(
-                    f"growing thick vdisk {name!r} needs {new_segments - old_segments} segments;"
-                    f" pool {pool.name!r} has {allocator.free} free"
-                )
-            runs = self._claim_thick(allocator, new_segments - old_segments, vdisk, old_segments)
+        added = new_segments - old_segments
+        if not vdisk.thin and added and not await self._claimable(allocator, added):
+            raise NoSpace(f"growing thick vdisk {name!r} needs {added} segments; pool {pool.name!r} has {allocator.free} free")
+        if vdisk.state != "ready" or vdisk.size_bytes >= size:
+            raise Conflict(f"vdisk {name!r} changed while waiting for space; try again")
+        runs = [] if vdisk.thin or not added else allocator.claim_runs(added)
+        try:
+            self._map_runs(vdisk, runs, old_segments)
             for container_id, first, length in runs:
                 self.containers.zero(container_id, [(first * pool.segment_size, length * pool.segment_size)])
             self.containers.flush({c for c, _, _ in runs})
+            self.store.update_vdisk(VDisk(**{**vdisk.to_dict(), "size_bytes": size}))
+            self.commit()
+        except BaseException:
+            self.store.rollback()
+            allocator.release(segment for run in runs for segment in _segments(run))
+            self._forget(vdisk.id)
+            raise
         vdisk.size_bytes = size
-        self.store.update_vdisk(vdisk)
-        self.commit()
         await self._broadcast(Command(Op.GROW_TABLE, vdisk=vdisk.id, nsegments=new_segments, nblocks=vdisk.nblocks))
         return vdisk
 
@@ -390,24 +466,28 @@ class Controller:
             if vdisk.state == "ready":
                 await self._send(link, self._create_table(vdisk))
 
-    async def _broadcast(self, command: Command) -> None:
+    async def _broadcast(self, command: Command, check: bool = True) -> None:
         for link in self.agents:
-            await self._send(link, command)
+            await self._send(link, command, check)
 
     @staticmethod
-    async def _send(link: AgentLink, command: Command) -> None:
+    async def _send(link: AgentLink, command: Command, check: bool = True) -> None:
         response = await link.send(command)
-        if response.action is Action.FAIL:
-            raise RuntimeError(f"agent refused {command.op}: {response.message}")
+        if check and response.action is Action.FAIL:
+            raise AgentFailure(f"an agent refused {command.op.value}: {response.message}")
 
     # -- faults --------------------------------------------------------------------------------------------
 
     def handle(self, message: Fault | Flush) -> Response:
         """Answer an agent: a Flush commits metadata; a Fault gets entries, completion or failure."""
-        if isinstance(message, Flush):
-            self.commit()
-            return Response()
-        return self.handle_fault(message)
+        try:
+            if isinstance(message, Flush):
+                self.commit()
+                return Response()
+            return self.handle_fault(message)
+        except (StoreFailure, OSError) as exc:
+            log.error("cannot answer %s: %s", message, exc)
+            return Response(Action.FAIL, reason=Reason.IO_ERROR, message=str(exc))
 
     def handle_fault(self, fault: Fault) -> Response:
         vdisk = self.vdisks.get(fault.vdisk)
@@ -453,8 +533,9 @@ class Controller:
             hint = (after.container_id, after.pseg - 1)
         allocator = self.allocators[pool.id]
         if not allocator.reserve:
-            allocator.reserve_target = min(allocator.reserve_target * 2, MAX_RESERVE)
-            self._refill(pool, max(count, allocator.reserve_target))
+            self._refill(pool, count)
+            if allocator.reserve:
+                allocator.reserve_target = min(allocator.reserve_target * 2, max(MAX_RESERVE_BYTES // pool.segment_size, 1))
         taken = allocator.take(count, hint)
         if len(allocator.reserve) < allocator.reserve_target // 2 and self.on_low_reserve is not None:
             self.on_low_reserve(pool.id)
@@ -526,11 +607,23 @@ class Controller:
             del self.cache[key]
 
     def _write_pending(self) -> None:
+        """Put uncommitted allocations into the store's open transaction (kept until commit() succeeds)."""
         for vdisk_id, pending in self.pending.items():
             self.store.add_mappings(vdisk_id, sorted(pending.values()))
+            self.unsaved.setdefault(vdisk_id, {}).update(pending)
         self.pending.clear()
 
     def commit(self) -> None:
-        """Make every mapping change so far durable, atomically (a metadata commit, like dm-thin's)."""
-        self._write_pending()
-        self.store.commit()
+        """Make every mapping change so far durable, atomically (a metadata commit, like dm-thin's).
+
+        On failure the transaction is rolled back and the allocations wait for the next commit."""
+        try:
+            self._write_pending()
+            self.store.commit()
+        except sqlite3.Error as exc:
+            self.store.rollback()
+            for vdisk_id, mappings in self.unsaved.items():
+                self.pending.setdefault(vdisk_id, {}).update(mappings)
+            self.unsaved.clear()
+            raise StoreFailure(f"metadata commit failed: {exc}") from exc
+        self.unsaved.clear()

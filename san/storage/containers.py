@@ -43,6 +43,17 @@ def device_size(path: str) -> int:
         os.close(fd)
 
 
+def check_unused_device(path: str) -> None:
+    """Refuse a block device that is mounted or held by another user (an exclusive open fails with EBUSY)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_EXCL)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise ContainerError(f"{path} is in use (mounted, or held by another program)") from None
+        raise ContainerError(f"cannot open {path}: {exc.strerror}") from None
+    os.close(fd)
+
+
 def create_sparse_file(path: str, size: int) -> None:
     """Create a new sparse file of the given size; refuse to overwrite an existing one."""
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from san.store.store import SCHEMA_VERSION
 
@@ -15,7 +16,7 @@ def check_store(path: str) -> tuple[list[str], list[str]]:
     """(problems, summary lines) for the store at path; no problems means clean."""
     if not os.path.exists(path):
         return [f"no store at {path}"], []
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
     try:
         return _check(db)
     except sqlite3.DatabaseError as exc:
@@ -85,6 +86,10 @@ def _check(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
     counted: dict[tuple[int, int], int] = {}
     for cid, pseg, refcount in db.execute("SELECT container_id, pseg, refcount FROM segment"):
         counted[(cid, pseg)] = refcount
+        if cid not in containers:
+            problems.append(f"segment {pseg} of missing container {cid} is marked used")
+        elif not 0 <= pseg < containers[cid]["nsegments"]:
+            problems.append(f"segment {pseg} of container {cid} is marked used but lies outside it")
         if references[(cid, pseg)] != refcount:
             problems.append(f"container {cid} segment {pseg}: reference count {refcount}, but {references[(cid, pseg)]} mappings")
     for key, count in references.items():

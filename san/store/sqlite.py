@@ -93,13 +93,15 @@ class SQLiteStore:
 
     def commit(self) -> None:
         if self._open:
-            self.db.execute("COMMIT")
-            self._open = False
+            try:
+                self.db.execute("COMMIT")
+            finally:
+                self._open = self.db.in_transaction
 
     def rollback(self) -> None:
-        if self._open:
+        if self.db.in_transaction:
             self.db.execute("ROLLBACK")
-            self._open = False
+        self._open = False
 
     def close(self) -> None:
         self.commit()
