@@ -274,6 +274,23 @@ cdef class MapTable:
             self.entries[i].state = <uint8_t>state
             i += 1
 
+    def fill_invalid(self, uint64_t start, entries):
+        """Like set_entries(), but only entries still INVALID are replaced: a reload never undoes a newer change."""
+        cdef uint64_t i = start
+        cdef long container, segment, state
+        self._check_range(start, len(entries))
+        for triple in entries:
+            container, segment, state = triple
+            if not 0 <= container <= MAX_CONTAINER or not 0 <= segment <= MAX_SEGMENT or state & ~ALL_STATES:
+                raise ValueError(f"bad entry {triple!r}")
+        for container, segment, state in entries:
+            if self.entries[i].state & ST_INVALID:
+                self._drop_alt(i)
+                self.entries[i].container = <uint16_t>container
+                self.entries[i].segment = <uint32_t>segment
+                self.entries[i].state = <uint8_t>state
+            i += 1
+
     def set_state(self, uint64_t start, uint64_t count, uint32_t bits):
         """Turn the given state bits on for entries [start, start+count)."""
         cdef uint64_t i

@@ -51,6 +51,14 @@ class TableMachine(RuleBasedStateMachine):
         )
         self.both("set_entries", start, entries)
 
+    @rule(data=st.data())
+    def fill_invalid(self, data: st.DataObject) -> None:
+        start = data.draw(st.integers(0, self.ref.nsegments - 1))
+        entries = data.draw(
+            st.lists(st.tuples(st.integers(0, 5), st.integers(0, 40), STATES), max_size=self.ref.nsegments - start)
+        )
+        self.both("fill_invalid", start, entries)
+
     @rule(data=st.data(), bits=st.sampled_from([NOWRITE, ZERO, ERROR, INVALID, 0, 16]))
     def set_state(self, data: st.DataObject, bits: int) -> None:
         start = data.draw(st.integers(0, self.ref.nsegments))

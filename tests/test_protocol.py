@@ -8,12 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from san.protocol.messages import Action, Command, Fault, Flush, Op, Reason, Response, decode, encode
+from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Response, decode, encode
 
 entries = st.lists(st.tuples(st.integers(0, 65534), st.integers(0, 2**32 - 2), st.integers(0, 15)), max_size=5).map(tuple)
 messages = st.one_of(
     st.builds(Fault, st.integers(1, 99), st.integers(0, 2**32), st.integers(0, 15), st.booleans(), st.booleans()),
     st.just(Flush()),
+    st.builds(Allocated, st.integers(1, 99), entries),
     st.builds(
         Command,
         st.sampled_from(list(Op)),
@@ -37,7 +38,7 @@ messages = st.one_of(
 
 
 @given(messages)
-def test_every_message_round_trips_through_json(message: Fault | Flush | Command | Response) -> None:
+def test_every_message_round_trips_through_json(message: Fault | Allocated | Flush | Command | Response) -> None:
     assert decode(json.loads(json.dumps(encode(message)))) == message
 
 

@@ -61,9 +61,10 @@ def test_a_thick_claim_may_take_the_reserve_back_but_not_runs_being_zeroed() -> 
     allocator = PoolAllocator([(1, 8)])
     allocator.add_reserve(allocator.plan_reserve(4))
     in_flight = allocator.plan_reserve(8)
-    assert in_flight == [(1, 4, 4)] and allocator.free == 8 and allocator.claimable == 4
-    assert allocator.claim_runs(6) == []
-    assert allocator.claim_runs(4) == [(1, 0, 4)]
+    assert in_flight == [(1, 4, 2)], "a refill sets aside at most half of what is free"
+    assert allocator.free == 8 and allocator.claimable == 6
+    assert allocator.claim_runs(7) == []
+    assert allocator.claim_runs(6) == [(1, 0, 4), (1, 6, 2)]
     allocator.add_reserve(in_flight)
-    assert list(allocator.reserve) == [(1, 4), (1, 5), (1, 6), (1, 7)]
-    assert allocator.free == 4 and allocator.used == 4
+    assert list(allocator.reserve) == [(1, 4), (1, 5)]
+    assert allocator.free == 2 and allocator.used == 6

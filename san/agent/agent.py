@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
-from san._fastmap import ZERO, MapFault, MapTable
-from san.protocol.messages import Action, Command, Fault, Flush, Op, Reason, Response
+from san._fastmap import INVALID, ZERO, MapFault, MapTable
+from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Response
 from san.protocol.transport import ControllerLink
 from san.storage.containers import ContainerError, ContainerSet
+
+log = logging.getLogger("san.agent")
+REPORT_DELAY = 0.2
 
 
 class AgentIOError(Exception):
@@ -24,10 +28,13 @@ class AgentIOError(Exception):
 
 @dataclass
 class Volume:
-    """An agent's view of one vdisk: its map table and its size in blocks."""
+    """An agent's view of one vdisk: its map table, its size in blocks, its grant of zeroed segments
+    (container, segment) to map on first writes without asking, and the mappings made from it not yet reported."""
 
     table: MapTable
     nblocks: int
+    grant: list[tuple[int, int]] = field(default_factory=list)
+    unreported: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 class Agent:
@@ -38,8 +45,12 @@ class Agent:
         self.volumes: dict[int, Volume] = {}
         self.containers = ContainerSet()
         self.allocations_since_flush = 0
+        self.report_scheduled = False
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
         self.containers.close()
 
     async def handle(self, command: Command) -> Response:
@@ -106,7 +117,7 @@ class Agent:
             while pos < end:
                 result = table.translate(pos, end - pos, False)
                 if isinstance(result, MapFault):
-                    await self._resolve(vdisk, table, result, False, view, lba, pos, end)
+                    await self._resolve(vdisk, volume, result, False, view, lba, pos, end)
                     continue
                 at = (pos - lba) * block_size
                 for container, offset, length in result:
@@ -137,7 +148,7 @@ class Agent:
             while pos < end:
                 result = table.translate(pos, end - pos, True)
                 if isinstance(result, MapFault):
-                    pos = await self._resolve(vdisk, table, result, True, view, lba, pos, end, written)
+                    pos = await self._resolve(vdisk, volume, result, True, view, lba, pos, end, written)
                     continue
                 self._write_extents(result, view[(pos - lba) * block_size :], written)
                 pos = end
@@ -162,7 +173,7 @@ class Agent:
     async def _resolve(
         self,
         vdisk: int,
-        table: MapTable,
+        volume: Volume,
         fault: MapFault,
         write: bool,
         view: memoryview,
@@ -174,6 +185,7 @@ class Agent:
         """Handle a fault met at pos: do the usable part before the faulting segment, then ask the controller.
 
         Returns where the request goes on from (the faulting segment again, or past it if it completed)."""
+        table = volume.table
         block_size = table.block_size
         seg_start = fault.segment * table.segment_blocks
         seg_end = min(seg_start + table.segment_blocks, end)
@@ -192,19 +204,69 @@ class Agent:
                     at += length
             pos = seg_start
         zero_data = False
-        if write and fault.state & ZERO and table.get_entries(fault.segment, 1)[0][3] is None:
+        fresh = write and fault.state == ZERO and table.get_entries(fault.segment, 1)[0][3] is None
+        if fresh:
             piece = view[(pos - lba) * block_size : (seg_end - lba) * block_size]
             zero_data = piece.tobytes() == bytes(len(piece))
+            if not zero_data:
+                if volume.grant:
+                    self._map_from_grant(volume, fault.segment)
+                    return pos
+                await self._report(vdisk, volume)
         response = await self.link.send(Fault(vdisk, fault.segment, fault.state, write, zero_data))
         if response.action is Action.FAIL:
             raise AgentIOError(response.reason, response.message)
+        volume.grant.extend(response.grant)
         if response.action is Action.COMPLETE:
             return seg_end
-        if response.entries:
+        if fault.state & INVALID:
+            table.fill_invalid(response.start, response.entries)
+        elif response.entries:
             table.set_entries(response.start, response.entries)
-            if write and fault.state & ZERO:
+            if fresh:
                 self.allocations_since_flush += 1
         return pos
+
+    def _map_from_grant(self, volume: Volume, segment: int) -> None:
+        """Map a ZERO segment onto a granted one (after its neighbour's when the grant has it); report it later."""
+        grant = volume.grant
+        choice = grant[0]
+        if segment > 0:
+            container, pseg, state, _ = volume.table.get_entries(segment - 1, 1)[0]
+            if state == 0 and (container, pseg + 1) in grant:
+                choice = (container, pseg + 1)
+        grant.remove(choice)
+        volume.table.set_entries(segment, [(choice[0], choice[1], 0)])
+        volume.unreported.append((segment, choice[0], choice[1]))
+        self.allocations_since_flush += 1
+        if not self.report_scheduled:
+            self.report_scheduled = True
+            asyncio.get_running_loop().call_later(REPORT_DELAY, self._report_later)
+
+    def _report_later(self) -> None:
+        task = asyncio.ensure_future(self._report_all())
+        self.tasks.add(task)
+        task.add_done_callback(self._reported)
+
+    def _reported(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("reporting allocations failed: %s", task.exception())
+
+    async def _report_all(self) -> None:
+        self.report_scheduled = False
+        for vdisk, volume in list(self.volumes.items()):
+            await self._report(vdisk, volume)
+
+    async def _report(self, vdisk: int, volume: Volume) -> None:
+        """Tell the controller which granted segments now hold which vdisk segments."""
+        if not volume.unreported:
+            return
+        entries = tuple(volume.unreported)
+        volume.unreported.clear()
+        response = await self.link.send(Allocated(vdisk, entries))
+        if response.action is Action.FAIL:
+            raise AgentIOError(response.reason, response.message)
 
     async def flush(self) -> None:
         """SYNCHRONIZE CACHE: written data, then the metadata that points at it, made durable."""
@@ -216,6 +278,7 @@ class Agent:
 
     async def _commit(self) -> None:
         self.allocations_since_flush = 0
+        await self._report_all()
         response = await self.link.send(Flush())
         if response.action is Action.FAIL:
             raise AgentIOError(response.reason, response.message)

@@ -113,6 +113,15 @@ class RefMapTable:
         for index, (container, segment, state) in enumerate(entries, start):
             self.entries[index] = RefEntry(container, segment, state)
 
+    def fill_invalid(self, start: int, entries: list[tuple[int, int, int]]) -> None:
+        self._check_range(start, len(entries))
+        for container, segment, state in entries:
+            if not 0 <= container <= MAX_CONTAINER or not 0 <= segment <= MAX_SEGMENT or state & ~ALL_STATES:
+                raise ValueError("bad entry")
+        for index, (container, segment, state) in enumerate(entries, start):
+            if self.entries[index].state & INVALID:
+                self.entries[index] = RefEntry(container, segment, state)
+
     def set_state(self, start: int, count: int, bits: int) -> None:
         if not bits or bits & ~ALL_STATES:
             raise ValueError("bad state bits")

@@ -62,6 +62,7 @@ class PoolAllocator:
         self.maps: dict[int, SegmentMap] = {cid: SegmentMap(cid, n) for cid, n in containers}
         self.reserve: dict[Segment, None] = {}
         self.in_flight: list[Run] = []
+        self.granted: set[Segment] = set()
         self.reserve_target = reserve_target
 
     @property
@@ -75,8 +76,9 @@ class PoolAllocator:
 
     @property
     def free(self) -> int:
-        """Segments not referenced by any vdisk: free, reserved, or being zeroed for the reserve."""
-        return sum(m.free for m in self.maps.values()) + len(self.reserve) + sum(r[2] for r in self.in_flight)
+        """Segments no vdisk maps: free, reserved, being zeroed for the reserve, or granted to an agent."""
+        in_flight = sum(r[2] for r in self.in_flight)
+        return sum(m.free for m in self.maps.values()) + len(self.reserve) + in_flight + len(self.granted)
 
     @property
     def claimable(self) -> int:
@@ -128,8 +130,11 @@ class PoolAllocator:
         return best
 
     def plan_reserve(self, target: int) -> list[Run]:
-        """Runs of free segments to zero and then add_reserve(), bringing the reserve up to target."""
-        want = min(target - len(self.reserve), sum(m.free for m in self.maps.values()))
+        """Runs of free segments to zero and then add_reserve(), bringing the reserve up to target.
+
+        Never more than half of what is free (at least one): a refill in flight must not starve an allocation."""
+        free = sum(m.free for m in self.maps.values())
+        want = min(target - len(self.reserve), max(free // 2, min(free, 1)))
         if want <= 0:
             return []
         runs = self.claim_runs(want, RESERVED)
@@ -153,7 +158,7 @@ class PoolAllocator:
     def take(self, count: int, hint: Segment | None) -> list[Segment]:
         """Up to count reserved segments for consecutive vdisk segments: from hint on while it is reserved,
         else the front of the reserve, kept contiguous while the reserve allows."""
-        if not self.reserve:
+        if not self.reserve or count <= 0:
             return []
         start = hint if hint is not None and hint in self.reserve else next(iter(self.reserve))
         taken = [start]

@@ -30,7 +30,7 @@ from san.model import (
     Pool,
     VDisk,
 )
-from san.protocol.messages import Action, Command, Entry, Fault, Flush, Op, Reason, Response
+from san.protocol.messages import Action, Allocated, Command, Entry, Fault, Flush, Op, Reason, Response
 from san.protocol.transport import AgentLink
 from san.storage.containers import (
     ContainerError,
@@ -99,10 +99,12 @@ def check_name(kind: str, name: str) -> None:
 class Controller:
     """Owns the store, the allocators and the list of agents; every management change goes through here."""
 
-    def __init__(self, store: SQLiteStore, data_dir: str, reserve_segments: int = 64) -> None:
+    def __init__(self, store: SQLiteStore, data_dir: str, reserve_segments: int = 64, grant_segments: int = 8) -> None:
         self.store = store
         self.data_dir = data_dir
         self.reserve_segments = reserve_segments
+        self.grant_segments = grant_segments
+        self.grants: dict[int, dict[Segment, None]] = {}
         self.agents: list[AgentLink] = []
         self.containers = ContainerSet()
         self.pools: dict[int, Pool] = {}
@@ -419,7 +421,9 @@ class Controller:
         self.commit()
         del self.vdisks[vdisk.id]
         allocator = self.allocators[pool.id]
-        allocator.release(freed)
+        granted = list(self.grants.pop(vdisk.id, {}))
+        allocator.granted.difference_update(granted)
+        allocator.release(freed + granted)
         for container_id, first, length in _runs(freed):
             self.containers.zero(container_id, [(first * pool.segment_size, length * pool.segment_size)])
 
@@ -437,9 +441,7 @@ class Controller:
         self.store.set_mapping_state(vdisk.id, start, start + count, state)
         self.commit()
         self._forget(vdisk.id)
-        await self._broadcast(
-            Command(Op.SET_ENTRIES, vdisk=vdisk.id, start=start, entries=self._entries(vdisk, start, start + count))
-        )
+        await self._broadcast(Command(Op.SET_STATE, vdisk=vdisk.id, start=start, count=count, bits=state))
 
     async def _export(self, vdisk: VDisk) -> None:
         await self._broadcast(self._create_table(vdisk))
@@ -478,12 +480,14 @@ class Controller:
 
     # -- faults --------------------------------------------------------------------------------------------
 
-    def handle(self, message: Fault | Flush) -> Response:
-        """Answer an agent: a Flush commits metadata; a Fault gets entries, completion or failure."""
+    def handle(self, message: Fault | Allocated | Flush) -> Response:
+        """Answer an agent: a Flush commits metadata, Allocated records mappings, a Fault gets entries or failure."""
         try:
             if isinstance(message, Flush):
                 self.commit()
                 return Response()
+            if isinstance(message, Allocated):
+                return self.record_allocated(message)
             return self.handle_fault(message)
         except (StoreFailure, OSError) as exc:
             log.error("cannot answer %s: %s", message, exc)
@@ -513,6 +517,51 @@ class Controller:
             return Response(Action.COMPLETE)
         return self._allocate(vdisk, pool, fault.segment, nsegments, near)
 
+    def record_allocated(self, report: Allocated) -> Response:
+        """Record the mappings an agent made from its grant; all or nothing."""
+        vdisk = self.vdisks.get(report.vdisk)
+        grant = self.grants.get(report.vdisk, {})
+        if vdisk is None:
+            return Response(Action.FAIL, reason=Reason.NO_VDISK, message=f"no vdisk {report.vdisk}")
+        nsegments = vdisk.nsegments(self.pools[vdisk.pool_id].segment_size)
+        seen: set[int] = set()
+        taken: set[Segment] = set()
+        for vseg, container_id, pseg in report.entries:
+            if (
+                (container_id, pseg) not in grant
+                or (container_id, pseg) in taken
+                or not 0 <= vseg < nsegments
+                or vseg in seen
+                or self.mappings(vdisk.id, vseg, vseg + 1)
+            ):
+                return Response(
+                    Action.FAIL,
+                    reason=Reason.BAD_COMMAND,
+                    message=f"segment {container_id}:{pseg} is not granted for vdisk segment {vseg}",
+                )
+            seen.add(vseg)
+            taken.add((container_id, pseg))
+        allocator = self.allocators[vdisk.pool_id]
+        pending = self.pending.setdefault(vdisk.id, {})
+        for vseg, container_id, pseg in report.entries:
+            del grant[(container_id, pseg)]
+            allocator.granted.discard((container_id, pseg))
+            mapping = Mapping(vseg, container_id, pseg, 0)
+            pending[vseg] = mapping
+            self._chunk(vdisk.id, vseg // LOAD_CHUNK)[vseg % LOAD_CHUNK] = mapping
+        return Response()
+
+    def _grant(self, vdisk: VDisk, allocator: PoolAllocator, after: Segment) -> tuple[Segment, ...]:
+        """Top up the vdisk's grant from the reserve, when one agent serves it (so no two agents map a segment twice)."""
+        grant = self.grants.setdefault(vdisk.id, {})
+        want = self.grant_segments - len(grant)
+        if len(self.agents) != 1 or want < self.grant_segments // 2:
+            return ()
+        extra = allocator.take(min(want, len(allocator.reserve)), (after[0], after[1] + 1))
+        allocator.granted.update(extra)
+        grant.update(dict.fromkeys(extra))
+        return tuple(extra)
+
     def _entries(self, vdisk: VDisk, start: int, stop: int) -> tuple[Entry, ...]:
         entries: list[Entry] = [(0, 0, ZERO)] * (stop - start)
         for m in self.mappings(vdisk.id, start, stop):
@@ -535,7 +584,8 @@ class Controller:
         if not allocator.reserve:
             self._refill(pool, count)
             if allocator.reserve:
-                allocator.reserve_target = min(allocator.reserve_target * 2, max(MAX_RESERVE_BYTES // pool.segment_size, 1))
+                ceiling = max(min(MAX_RESERVE_BYTES // pool.segment_size, allocator.capacity // 8), 1)
+                allocator.reserve_target = min(allocator.reserve_target * 2, ceiling)
         taken = allocator.take(count, hint)
         if len(allocator.reserve) < allocator.reserve_target // 2 and self.on_low_reserve is not None:
             self.on_low_reserve(pool.id)
@@ -546,7 +596,8 @@ class Controller:
             mapping = Mapping(vseg + i, c, p, 0)
             pending[vseg + i] = mapping
             self._chunk(vdisk.id, mapping.vseg // LOAD_CHUNK)[mapping.vseg % LOAD_CHUNK] = mapping
-        return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken))
+        grant = self._grant(vdisk, allocator, taken[-1])
+        return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken), grant=grant)
 
     def _refill(self, pool: Pool, target: int) -> None:
         """Top up the reserve in line (the slow path: only when it ran dry before a background refill)."""

@@ -1,4 +1,4 @@
-"""The messages between agents and the controller: Fault and Flush up, Command down, Response back.
+"""The messages between agents and the controller: Fault, Allocated and Flush up, Command down, Response back.
 
 All are frozen dataclasses of plain values; encode()/decode() turn them into JSON-ready dicts and back."""
 
@@ -58,6 +58,14 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class Allocated:
+    """Agent -> controller: segments of a grant now hold these vdisk segments, as (vdisk segment, container, segment)."""
+
+    vdisk: int
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
 class Flush:
     """Agent -> controller: make every metadata change so far durable before answering."""
 
@@ -83,24 +91,27 @@ class Command:
 
 @dataclass(frozen=True)
 class Response:
-    """The answer to a Fault, Flush or Command: entries to install from start, and the outcome."""
+    """The answer to a message: the outcome, entries to install from start, and maybe a grant of zeroed segments
+    (container, segment) the agent may map for this vdisk's first writes on its own, reporting them in Allocated."""
 
     action: Action = Action.OK
     start: int = 0
     entries: tuple[Entry, ...] = ()
     reason: Reason = Reason.NONE
     message: str = ""
+    grant: tuple[tuple[int, int], ...] = ()
 
 
-Message = Fault | Flush | Command | Response
-_TYPES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Fault, Flush, Command, Response)}
+Message = Fault | Allocated | Flush | Command | Response
+_TYPES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Fault, Allocated, Flush, Command, Response)}
 
 
 def encode(message: Message) -> dict[str, Any]:
     """A JSON-ready dict for a message."""
     body = asdict(message)
-    if "entries" in body:
-        body["entries"] = [list(entry) for entry in body["entries"]]
+    for key in ("entries", "grant"):
+        if key in body:
+            body[key] = [list(entry) for entry in body[key]]
     return {"type": type(message).__name__, **body}
 
 
@@ -114,8 +125,9 @@ def decode(data: dict[str, Any]) -> Message:
     body = {key: value for key, value in data.items() if key != "type"}
     if set(body) - names:
         raise ValueError(f"unknown fields for {cls.__name__}: {sorted(set(body) - names)}")
-    if "entries" in body:
-        body["entries"] = tuple(tuple(int(v) for v in entry) for entry in body["entries"])
+    for key in ("entries", "grant"):
+        if key in body:
+            body[key] = tuple(tuple(int(v) for v in entry) for entry in body[key])
     for key, enum in (("op", Op), ("action", Action), ("reason", Reason)):
         if key in body:
             body[key] = enum(body[key])
