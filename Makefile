@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DATA ?= $(CURDIR)/data
 API ?= 127.0.0.1:8080
 # Debian packages the build and the tests need.
-APT_PACKAGES := python3 python3-venv python3-dev gcc make
+APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra
 
 .PHONY: test demo deps venv lint unit bench clean
 

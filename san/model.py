@@ -1,11 +1,14 @@
-"""The objects an administrator names (Pool, Container, VDisk), shared by the store, controller, API and CLI.
+"""The objects an administrator names (Pool, Container, VDisk, Host, Zone), shared by store, controller, API and CLI.
 
 Plain dataclasses: the same names and fields appear in the database, the JSON of the API and the CLI's tables."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from san.errors import InvalidRequest
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -18,6 +21,15 @@ DEFAULT_BLOCK_SIZE = 512
 DEFAULT_WARN_PERCENT = 80
 DEFAULT_ALLOCATE_AHEAD = 4
 MAX_CONTAINERS = 0xFFFE
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def check_name(kind: str, name: str) -> None:
+    """Names of pools, vdisks and hosts: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit."""
+    if not NAME.fullmatch(name):
+        raise InvalidRequest(
+            f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
 
 
 @dataclass
@@ -72,3 +84,30 @@ class VDisk:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Host:
+    """An initiator, by its iSCSI name, with the CHAP credentials it must prove (and mutual ones the target proves)."""
+
+    id: int
+    name: str
+    iqn: str
+    chap_user: str = ""
+    chap_secret: str = ""
+    mutual_user: str = ""
+    mutual_secret: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public view: secrets are never shown."""
+        return {"id": self.id, "name": self.name, "iqn": self.iqn, "chap_user": self.chap_user, "mutual_user": self.mutual_user}
+
+
+@dataclass
+class Zone:
+    """A vdisk a host sees, at a LUN number, read-write or read-only."""
+
+    host_id: int
+    vdisk_id: int
+    lun: int
+    read_only: bool = False

@@ -15,14 +15,31 @@ from san.service import DataDirLocked, Service
 log = logging.getLogger("san")
 
 
-async def serve(data_dir: str, host: str, port: int, commit_interval: float = 1.0) -> int:
+async def serve(
+    data_dir: str,
+    host: str,
+    port: int,
+    commit_interval: float = 1.0,
+    portals: list[tuple[str, int]] | None = None,
+    target_name: str = "",
+    open_access: bool = False,
+) -> int:
     """Run until a signal; 0 on a clean stop, 1 if the service could not start."""
     try:
-        service = Service(data_dir, commit_interval)
+        service = Service(data_dir, commit_interval, portals=portals, target_name=target_name, open_access=open_access)
     except (DataDirLocked, OSError) as exc:
         log.error("%s", exc)
         return 1
-    await service.start()
+    try:
+        await service.start()
+    except OSError as exc:
+        log.error("cannot listen for iSCSI on %s: %s", portals, exc)
+        await service.stop()
+        return 1
+    if service.iscsi is not None:
+        shown = ", ".join(f"{h}:{p}" for h, p in service.target.portals)
+        note = " (open access: every initiator sees every vdisk)" if open_access else ""
+        log.info("iSCSI target %s on %s%s", target_name, shown, note)
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,6 +1,6 @@
-"""The embedded process: one controller, one agent and their in-process links over one data directory.
+"""The embedded process: one controller, one agent, their in-process links, and the built-in iSCSI frontend.
 
-Owns the directory lock, the metadata-commit timer and the reserve top-ups; frontends and the API sit on top."""
+Owns the directory lock, the metadata-commit timer, the reserve top-ups and the vdisks' SCSI units."""
 
 from __future__ import annotations
 
@@ -15,7 +15,15 @@ from typing import Any
 from san.agent.agent import Agent
 from san.controller.allocator import PoolAllocator
 from san.controller.controller import Controller
+from san.iscsi.chap import Credentials
+from san.iscsi.server import IscsiServer
+from san.iscsi.target import Access, Target
+from san.model import VDisk
 from san.protocol.transport import LocalAgentLink, LocalControllerLink
+from san.scsi.disk import Disk
+from san.scsi.luns import Zoned
+from san.scsi.pages import UnitInfo
+from san.scsi.sense import UnitAttention
 from san.store.sqlite import SQLiteStore
 
 log = logging.getLogger("san")
@@ -29,7 +37,15 @@ class DataDirLocked(Exception):
 class Service:
     """Controller + agent wired together; start() before use, stop() to commit and close."""
 
-    def __init__(self, data_dir: str, commit_interval: float = 1.0, reserve_segments: int = 64) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        commit_interval: float = 1.0,
+        reserve_segments: int = 64,
+        portals: list[tuple[str, int]] | None = None,
+        target_name: str = "",
+        open_access: bool = False,
+    ) -> None:
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         self._lock = open(os.path.join(self.data_dir, "lock"), "w")  # noqa: SIM115 - held for the process's life
@@ -44,6 +60,12 @@ class Service:
         self.tasks: set[asyncio.Task[None]] = set()
         self.refilling: set[PoolAllocator] = set()
         self.controller.on_low_reserve = self.refill
+        self.controller.on_change = self._vdisk_changed
+        self.disks: dict[int, Disk] = {}
+        self.open_access = open_access
+        self.target = Target(target_name, portals or [], self.access)
+        self.iscsi = IscsiServer(self.target) if portals else None
+        self.controller.zoning.on_change = self.target.refresh
 
     async def start(self) -> None:
         await self.controller.add_agent(LocalAgentLink(self.agent))
@@ -52,6 +74,44 @@ class Service:
         for pool_id in self.controller.pools:
             self.refill(pool_id)
         self.spawn(self._maintain())
+        if self.iscsi is not None:
+            await self.iscsi.start()
+
+    def disk(self, vdisk: VDisk) -> Disk:
+        """The SCSI unit of a vdisk (one per vdisk, shared by every session that sees it)."""
+        disk = self.disks.get(vdisk.id)
+        if disk is None:
+            unit = UnitInfo(vdisk.serial, vdisk.block_size, vdisk.nblocks, vdisk.thin)
+            disk = self.disks[vdisk.id] = Disk(vdisk.id, self.agent, unit, (self.target.name, 1))
+        return disk
+
+    def access(self, initiator: str) -> Access | None:
+        """What an initiator may see: its host's zones; for an unknown initiator, nothing, or with open access (demo
+        mode) every ready vdisk, in creation order."""
+        zoning = self.controller.zoning
+        vdisks = self.controller.vdisks
+        host = zoning.by_iqn(initiator)
+        if host is not None:
+            luns = {
+                z.lun: Zoned(self.disk(vdisks[z.vdisk_id]), z.read_only)
+                for z in zoning.zones_of(host)
+                if vdisks[z.vdisk_id].state == "ready"
+            }
+            credentials = Credentials(host.chap_user, host.chap_secret, host.mutual_user, host.mutual_secret)
+            return Access(luns, credentials if host.chap_user else None)
+        if not self.open_access:
+            return None
+        ready = sorted((v for v in vdisks.values() if v.state == "ready"), key=lambda v: v.id)
+        return Access({lun: Zoned(self.disk(v)) for lun, v in enumerate(ready)})
+
+    def _vdisk_changed(self, event: str, vdisk: VDisk) -> None:
+        if event == "deleted":
+            self.disks.pop(vdisk.id, None)
+        elif event == "grown" and vdisk.id in self.disks:
+            disk = self.disks[vdisk.id]
+            disk.unit.nblocks = vdisk.nblocks
+            disk.raise_attention(UnitAttention.CAPACITY_CHANGED)
+        self.target.refresh()
 
     def refill(self, pool_id: int) -> None:
         """Top up a pool's reserve in the background: the zeroing and its flush run in a thread."""
@@ -94,6 +154,8 @@ class Service:
                 log.exception("metadata commit failed; retrying in %s s", self.commit_interval)
 
     async def stop(self) -> None:
+        if self.iscsi is not None:
+            await self.iscsi.stop()
         for task in list(self.tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

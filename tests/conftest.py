@@ -65,10 +65,12 @@ def check_data(data: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]
 class SanServer:
     """One `san serve --data DATA --api 127.0.0.1:PORT` subprocess, started on demand, with CLI and HTTP helpers."""
 
-    def __init__(self, data: Path, cwd: Path, port: int | None = None) -> None:
+    def __init__(self, data: Path, cwd: Path, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
         self.data = str(data)
         self.cwd = cwd
         self.port = port if port is not None else free_port()
+        self.iscsi_port = free_port()
+        self.extra = extra
         self.api = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[str] | None = None
         self.log = cwd / "serve.log"
@@ -80,7 +82,17 @@ class SanServer:
         self.cwd.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
-                [*san_command(), "serve", "--data", self.data, "--api", f"127.0.0.1:{self.port}"],
+                [
+                    *san_command(),
+                    "serve",
+                    "--data",
+                    self.data,
+                    "--api",
+                    f"127.0.0.1:{self.port}",
+                    "--portal",
+                    f"127.0.0.1:{self.iscsi_port}",
+                    *self.extra,
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 text=True,

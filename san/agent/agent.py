@@ -268,6 +268,33 @@ class Agent:
         if response.action is Action.FAIL:
             raise AgentIOError(response.reason, response.message)
 
+    async def provisioning(self, vdisk: int, lba: int, max_segments: int = 64) -> list[tuple[int, int, bool]]:
+        """Runs (lba, nblocks, mapped) from lba on, up to max_segments segments: mapped or deallocated (reads zeros)."""
+        volume = self._volume(vdisk, lba, 1)
+        table = volume.table
+        per = table.segment_blocks
+        first = lba // per
+        last = min(first + max_segments, table.nsegments)
+        runs: list[tuple[int, int, bool]] = []
+        segment = first
+        while segment < last:
+            _, _, state, alternate = table.get_entries(segment, 1)[0]
+            if state & INVALID:
+                response = await self.link.send(Fault(vdisk, segment, state, False))
+                if response.action is Action.FAIL:
+                    raise AgentIOError(response.reason, response.message)
+                table.fill_invalid(response.start, response.entries)
+                continue
+            mapped = not state & ZERO or alternate is not None
+            start = max(segment * per, lba)
+            stop = min((segment + 1) * per, volume.nblocks)
+            if runs and runs[-1][2] == mapped:
+                runs[-1] = (runs[-1][0], stop - runs[-1][0], mapped)
+            else:
+                runs.append((start, stop - start, mapped))
+            segment += 1
+        return runs
+
     async def flush(self) -> None:
         """SYNCHRONIZE CACHE: written data, then the metadata that points at it, made durable."""
         try:

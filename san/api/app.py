@@ -1,4 +1,4 @@
-"""The management API: pools, vdisks and status as HTTP/JSON resources, with /openapi.json generated.
+"""The management API: pools, vdisks, hosts, zones and status as HTTP/JSON resources, with /openapi.json generated.
 
 Bad input gets a 4xx answer {"error": "..."} that says what is wrong, and changes nothing."""
 
@@ -20,8 +20,10 @@ from san.model import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_SEGMENT_SIZE,
     DEFAULT_WARN_PERCENT,
+    Host,
     Pool,
     VDisk,
+    Zone,
 )
 from san.service import Service
 from san.units import parse_size
@@ -69,6 +71,28 @@ class VDiskCreate(BaseModel):
 class VDiskGrow(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     size: int | str
+
+
+class HostCreate(BaseModel):
+    """POST /hosts: an initiator by iSCSI name; CHAP credentials make it prove who it is."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    iqn: str
+    chap_user: str = ""
+    chap_secret: str = ""
+    mutual_user: str = ""
+    mutual_secret: str = ""
+
+
+class ZoneCreate(BaseModel):
+    """POST /zones: let a host see a vdisk, at a LUN (default the lowest free one), maybe read-only."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    host: str
+    vdisk: str
+    lun: int | None = None
+    read_only: bool = False
 
 
 def create_app(service: Service) -> FastAPI:
@@ -173,5 +197,49 @@ def create_app(service: Service) -> FastAPI:
     @app.delete("/vdisks/{name}", status_code=204)
     async def delete_vdisk(name: str) -> None:
         await controller.delete_vdisk(name)
+
+    zoning = controller.zoning
+
+    def zone_json(zone: Zone) -> dict[str, Any]:
+        return {
+            "host": zoning.hosts[zone.host_id].name,
+            "vdisk": controller.vdisks[zone.vdisk_id].name,
+            "lun": zone.lun,
+            "read_only": zone.read_only,
+        }
+
+    def host_json(host: Host) -> dict[str, Any]:
+        zones = sorted((zone_json(z) for z in zoning.zones_of(host)), key=lambda z: z["lun"])
+        sessions = sum(1 for s in service.target.sessions.values() if s.initiator == host.iqn)
+        return {**host.to_dict(), "zones": zones, "sessions": sessions}
+
+    @app.get("/hosts")
+    async def list_hosts() -> list[dict[str, Any]]:
+        return [host_json(h) for h in sorted(zoning.hosts.values(), key=lambda h: h.name)]
+
+    @app.post("/hosts", status_code=201)
+    async def create_host(body: HostCreate) -> dict[str, Any]:
+        chap, mutual = (body.chap_user, body.chap_secret), (body.mutual_user, body.mutual_secret)
+        return host_json(zoning.create_host(body.name, body.iqn, chap, mutual))
+
+    @app.get("/hosts/{name}")
+    async def show_host(name: str) -> dict[str, Any]:
+        return host_json(zoning.host(name))
+
+    @app.delete("/hosts/{name}", status_code=204)
+    async def delete_host(name: str) -> None:
+        zoning.delete_host(name)
+
+    @app.get("/zones")
+    async def list_zones() -> list[dict[str, Any]]:
+        return sorted((zone_json(z) for z in zoning.zones), key=lambda z: (z["host"], z["lun"]))
+
+    @app.post("/zones", status_code=201)
+    async def add_zone(body: ZoneCreate) -> dict[str, Any]:
+        return zone_json(zoning.add(body.host, controller.vdisk(body.vdisk), body.lun, body.read_only))
+
+    @app.delete("/zones/{host}/{vdisk}", status_code=204)
+    async def remove_zone(host: str, vdisk: str) -> None:
+        zoning.remove(host, controller.vdisk(vdisk))
 
     return app

@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Any, NoReturn
@@ -26,7 +27,13 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def default_iqn() -> str:
+    return f"iqn.2003-01.org.san:{socket.gethostname().lower()}"
+
+
 def _hostport(text: str) -> tuple[str, int]:
+    if text == "none":
+        return ("", 0)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
@@ -53,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", required=True, help="data directory (store, default pool files)")
     serve.add_argument("--api", dest="listen", type=_hostport, default=("127.0.0.1", 8080), help="HOST:PORT to serve the API on")
     serve.add_argument("--commit-interval", type=float, default=1.0, help="seconds between metadata commits")
+    serve.add_argument(
+        "--portal",
+        action="append",
+        type=_hostport,
+        help="HOST:PORT for iSCSI (repeatable; default 0.0.0.0:3260); --portal none serves no iSCSI",
+    )
+    serve.add_argument("--iqn", default=default_iqn(), help="the target's iSCSI name (default %(default)s)")
+    serve.add_argument(
+        "--open-access",
+        action="store_true",
+        help="demo mode: every initiator sees every vdisk, with no CHAP (never on a shared network)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     check = commands.add_parser("check", help="check a data directory's store offline (exit 1 on damage)")
@@ -92,6 +111,35 @@ def build_parser() -> argparse.ArgumentParser:
     grow.add_argument("name")
     grow.add_argument("--size", type=_size_arg, required=True, help="new size, e.g. 20G")
     vdisk.add_parser("delete", parents=[client], help="delete a vdisk; its segments go back to the pool").add_argument("name")
+
+    host = commands.add_parser("host", help="manage hosts (initiators)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = host.add_parser("create", parents=[client], help="add an initiator by its iSCSI name")
+    create.add_argument("name")
+    create.add_argument("--iqn", required=True, help="the initiator's iSCSI name")
+    create.add_argument("--chap-user", default="", help="CHAP user the initiator logs in with")
+    create.add_argument("--chap-secret", default="", help="its CHAP secret (12-255 characters)")
+    create.add_argument("--mutual-user", default="", help="user the target answers mutual CHAP with")
+    create.add_argument("--mutual-secret", default="", help="the target's mutual CHAP secret")
+    host.add_parser("list", parents=[client], help="list hosts").add_argument("--json", action="store_true")
+    show = host.add_parser("show", parents=[client], help="show one host and its LUNs")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true")
+    host.add_parser("delete", parents=[client], help="delete a host with no zones").add_argument("name")
+
+    zone = commands.add_parser("zone", help="manage zoning: which host sees which vdisk").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    add = zone.add_parser("add", parents=[client], help="let a host see a vdisk")
+    add.add_argument("host")
+    add.add_argument("vdisk")
+    add.add_argument("--lun", type=int, help="LUN number (default: the lowest free one)")
+    add.add_argument("--read-only", action="store_true", help="the host may only read")
+    remove = zone.add_parser("remove", parents=[client], help="stop a host seeing a vdisk")
+    remove.add_argument("host")
+    remove.add_argument("vdisk")
+    zone.add_parser("list", parents=[client], help="list zones").add_argument("--json", action="store_true")
     return parser
 
 
@@ -167,6 +215,67 @@ def _show_pool(p: dict[str, Any]) -> str:
     return fields(pairs)
 
 
+def _zone_rows(zones: list[dict[str, Any]]) -> str:
+    return table(
+        ["HOST", "LUN", "VDISK", "ACCESS"],
+        [[z["host"], z["lun"], z["vdisk"], "read-only" if z["read_only"] else "read-write"] for z in zones],
+    )
+
+
+def _host_rows(hosts: list[dict[str, Any]]) -> str:
+    return table(
+        ["NAME", "IQN", "CHAP", "LUNS", "SESSIONS"],
+        [
+            [
+                h["name"],
+                h["iqn"],
+                ("mutual" if h["mutual_user"] else "one-way") if h["chap_user"] else "none",
+                len(h["zones"]),
+                h["sessions"],
+            ]
+            for h in hosts
+        ],
+    )
+
+
+def _show_host(h: dict[str, Any]) -> str:
+    chap = "none"
+    if h["chap_user"]:
+        chap = f"user {h['chap_user']}" + (f", mutual user {h['mutual_user']}" if h["mutual_user"] else "")
+    pairs = [("name", h["name"]), ("iqn", h["iqn"]), ("chap", chap), ("sessions", h["sessions"])]
+    pairs += [(f"lun {z['lun']}", f"{z['vdisk']} ({'read-only' if z['read_only'] else 'read-write'})") for z in h["zones"]]
+    return fields(pairs)
+
+
+def _run_zoning(client: Client, args: argparse.Namespace) -> int:
+    if args.command == "host":
+        if args.action == "create":
+            keys = ("chap_user", "chap_secret", "mutual_user", "mutual_secret")
+            host = client.post("/hosts", {"name": args.name, "iqn": args.iqn, **{k: getattr(args, k) for k in keys}})
+            print(f"host {host['name']} created for {host['iqn']}")
+        elif args.action == "list":
+            hosts = client.get("/hosts")
+            _print_json(hosts) if args.json else print(_host_rows(hosts))
+        elif args.action == "show":
+            host = client.get(f"/hosts/{quote(args.name, safe='')}")
+            _print_json(host) if args.json else print(_show_host(host))
+        elif args.action == "delete":
+            client.delete(f"/hosts/{quote(args.name, safe='')}")
+            print(f"host {args.name} deleted")
+        return 0
+    if args.action == "add":
+        zone = client.post("/zones", {"host": args.host, "vdisk": args.vdisk, "lun": args.lun, "read_only": args.read_only})
+        access = "read-only" if zone["read_only"] else "read-write"
+        print(f"host {zone['host']} sees {zone['vdisk']} as LUN {zone['lun']} ({access})")
+    elif args.action == "remove":
+        client.delete(f"/zones/{quote(args.host, safe='')}/{quote(args.vdisk, safe='')}")
+        print(f"host {args.host} no longer sees {args.vdisk}")
+    elif args.action == "list":
+        zones = client.get("/zones")
+        _print_json(zones) if args.json else print(_zone_rows(zones))
+    return 0
+
+
 def _wait_thick(client: Client, vdisk: dict[str, Any]) -> dict[str, Any]:
     label = f"allocating {vdisk['name']}"
     while vdisk["state"] == "allocating":
@@ -211,6 +320,8 @@ def run_client(args: argparse.Namespace) -> int:
             client.delete(f"/pools/{quote(args.name, safe='')}")
             print(f"pool {args.name} deleted")
         return 0
+    if args.command in ("host", "zone"):
+        return _run_zoning(client, args)
     if args.action == "create":
         body = {"name": args.name, "pool": args.pool, "size": args.size, "thick": args.thick, "block_size": args.block_size}
         vdisk = client.post("/vdisks", body)
@@ -256,7 +367,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = args.listen
-    return asyncio.run(serve(args.data, host, port, args.commit_interval))
+    portals = [p for p in (args.portal or [("0.0.0.0", 3260)]) if p != ("", 0)]
+    return asyncio.run(serve(args.data, host, port, args.commit_interval, portals, args.iqn, args.open_access))
 
 
 def main(argv: list[str] | None = None) -> int:

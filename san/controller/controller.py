@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import sqlite3
 import stat
 from collections import OrderedDict
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 
 from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
 from san.controller.allocator import PoolAllocator, Run, Segment
+from san.controller.zoning import Zoning
 from san.errors import AgentFailure, Conflict, InvalidRequest, NoSpace, NotFound, StoreFailure
 from san.model import (
     BLOCK_SIZES,
@@ -29,6 +29,7 @@ from san.model import (
     Container,
     Pool,
     VDisk,
+    check_name,
 )
 from san.protocol.messages import Action, Allocated, Command, Entry, Fault, Flush, Op, Reason, Response
 from san.protocol.transport import AgentLink
@@ -44,7 +45,6 @@ from san.store.sqlite import SQLiteStore
 from san.store.store import Mapping
 
 log = logging.getLogger("san.controller")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 LOAD_CHUNK = 1024
 ZERO_STEP = 4096
 MAX_SEGMENTS = 0xFFFFFFFF
@@ -89,13 +89,6 @@ def _identity(path: str) -> tuple[int, ...] | None:
     return (st.st_rdev,) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
 
 
-def check_name(kind: str, name: str) -> None:
-    if not NAME.fullmatch(name):
-        raise InvalidRequest(
-            f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
-        )
-
-
 class Controller:
     """Owns the store, the allocators and the list of agents; every management change goes through here."""
 
@@ -116,7 +109,9 @@ class Controller:
         self.unsaved: dict[int, dict[int, Mapping]] = {}
         self.cache: OrderedDict[tuple[int, int], list[Mapping | None]] = OrderedDict()
         self.on_low_reserve: Callable[[int], None] | None = None
+        self.on_change: Callable[[str, VDisk], None] | None = None
         self._load()
+        self.zoning = Zoning(store, lambda: self.vdisks)
 
     def _load(self) -> None:
         self.pools = {pool.id: pool for pool in self.store.pools()}
@@ -405,6 +400,7 @@ class Controller:
             raise
         vdisk.size_bytes = size
         await self._broadcast(Command(Op.GROW_TABLE, vdisk=vdisk.id, nsegments=new_segments, nblocks=vdisk.nblocks))
+        self._changed("grown", vdisk)
         return vdisk
 
     async def delete_vdisk(self, name: str) -> None:
@@ -412,7 +408,9 @@ class Controller:
         vdisk = self.vdisk(name)
         if vdisk.state != "ready":
             raise Conflict(f"vdisk {name!r} is still being allocated")
+        self.zoning.check_unzoned(vdisk)
         pool = self.pools[vdisk.pool_id]
+        self._changed("deleted", vdisk)
         await self._broadcast(Command(Op.DELETE_TABLE, vdisk=vdisk.id, blocking=True))
         self._write_pending()
         freed = self.store.remove_mappings(vdisk.id, 0, vdisk.nsegments(pool.segment_size))
@@ -445,6 +443,12 @@ class Controller:
 
     async def _export(self, vdisk: VDisk) -> None:
         await self._broadcast(self._create_table(vdisk))
+        self._changed("ready", vdisk)
+
+    def _changed(self, event: str, vdisk: VDisk) -> None:
+        """Tell the frontends a vdisk became ready, grew or went away."""
+        if self.on_change is not None:
+            self.on_change(event, vdisk)
 
     def _create_table(self, vdisk: VDisk) -> Command:
         pool = self.pools[vdisk.pool_id]

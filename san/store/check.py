@@ -28,7 +28,7 @@ def check_store(path: str) -> tuple[list[str], list[str]]:
 def _check(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
     problems: list[str] = []
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if version is None or int(version[0]) != SCHEMA_VERSION:
+    if version is None or int(version[0]) not in (1, SCHEMA_VERSION):
         return [f"schema version {version and version[0]} is not {SCHEMA_VERSION}"], []
     pools = {row[0]: (row[1], row[2]) for row in db.execute("SELECT id, name, segment_size FROM pool")}
     containers = {

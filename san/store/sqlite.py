@@ -8,7 +8,7 @@ import os
 import sqlite3
 from collections.abc import Iterable, Iterator
 
-from san.model import Container, Pool, VDisk
+from san.model import Container, Host, Pool, VDisk, Zone
 from san.store.store import SCHEMA_VERSION, Mapping, StoreError
 
 SCHEMA = [
@@ -50,6 +50,24 @@ SCHEMA = [
         refcount INTEGER NOT NULL,
         PRIMARY KEY (container_id, pseg))""",
 ]
+# Version 2: hosts and their zones.
+SCHEMA_V2 = [
+    """CREATE TABLE host (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        iqn TEXT NOT NULL UNIQUE,
+        chap_user TEXT NOT NULL,
+        chap_secret TEXT NOT NULL,
+        mutual_user TEXT NOT NULL,
+        mutual_secret TEXT NOT NULL)""",
+    """CREATE TABLE zone (
+        host_id INTEGER NOT NULL REFERENCES host(id),
+        vdisk_id INTEGER NOT NULL REFERENCES vdisk(id),
+        lun INTEGER NOT NULL,
+        read_only INTEGER NOT NULL,
+        PRIMARY KEY (host_id, vdisk_id),
+        UNIQUE (host_id, lun))""",
+]
 
 
 class SQLiteStore:
@@ -73,11 +91,18 @@ class SQLiteStore:
             if tables:
                 raise StoreError(f"{path} is not a san store")
             self._begin()
-            for statement in SCHEMA:
+            for statement in SCHEMA + SCHEMA_V2:
                 self.db.execute(statement)
             self.db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.commit()
         version = int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        if version == 1 and create:
+            self._begin()
+            for statement in SCHEMA_V2:
+                self.db.execute(statement)
+            self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            self.commit()
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise StoreError(f"{path} has schema version {version}; this san understands version {SCHEMA_VERSION}")
         self.schema_version = version
@@ -205,3 +230,31 @@ class SQLiteStore:
     def segment_counts(self) -> dict[int, int]:
         rows = self.db.execute("SELECT container_id, COUNT(*) FROM segment GROUP BY container_id")
         return {container_id: count for container_id, count in rows}
+
+    def add_host(self, name: str, iqn: str, chap: tuple[str, str, str, str]) -> Host:
+        cursor = self._write(
+            "INSERT INTO host (name, iqn, chap_user, chap_secret, mutual_user, mutual_secret) VALUES (?, ?, ?, ?, ?, ?)",
+            (name, iqn, *chap),
+        )
+        assert cursor.lastrowid is not None
+        return Host(cursor.lastrowid, name, iqn, *chap)
+
+    def hosts(self) -> list[Host]:
+        rows = self.db.execute("SELECT id, name, iqn, chap_user, chap_secret, mutual_user, mutual_secret FROM host ORDER BY name")
+        return [Host(*row) for row in rows]
+
+    def delete_host(self, host_id: int) -> None:
+        self._write("DELETE FROM host WHERE id = ?", (host_id,))
+
+    def add_zone(self, zone: Zone) -> None:
+        self._write(
+            "INSERT INTO zone (host_id, vdisk_id, lun, read_only) VALUES (?, ?, ?, ?)",
+            (zone.host_id, zone.vdisk_id, zone.lun, int(zone.read_only)),
+        )
+
+    def zones(self) -> list[Zone]:
+        rows = self.db.execute("SELECT host_id, vdisk_id, lun, read_only FROM zone ORDER BY host_id, lun")
+        return [Zone(r[0], r[1], r[2], bool(r[3])) for r in rows]
+
+    def delete_zone(self, host_id: int, vdisk_id: int) -> None:
+        self._write("DELETE FROM zone WHERE host_id = ? AND vdisk_id = ?", (host_id, vdisk_id))

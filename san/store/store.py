@@ -1,4 +1,4 @@
-"""The interface of the persistent tables: pools, containers, vdisks, mappings and segment reference counts.
+"""The interface of the persistent tables: pools, containers, vdisks, mappings, segment counts, hosts and zones.
 
 Changes accumulate in one open transaction and become durable, all together, at commit()."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple, Protocol
 
-from san.model import Container, Pool, VDisk
+from san.model import Container, Host, Pool, VDisk, Zone
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Mapping(NamedTuple):
@@ -71,3 +71,15 @@ class Store(Protocol):
 
     def segment_counts(self) -> dict[int, int]:
         """Referenced segments per container id."""
+
+    def add_host(self, name: str, iqn: str, chap: tuple[str, str, str, str]) -> Host: ...
+
+    def hosts(self) -> list[Host]: ...
+
+    def delete_host(self, host_id: int) -> None: ...
+
+    def add_zone(self, zone: Zone) -> None: ...
+
+    def zones(self) -> list[Zone]: ...
+
+    def delete_zone(self, host_id: int, vdisk_id: int) -> None: ...

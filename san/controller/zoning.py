@@ -1,0 +1,147 @@
+"""Hosts and zoning: which initiator (by iSCSI name, with CHAP credentials) sees which vdisks, at which LUNs.
+
+Every change is checked first and committed before it returns; then the frontends are told to re-read it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from san.errors import Conflict, InvalidRequest, NotFound
+from san.model import Host, VDisk, Zone, check_name
+from san.store.sqlite import SQLiteStore
+
+MAX_LUN = 16383  # flat addressing
+IQN = re.compile(r"iqn\.\d{4}-\d{2}(\.[a-z0-9][a-z0-9-]*)+(:[^\s]+)?")
+EUI = re.compile(r"eui\.[0-9A-Fa-f]{16}")
+NAA = re.compile(r"naa\.([0-9A-Fa-f]{16}|[0-9A-Fa-f]{32})")
+CHAP_TEXT = re.compile(r"[!-~]{1,255}")  # printable ASCII, no spaces
+MIN_SECRET = 12
+
+
+def check_iscsi_name(iqn: str) -> None:
+    """An iSCSI name as RFC 7143 section 4.2.7 gives it: iqn., eui. or naa. form, at most 223 bytes."""
+    if len(iqn.encode()) > 223 or not (IQN.fullmatch(iqn) or EUI.fullmatch(iqn) or NAA.fullmatch(iqn)):
+        raise InvalidRequest(f"{iqn!r} is not an iSCSI name (like iqn.2005-03.org.example:host1, lowercase)")
+
+
+def check_chap(kind: str, user: str, secret: str) -> None:
+    if not user and not secret:
+        return
+    if not CHAP_TEXT.fullmatch(user):
+        raise InvalidRequest(f"{kind} user must be 1-255 printable characters without spaces")
+    if not CHAP_TEXT.fullmatch(secret) or len(secret) < MIN_SECRET:
+        raise InvalidRequest(f"{kind} secret must be {MIN_SECRET}-255 printable characters without spaces")
+
+
+class Zoning:
+    """The hosts and zones of one controller (its store, its vdisks)."""
+
+    def __init__(self, store: SQLiteStore, vdisks: Callable[[], dict[int, VDisk]]) -> None:
+        self.store = store
+        self.vdisks = vdisks
+        self.hosts: dict[int, Host] = {h.id: h for h in store.hosts()}
+        self.zones: list[Zone] = store.zones()
+        self.on_change: Callable[[], None] | None = None
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts.values():
+            if host.name == name:
+                return host
+        raise NotFound(f"no host named {name!r}")
+
+    def by_iqn(self, iqn: str) -> Host | None:
+        for host in self.hosts.values():
+            if host.iqn == iqn:
+                return host
+        return None
+
+    def zones_of(self, host: Host) -> list[Zone]:
+        return [z for z in self.zones if z.host_id == host.id]
+
+    def create_host(self, name: str, iqn: str, chap: tuple[str, str] = ("", ""), mutual: tuple[str, str] = ("", "")) -> Host:
+        check_name("host", name)
+        check_iscsi_name(iqn)
+        check_chap("CHAP", *chap)
+        check_chap("mutual CHAP", *mutual)
+        if mutual[0] and not chap[0]:
+            raise InvalidRequest("mutual CHAP needs one-way CHAP too (--chap-user and --chap-secret)")
+        if chap[0] and chap[1] == mutual[1]:
+            raise InvalidRequest("the mutual CHAP secret must differ from the host's CHAP secret")
+        if any(h.name == name for h in self.hosts.values()):
+            raise Conflict(f"host {name!r} already exists")
+        other = self.by_iqn(iqn)
+        if other is not None:
+            raise Conflict(f"{iqn} is already host {other.name!r}")
+        try:
+            host = self.store.add_host(name, iqn, (*chap, *mutual))
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        self.hosts[host.id] = host
+        self._changed()
+        return host
+
+    def delete_host(self, name: str) -> None:
+        host = self.host(name)
+        zoned = self.zones_of(host)
+        if zoned:
+            names = ", ".join(sorted(self.vdisks()[z.vdisk_id].name for z in zoned))
+            raise Conflict(f"host {name!r} still sees {names}; remove its zones first")
+        try:
+            self.store.delete_host(host.id)
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        del self.hosts[host.id]
+        self._changed()
+
+    def add(self, host_name: str, vdisk: VDisk, lun: int | None = None, read_only: bool = False) -> Zone:
+        """Zone a vdisk to a host at lun (default: the lowest free LUN number)."""
+        host = self.host(host_name)
+        current = self.zones_of(host)
+        if any(z.vdisk_id == vdisk.id for z in current):
+            raise Conflict(f"{vdisk.name!r} is already zoned to host {host.name!r}")
+        used = {z.lun for z in current}
+        if lun is None:
+            lun = next(n for n in range(MAX_LUN + 1) if n not in used)
+        if not 0 <= lun <= MAX_LUN:
+            raise InvalidRequest(f"LUN {lun} must be 0-{MAX_LUN}")
+        if lun in used:
+            raise Conflict(f"host {host.name!r} already has LUN {lun}")
+        zone = Zone(host.id, vdisk.id, lun, read_only)
+        try:
+            self.store.add_zone(zone)
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        self.zones.append(zone)
+        self._changed()
+        return zone
+
+    def remove(self, host_name: str, vdisk: VDisk) -> None:
+        host = self.host(host_name)
+        zone = next((z for z in self.zones if z.host_id == host.id and z.vdisk_id == vdisk.id), None)
+        if zone is None:
+            raise NotFound(f"{vdisk.name!r} is not zoned to host {host.name!r}")
+        try:
+            self.store.delete_zone(host.id, vdisk.id)
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        self.zones.remove(zone)
+        self._changed()
+
+    def check_unzoned(self, vdisk: VDisk) -> None:
+        """A vdisk zoned to a host cannot be deleted from under it."""
+        hosts = sorted(self.hosts[z.host_id].name for z in self.zones if z.vdisk_id == vdisk.id)
+        if hosts:
+            raise Conflict(f"vdisk {vdisk.name!r} is zoned to {', '.join(hosts)}; remove the zones first")
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
