@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DATA ?= $(CURDIR)/data
 API ?= 127.0.0.1:8080
+PORTAL ?= 127.0.0.1:3260
 # Debian packages the build and the tests need.
 APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra
 
@@ -40,9 +41,7 @@ bench: venv
 	$(PY) bench/fastmap.py
 
 demo: venv
-	@echo "san serving $(DATA); management API on http://$(API) (Ctrl-C stops it)"
-	@echo "in another terminal: $(VENV)/bin/san --api http://$(API) pool create demo --size 20G"
-	$(VENV)/bin/san serve --data $(DATA) --api $(API)
+	$(VENV)/bin/san demo --data $(DATA) --api $(API) --portal $(PORTAL)
 
 clean:
 	rm -rf $(VENV) build bench/build san/*.so san/*.c *.egg-info

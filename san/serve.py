@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 
@@ -23,8 +24,9 @@ async def serve(
     portals: list[tuple[str, int]] | None = None,
     target_name: str = "",
     open_access: bool = False,
+    on_ready: Callable[[Service], Awaitable[None]] | None = None,
 ) -> int:
-    """Run until a signal; 0 on a clean stop, 1 if the service could not start."""
+    """Run until a signal; 0 on a clean stop, 1 if the service could not start. on_ready runs once it serves."""
     try:
         service = Service(data_dir, commit_interval, portals=portals, target_name=target_name, open_access=open_access)
     except (DataDirLocked, OSError) as exc:
@@ -40,6 +42,13 @@ async def serve(
         shown = ", ".join(f"{h}:{p}" for h, p in service.target.portals)
         note = " (open access: every initiator sees every vdisk)" if open_access else ""
         log.info("iSCSI target %s on %s%s", target_name, shown, note)
+    if on_ready is not None:
+        try:
+            await on_ready(service)
+        except Exception as exc:
+            log.error("%s", exc)
+            await service.stop()
+            return 1
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     for signum in (signal.SIGTERM, signal.SIGINT):

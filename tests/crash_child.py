@@ -1,4 +1,4 @@
-"""The child of the crash test: writes, flushes, deletes and creates vdisks until it is killed.
+"""The child of the crash test: writes, unmaps, flushes, deletes and creates vdisks until it is killed.
 
 Before each step it appends an intent line to a journal, and after each step a done line, so the parent
 knows what may and what must have survived the SIGKILL."""
@@ -60,6 +60,17 @@ async def main(data: str, journal_path: str, seed: int) -> None:
             journal.log("F")
             await service.agent.flush()
             journal.log("FE")
+        elif op < 0.22:
+            name = rng.choice(names)
+            vdisk = c.vdisk(name)
+            count = rng.choice([7, 128, 300, 700])
+            lba = rng.randrange(0, vdisk.nblocks - count)
+            journal.log(f"W {name} {lba} {count} 0 0")  # an unmap reads back as zeros, like a write of zeros
+            if vdisk.thin:
+                await service.agent.unmap(vdisk.id, lba, count)
+            else:
+                await service.agent.write(vdisk.id, lba, bytes(count * BLOCK))
+            journal.log("WE")
         else:
             name = rng.choice(names)
             vdisk = c.vdisk(name)

@@ -428,3 +428,51 @@ def test_deleting_a_vdisk_returns_its_grant_to_the_pool(tmp_path: Path) -> None:
 
     run(str(tmp_path), body)
     assert check_store(str(tmp_path / "san.db"))[0] == []
+
+
+def test_unmap_gives_whole_segments_back_once_committed(tmp_path: Path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        pool = await c.create_pool("p", 64 * MIB)
+        v = await c.create_vdisk("v", "p", 32 * MIB)
+        for seg in range(4):
+            await s.agent.write(v.id, seg * 2048, block(f"seg{seg}") * 2048)
+        await s.agent.flush()
+        allocator = c.allocators[pool.id]
+        used = allocator.used
+        await s.agent.unmap(v.id, 0, 2 * 2048 + 100)
+        assert allocator.used == used, "unmapped segments wait for the metadata commit before they are free"
+        mapped = [m.vseg for m in c.mappings(v.id, 0, 32)]
+        assert mapped[:2] == [2, 3], "segments 0 and 1 are unmapped, 2 is only partly covered"
+        await s.agent.flush()
+        assert allocator.used == used - 2
+        assert bytes(await s.agent.read(v.id, 0, 2 * 2048 + 100)) == bytes((2 * 2048 + 100) * 512)
+        assert bytes(await s.agent.read(v.id, 2 * 2048 + 100, 1)) == block("seg2")
+        runs = await s.agent.provisioning(v.id, 0, 8)
+        assert runs[0] == (0, 2 * 2048, False) and runs[1] == (2 * 2048, len(mapped) * 2048, True), runs
+        await s.agent.unmap(v.id, 0, v.nblocks)
+        await s.agent.flush()
+        assert c.allocated_bytes(v) == 0 and allocator.used == used - 2 - len(mapped)
+
+    run(str(tmp_path), body)
+    assert check_store(str(tmp_path / "san.db"))[0] == []
+
+
+def test_unmap_survives_a_restart_only_once_flushed(tmp_path: Path) -> None:
+    ids: dict[str, int] = {}
+
+    async def first(s: Service) -> None:
+        await s.controller.create_pool("p", 64 * MIB)
+        v = await s.controller.create_vdisk("v", "p", 16 * MIB)
+        ids["v"] = v.id
+        await s.agent.write(v.id, 0, block("keep") * 2048)
+        await s.agent.flush()
+        await s.agent.unmap(v.id, 0, 2048)
+        await s.agent.flush()
+
+    async def second(s: Service) -> None:
+        assert bytes(await s.agent.read(ids["v"], 0, 1)) == bytes(512)
+        assert s.controller.mappings(ids["v"], 0, 16) == []
+
+    run(str(tmp_path), first)
+    run(str(tmp_path), second)

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SanServer, assert_clean
+from conftest import SanServer, assert_clean, free_port, san_command
 
 TARGET = "iqn.2003-01.org.san:pytest"
 TOOLS = ("iscsi-ls", "iscsi-inq", "iscsi-readcapacity16", "qemu-img", "qemu-io")
@@ -104,3 +105,27 @@ def test_zero_writes_to_a_thin_vdisk_allocate_nothing(server: SanServer) -> None
     write = tool("qemu-io", "-f", "raw", "-c", "write -P 7 1M 4096", url(server, lun))
     assert write.returncode == 0, write
     assert server.vdisks()["zeros"]["allocated_bytes"] > 0
+
+
+def test_demo_serves_a_thin_vdisk_to_any_initiator(tmp_path: Path) -> None:
+    api, iscsi = free_port(), free_port()
+    command = [*san_command(), "demo", "--data", str(tmp_path / "data"), "--api", f"127.0.0.1:{api}"]
+    command += ["--portal", f"127.0.0.1:{iscsi}", "--size", "1G"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        text = "".join(lines)
+        assert f"iscsi-ls -s iscsi://127.0.0.1:{iscsi}" in text and "iscsiadm -m discovery" in text and "qemu-img" in text, text
+        listing = tool("iscsi-ls", "-s", f"iscsi://127.0.0.1:{iscsi}", "-i", "iqn.2024-01.org.example:anyone")
+        assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS", listing.stdout), listing
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

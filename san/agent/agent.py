@@ -10,12 +10,14 @@ import logging
 from dataclasses import dataclass, field
 
 from san._fastmap import INVALID, ZERO, MapFault, MapTable
-from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Response
+from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.protocol.transport import ControllerLink
 from san.storage.containers import ContainerError, ContainerSet
 
 log = logging.getLogger("san.agent")
 REPORT_DELAY = 0.2
+UNMAP_CHUNK = 65536
+ZERO_WRITE_BYTES = 1 << 20
 
 
 class AgentIOError(Exception):
@@ -62,9 +64,7 @@ class Agent:
         except MemoryError:
             return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"no memory to carry out {command.op.value}")
         if command.blocking and volume is not None:
-            done = asyncio.get_running_loop().create_future()
-            volume.table.barrier(lambda: None if done.done() else done.set_result(None))
-            await done
+            await _drained(volume.table)
         return response
 
     def _apply(self, command: Command) -> tuple[Response, Volume | None]:
@@ -268,6 +268,35 @@ class Agent:
         if response.action is Action.FAIL:
             raise AgentIOError(response.reason, response.message)
 
+    async def unmap(self, vdisk: int, lba: int, nblocks: int) -> None:
+        """Deallocate blocks [lba, lba+nblocks): they read as zeros afterwards. Whole segments go back to the pool;
+        the blocks of partly covered segments are written with zeros (which allocates nothing where none was)."""
+        volume = self._volume(vdisk, lba, nblocks)
+        table = volume.table
+        per = table.segment_blocks
+        end = lba + nblocks
+        first = -(-lba // per)
+        last = table.nsegments if end == volume.nblocks else end // per
+        if first >= last:
+            await self._write_zeros(vdisk, lba, end)
+            return
+        await self._write_zeros(vdisk, lba, first * per)
+        await self._write_zeros(vdisk, min(last * per, end), end)
+        await self._report(vdisk, volume)
+        for start in range(first, last, UNMAP_CHUNK):
+            count = min(UNMAP_CHUNK, last - start)
+            table.set_entries(start, [(0, 0, ZERO)] * count)
+            await _drained(table)
+            response = await self.link.send(Release(vdisk, start, count))
+            if response.action is Action.FAIL:
+                raise AgentIOError(response.reason, response.message)
+
+    async def _write_zeros(self, vdisk: int, start: int, stop: int) -> None:
+        block_size = self.volumes[vdisk].table.block_size
+        step = max(ZERO_WRITE_BYTES // block_size, 1)
+        for at in range(start, stop, step):
+            await self.write(vdisk, at, bytes(min(step, stop - at) * block_size))
+
     async def provisioning(self, vdisk: int, lba: int, max_segments: int = 64) -> list[tuple[int, int, bool]]:
         """Runs (lba, nblocks, mapped) from lba on, up to max_segments segments: mapped or deallocated (reads zeros)."""
         volume = self._volume(vdisk, lba, 1)
@@ -309,3 +338,10 @@ class Agent:
         response = await self.link.send(Flush())
         if response.action is Action.FAIL:
             raise AgentIOError(response.reason, response.message)
+
+
+async def _drained(table: MapTable) -> None:
+    """Return once every I/O that started on the table before this call has ended (the blocking flag)."""
+    done = asyncio.get_running_loop().create_future()
+    table.barrier(lambda: None if done.done() else done.set_result(None))
+    await done

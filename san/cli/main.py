@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
+    demo = commands.add_parser("demo", help="serve a demo thin vdisk that every initiator may use (demo mode)")
+    demo.add_argument("--data", required=True, help="data directory (created if missing)")
+    demo.add_argument("--api", dest="listen", type=_hostport, default=("127.0.0.1", 8080), help="HOST:PORT for the API")
+    demo.add_argument("--portal", type=_hostport, default=("127.0.0.1", 3260), help="HOST:PORT for iSCSI")
+    demo.add_argument("--iqn", default=default_iqn(), help="the target's iSCSI name (default %(default)s)")
+    demo.add_argument("--size", type=_size_arg, default="10G", help="size of the demo vdisk (default 10G)")
+
     check = commands.add_parser("check", help="check a data directory's store offline (exit 1 on damage)")
     check.add_argument("--data", required=True, help="data directory")
 
@@ -371,11 +378,20 @@ def run_serve(args: argparse.Namespace) -> int:
     return asyncio.run(serve(args.data, host, port, args.commit_interval, portals, args.iqn, args.open_access))
 
 
+def run_demo(args: argparse.Namespace) -> int:
+    from san.demo import demo
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(demo(args.data, args.listen, args.portal, args.iqn, args.size))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "demo":
+            return run_demo(args)
         if args.command == "check":
             return run_check(args.data)
         return run_client(args)

@@ -31,7 +31,7 @@ from san.model import (
     VDisk,
     check_name,
 )
-from san.protocol.messages import Action, Allocated, Command, Entry, Fault, Flush, Op, Reason, Response
+from san.protocol.messages import Action, Allocated, Command, Entry, Fault, Flush, Op, Reason, Release, Response
 from san.protocol.transport import AgentLink
 from san.storage.containers import (
     ContainerError,
@@ -107,6 +107,9 @@ class Controller:
         self._thick_runs: dict[int, list[Run]] = {}
         self.pending: dict[int, dict[int, Mapping]] = {}
         self.unsaved: dict[int, dict[int, Mapping]] = {}
+        self.freeing: dict[int, list[Segment]] = {}
+        self.unmaps: list[tuple[int, int, int]] = []  # (vdisk, start, stop) done in the open transaction
+        self.unmap_retry: list[tuple[int, int, int]] = []  # ones a failed commit rolled back: done again first
         self.cache: OrderedDict[tuple[int, int], list[Mapping | None]] = OrderedDict()
         self.on_low_reserve: Callable[[int], None] | None = None
         self.on_change: Callable[[str, VDisk], None] | None = None
@@ -484,14 +487,17 @@ class Controller:
 
     # -- faults --------------------------------------------------------------------------------------------
 
-    def handle(self, message: Fault | Allocated | Flush) -> Response:
-        """Answer an agent: a Flush commits metadata, Allocated records mappings, a Fault gets entries or failure."""
+    def handle(self, message: Fault | Allocated | Release | Flush) -> Response:
+        """Answer an agent: a Flush commits metadata, Allocated records mappings, Release unmaps segments, a Fault
+        gets entries or failure."""
         try:
             if isinstance(message, Flush):
                 self.commit()
                 return Response()
             if isinstance(message, Allocated):
                 return self.record_allocated(message)
+            if isinstance(message, Release):
+                return self.release(message)
             return self.handle_fault(message)
         except (StoreFailure, OSError) as exc:
             log.error("cannot answer %s: %s", message, exc)
@@ -553,6 +559,31 @@ class Controller:
             mapping = Mapping(vseg, container_id, pseg, 0)
             pending[vseg] = mapping
             self._chunk(vdisk.id, vseg // LOAD_CHUNK)[vseg % LOAD_CHUNK] = mapping
+        return Response()
+
+    def release(self, message: Release) -> Response:
+        """Unmap whole vdisk segments (UNMAP, WRITE SAME with UNMAP). The change joins the open metadata transaction;
+        the physical segments go back to the pool only once it is committed, so a crash can never leave this vdisk
+        pointing at a segment another vdisk has been given."""
+        vdisk = self.vdisks.get(message.vdisk)
+        if vdisk is None or vdisk.state != "ready":
+            return Response(Action.FAIL, reason=Reason.NO_VDISK, message=f"no vdisk {message.vdisk}")
+        nsegments = vdisk.nsegments(self.pools[vdisk.pool_id].segment_size)
+        start, stop = message.start, message.start + message.count
+        if not 0 <= start <= stop <= nsegments:
+            return Response(Action.FAIL, reason=Reason.OUT_OF_RANGE, message=f"segments {start}-{stop} of {nsegments}")
+        if not vdisk.thin:
+            return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"vdisk {vdisk.name!r} is thick")
+        if not self.mappings(vdisk.id, start, stop):
+            return Response()
+        self._write_pending()
+        freed = self.store.remove_mappings(vdisk.id, start, stop)
+        for saved in self.unsaved.get(vdisk.id, {}), self.pending.get(vdisk.id, {}):
+            for vseg in [v for v in saved if start <= v < stop]:
+                del saved[vseg]
+        self.freeing.setdefault(vdisk.pool_id, []).extend(freed)
+        self.unmaps.append((vdisk.id, start, stop))
+        self._forget(vdisk.id)
         return Response()
 
     def _grant(self, vdisk: VDisk, allocator: PoolAllocator, after: Segment) -> tuple[Segment, ...]:
@@ -649,6 +680,10 @@ class Controller:
         chunk = [None] * LOAD_CHUNK
         for m in self.store.mappings(vdisk_id, base, base + LOAD_CHUNK):
             chunk[m.vseg - base] = m
+        for unmapped, start, stop in self.unmap_retry:
+            if unmapped == vdisk_id:
+                for vseg in range(max(start, base), min(stop, base + LOAD_CHUNK)):
+                    chunk[vseg - base] = None
         for vseg, m in self.pending.get(vdisk_id, {}).items():
             if base <= vseg < base + LOAD_CHUNK:
                 chunk[vseg - base] = m
@@ -673,6 +708,10 @@ class Controller:
 
         On failure the transaction is rolled back and the allocations wait for the next commit."""
         try:
+            for vdisk_id, start, stop in self.unmap_retry:
+                if vdisk_id in self.vdisks:
+                    freed = self.store.remove_mappings(vdisk_id, start, stop)
+                    self.freeing.setdefault(self.vdisks[vdisk_id].pool_id, []).extend(freed)
             self._write_pending()
             self.store.commit()
         except sqlite3.Error as exc:
@@ -680,5 +719,15 @@ class Controller:
             for vdisk_id, mappings in self.unsaved.items():
                 self.pending.setdefault(vdisk_id, {}).update(mappings)
             self.unsaved.clear()
+            self.freeing.clear()  # the unmaps are undone with the transaction: their segments stay this vdisk's
+            self.unmap_retry.extend(self.unmaps)
+            self.unmaps.clear()
+            for vdisk_id in list(self.vdisks):
+                self._forget(vdisk_id)
             raise StoreFailure(f"metadata commit failed: {exc}") from exc
         self.unsaved.clear()
+        self.unmaps.clear()
+        self.unmap_retry.clear()
+        for pool_id, segments in self.freeing.items():
+            self.allocators[pool_id].release(segments)
+        self.freeing.clear()

@@ -35,7 +35,7 @@ from san.iscsi.session import Session, serial_add
 from san.iscsi.target import PORTAL_GROUP_TAG, Target
 from san.scsi.disk import Reply
 from san.scsi.luns import LunView, encode_lun
-from san.scsi.sense import Status
+from san.scsi.sense import Key, Status, fixed_sense
 
 LOGIN_DATA_LIMIT = 64 * 1024
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
@@ -90,6 +90,7 @@ class Connection:
         self.stat_sn = 0
         self.exp_cmd_sn = 0
         self.tasks: dict[int, Task] = {}
+        self.discarding: set[int] = set()
         self.next_ttt = 1
         self.digests = (False, False)
         # login state
@@ -561,6 +562,7 @@ class Connection:
             self._reject(pdu.bhs, RejectReason.INVALID_PDU_FIELD)  # extended CDBs are not supported
             return []
         itt = pdu.itt
+        self.discarding.discard(itt)
         if itt in self.tasks or itt == RESERVED_TAG:
             self._reject(pdu.bhs, RejectReason.TASK_IN_PROGRESS if itt != RESERVED_TAG else RejectReason.INVALID_PDU_FIELD)
             return []
@@ -608,7 +610,25 @@ class Connection:
             task.next_offset += length
         return []
 
+    def _fail_data_sequence(self, task: Task, pdu: PDU) -> None:
+        """A Data-Out out of sequence (DataSN or offset): reject it and end the task with CHECK CONDITION (ABORTED
+        COMMAND, DATA PHASE ERROR); the session goes on, and the rest of that task's data is dropped."""
+        self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
+        del self.tasks[task.itt]
+        task.aborted = True
+        self.discarding.add(task.itt)
+        sense = fixed_sense(Key.ABORTED_COMMAND, 0x4B, 0x00)
+        stat_sn, exp, top = self._numbers()
+        words = (0, stat_sn, exp, top, 0, 0, 0)
+        body = struct.pack(">H", len(sense)) + sense
+        header, data = build(Opcode.SCSI_RESPONSE, 0x80, body, bytes(8), task.itt, words, 0, Status.CHECK_CONDITION)
+        self._send(header, data)
+
     def _data_out(self, pdu: PDU) -> list[Task]:
+        if pdu.itt in self.discarding:
+            if pdu.final:
+                self.discarding.discard(pdu.itt)
+            return []
         task = self.tasks.get(pdu.itt)
         if task is None or not task.write:
             self._reject(pdu.bhs, RejectReason.INVALID_PDU_FIELD)
@@ -624,8 +644,7 @@ class Connection:
                 self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
                 return []
         if task.sequences.get(ttt) != (pdu.u32(36), offset):
-            self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)  # DataSN or offset out of order: ERL 0 drops the connection
-            self.closing = True
+            self._fail_data_sequence(task, pdu)
             return []
         task.sequences[ttt] = (pdu.u32(36) + 1, offset + length)
         task.buffer[offset : offset + length] = pdu.data

@@ -1,4 +1,4 @@
-"""The messages between agents and the controller: Fault, Allocated and Flush up, Command down, Response back.
+"""The messages between agents and the controller: Fault, Allocated, Release and Flush up, Command down, Response back.
 
 All are frozen dataclasses of plain values; encode()/decode() turn them into JSON-ready dicts and back."""
 
@@ -66,6 +66,16 @@ class Allocated:
 
 
 @dataclass(frozen=True)
+class Release:
+    """Agent -> controller: vdisk segments [start, start+count) were unmapped whole; their physical segments may go
+    back to the pool (the agent has already set them ZERO and waited for the I/O that used them)."""
+
+    vdisk: int
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
 class Flush:
     """Agent -> controller: make every metadata change so far durable before answering."""
 
@@ -102,8 +112,8 @@ class Response:
     grant: tuple[tuple[int, int], ...] = ()
 
 
-Message = Fault | Allocated | Flush | Command | Response
-_TYPES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Fault, Allocated, Flush, Command, Response)}
+Message = Fault | Allocated | Release | Flush | Command | Response
+_TYPES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Fault, Allocated, Release, Flush, Command, Response)}
 
 
 def encode(message: Message) -> dict[str, Any]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from san.protocol.messages import Allocated, Command, Fault, Flush, Response
+from san.protocol.messages import Allocated, Command, Fault, Flush, Release, Response
 
 
 class ControllerLink(Protocol):
     """The agent's line to the controller."""
 
-    async def send(self, message: Fault | Allocated | Flush) -> Response: ...
+    async def send(self, message: Fault | Allocated | Release | Flush) -> Response: ...
 
 
 class AgentLink(Protocol):
@@ -22,7 +22,7 @@ class AgentLink(Protocol):
 
 
 class FaultHandler(Protocol):
-    def handle(self, message: Fault | Allocated | Flush) -> Response: ...
+    def handle(self, message: Fault | Allocated | Release | Flush) -> Response: ...
 
 
 class CommandHandler(Protocol):
@@ -35,7 +35,7 @@ class LocalControllerLink:
     def __init__(self, controller: FaultHandler) -> None:
         self.controller = controller
 
-    async def send(self, message: Fault | Allocated | Flush) -> Response:
+    async def send(self, message: Fault | Allocated | Release | Flush) -> Response:
         return self.controller.handle(message)
 
 

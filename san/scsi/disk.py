@@ -459,8 +459,18 @@ class Disk:
         block = bytes(self.block_size) if ndob else bytes(self._data(data_out, self.block_size))
         if unmap and not self.unit.thin:
             raise invalid_field(1, 3)
-        await self._write(lba, memoryview(block * nblocks), False)
+        if unmap and block == bytes(self.block_size):
+            await self._unmap(lba, nblocks)
+        else:
+            await self._write(lba, memoryview(block * nblocks), False)
         return Reply(wanted=0 if ndob else self.block_size)
+
+    async def _unmap(self, lba: int, nblocks: int) -> None:
+        end = lba + nblocks
+        for start, stop, done in list(self.comparing):
+            if start < end and lba < stop:
+                await done.wait()
+        await self.agent.unmap(self.vdisk, lba, nblocks)
 
     async def unmap(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
         self._writable(nexus)
@@ -482,10 +492,9 @@ class Disk:
         for lba, nblocks in extents:
             self._range(lba, nblocks)
         for lba, nblocks in extents:
-            for start in range(lba, lba + nblocks, self.unit.max_transfer_blocks):
-                piece = min(self.unit.max_transfer_blocks, lba + nblocks - start)
-                await self._write(start, memoryview(bytes(piece * self.block_size)), False)
-        return Reply()
+            if nblocks:
+                await self._unmap(lba, nblocks)
+        return Reply(wanted=length)
 
     async def pre_fetch(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
         lba, nblocks, _ = self._lba_length(cdb)
