@@ -8,11 +8,19 @@ API ?= 127.0.0.1:8080
 PORTAL ?= 127.0.0.1:3260
 # Debian packages the build and the tests need.
 APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra
+# Only the benchmarks need these: tgtd is the peer bench/iscsi_vs_tgt.py measures against.
+BENCH_PACKAGES := tgt
 
-.PHONY: test demo deps venv lint unit bench clean
+.PHONY: test demo deps bench-deps apt venv lint unit bench clean
 
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES)"
+
+bench-deps:
+	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES) $(BENCH_PACKAGES)"
+
+apt:
+	@missing=""; for p in $(PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
@@ -37,8 +45,9 @@ unit: venv
 
 test: lint unit
 
-bench: venv
+bench: venv bench-deps
 	$(PY) bench/fastmap.py
+	$(PY) bench/iscsi_vs_tgt.py
 
 demo: venv
 	$(VENV)/bin/san demo --data $(DATA) --api $(API) --portal $(PORTAL)

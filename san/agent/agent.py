@@ -131,6 +131,49 @@ class Agent:
             table.io_end(slot)
         return buffer
 
+    def read_now(self, vdisk: int, lba: int, nblocks: int) -> bytearray | None:
+        """read() when no fault stands in the way, without leaving the caller's thread of control; None otherwise
+        (the caller then takes the asynchronous path, which resolves the fault)."""
+        volume = self._volume(vdisk, lba, nblocks)
+        table = volume.table
+        result = table.translate(lba, nblocks, False)
+        if isinstance(result, MapFault):
+            return None
+        buffer = bytearray(nblocks * table.block_size)
+        view = memoryview(buffer)
+        slot = table.io_start()
+        try:
+            at = 0
+            for container, offset, length in result:
+                if container >= 0:
+                    self.containers.read_into(container, offset, view[at : at + length])
+                at += length
+        except (ContainerError, OSError) as exc:
+            raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
+        finally:
+            table.io_end(slot)
+        return buffer
+
+    def write_now(self, vdisk: int, lba: int, view: memoryview) -> bool:
+        """write() without FUA when every block is already mapped for writing; False (nothing written) otherwise."""
+        volume = self._volume(vdisk, lba, 0)
+        table = volume.table
+        nblocks = len(view) // table.block_size
+        self._volume(vdisk, lba, nblocks)
+        result = table.translate(lba, nblocks, True)
+        if isinstance(result, MapFault):
+            return False
+        slot = table.io_start()
+        try:
+            self._write_extents(result, view, set())
+        except (ContainerError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise AgentIOError(Reason.NO_SPACE, f"the file system under a container is full: {exc}") from None
+            raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
+        finally:
+            table.io_end(slot)
+        return True
+
     async def write(self, vdisk: int, lba: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write whole blocks at lba; with fua, the data and any new mapping are durable on return."""
         view = memoryview(data).cast("B")

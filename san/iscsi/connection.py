@@ -508,8 +508,12 @@ class Connection:
         response = 0
         if function == 1:  # ABORT TASK
             task = self.tasks.get(pdu.u32(20))
-            if task is None or task.lun != lun:
-                response = 0 if task is None else 1
+            if task is None:
+                # RFC 7143 11.5.1: a task never received (RefCmdSN still in the window) counts as aborted; one that
+                # has completed already (RefCmdSN below the window) does not exist.
+                response = 0 if session.in_window(pdu.u32(32)) else 1
+            elif task.lun != lun:
+                response = 1
             else:
                 task.aborted = True
                 self.tasks.pop(task.itt)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import cast
 
 from san.iscsi.connection import Connection, Task
 from san.iscsi.target import Target
@@ -32,10 +33,10 @@ class IscsiProtocol(asyncio.Protocol):
         self.last_heard = time.monotonic()
         self.ping_sent: float | None = None
         self.paused = False
+        self.flush_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
         transport.set_write_buffer_limits(high=HIGH_WATER)
         local = transport.get_extra_info("sockname")
         self.connection = Connection(self.server.target, (local[0], local[1]) if local else None)
@@ -52,8 +53,13 @@ class IscsiProtocol(asyncio.Protocol):
             log.exception("dropping a connection after an internal error on its input")
             connection.closing = True
             tasks = []
+        view = connection.session.view if connection.session is not None else None
         for task in tasks:
-            self._start(task)
+            reply = view.execute_now(task.lun, task.cdb, task.buffer) if view is not None else None
+            if reply is None:
+                self._start(task)
+            else:
+                connection.complete(task, reply)
         self.flush()
         if len(self.running) >= MAX_TASKS_PER_CONNECTION and self.transport is not None and not self.paused:
             self.transport.pause_reading()
@@ -80,10 +86,13 @@ class IscsiProtocol(asyncio.Protocol):
             log.exception("command %s failed inside the target", task.cdb[:1].hex())
             reply = Reply(Status.CHECK_CONDITION, sense=fixed_sense(Key.HARDWARE_ERROR, 0x44, 0x00))
         connection.complete(task, reply)
-        self.flush()
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what the state machine queued; close the socket once it asked to be dropped."""
+        self.flush_scheduled = False
         connection, transport = self.connection, self.transport
         if connection is None or transport is None or transport.is_closing():
             return

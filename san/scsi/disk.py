@@ -33,6 +33,7 @@ from san.scsi.sense import (
 )
 
 Data = bytes | bytearray | memoryview
+FAST_OPCODES = frozenset({Op.READ_10, Op.READ_16, Op.WRITE_10, Op.WRITE_16})
 # Commands a nexus may send while it has a unit attention pending, without being told of it (SPC-4 5.14).
 UA_EXEMPT = frozenset({Op.INQUIRY, Op.REPORT_LUNS, Op.REQUEST_SENSE})
 # Commands allowed through an SPC-2 reservation held by another nexus.
@@ -156,6 +157,40 @@ class Disk:
             return self._check_condition(nexus, _agent_error(exc))
         except (IndexError, struct.error):
             return self._check_condition(nexus, invalid_field(0))
+
+    def execute_now(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply | None:
+        """The fast path for READ/WRITE 10 and 16: the whole command, without a coroutine, when nothing needs one
+        (no unit attention, reservation, compare in progress, FUA, or fault); None sends the caller to execute()."""
+        opcode = cdb[0]
+        if opcode not in FAST_OPCODES or self.attentions.get(nexus.name) or self.reserved_by is not None:
+            return None
+        if self.pr.reserved or self.comparing or cdb[1] & 0xE8:
+            return None
+        try:
+            if opcode in (Op.READ_10, Op.WRITE_10):
+                lba, nblocks, at = struct.unpack_from(">I", cdb, 2)[0], struct.unpack_from(">H", cdb, 7)[0], 7
+            else:
+                lba, nblocks, at = struct.unpack_from(">Q", cdb, 2)[0], struct.unpack_from(">I", cdb, 10)[0], 10
+            self._range(lba, nblocks)
+            self._transfer(nblocks, at)
+            if not nblocks:
+                return None
+            if opcode in (Op.READ_10, Op.READ_16):
+                data = self.agent.read_now(self.vdisk, lba, nblocks)
+                return None if data is None else Reply(data=data)
+            if nexus.read_only or not self.unit.write_cache:
+                return None
+            wanted = nblocks * self.block_size
+            view = memoryview(data_out).cast("B")
+            if len(view) < wanted or not self.agent.write_now(self.vdisk, lba, view[:wanted]):
+                return None
+            return Reply(wanted=wanted)
+        except CheckCondition as condition:
+            return self._check_condition(nexus, condition)
+        except AgentIOError as exc:
+            return self._check_condition(nexus, _agent_error(exc))
+        except struct.error:
+            return None
 
     def _check_condition(self, nexus: Nexus, condition: CheckCondition) -> Reply:
         self.last_sense[nexus.name] = condition.sense
