@@ -61,6 +61,7 @@ class Service:
         self.refilling: set[PoolAllocator] = set()
         self.controller.on_low_reserve = self.refill
         self.controller.on_change = self._vdisk_changed
+        self.controller.on_threshold = self._threshold
         self.disks: dict[int, Disk] = {}
         self.open_access = open_access
         self.target = Target(target_name, portals or [], self.access)
@@ -83,6 +84,7 @@ class Service:
         if disk is None:
             unit = UnitInfo(vdisk.serial, vdisk.block_size, vdisk.nblocks, vdisk.thin)
             disk = self.disks[vdisk.id] = Disk(vdisk.id, self.agent, unit, (self.target.name, 1))
+            disk.over_threshold = vdisk.pool_id in self.controller.above_threshold
         return disk
 
     def access(self, initiator: str) -> Access | None:
@@ -103,6 +105,12 @@ class Service:
             return None
         ready = sorted((v for v in vdisks.values() if v.state == "ready"), key=lambda v: v.id)
         return Access({lun: Zoned(self.disk(v)) for lun, v in enumerate(ready)})
+
+    def _threshold(self, pool_id: int, above: bool) -> None:
+        for vdisk_id, disk in self.disks.items():
+            vdisk = self.controller.vdisks.get(vdisk_id)
+            if vdisk is not None and vdisk.pool_id == pool_id:
+                disk.threshold(above)
 
     def _vdisk_changed(self, event: str, vdisk: VDisk) -> None:
         if event == "deleted":

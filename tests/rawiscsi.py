@@ -4,7 +4,9 @@ Login without authentication, SCSI commands with immediate data, raw PDUs; block
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 import socket
 import struct
 from dataclasses import dataclass
@@ -65,13 +67,39 @@ class RawInitiator:
     def login(self, target: str, extra: list[tuple[str, str]] | None = None) -> Response:
         """One-step login straight to full feature phase (operational stage, no authentication)."""
         keys = [("InitiatorName", self.initiator), ("TargetName", target), ("SessionType", "Normal"), *(extra or [])]
+        return self._login_step(0x80 | (1 << 2) | 3, keys)
+
+    def login_chap(self, target: str, user: str, secret: str, mutual_secret: str = "") -> dict[str, str]:
+        """Log in through the security stage with CHAP (mutual when mutual_secret is given); returns the keys of
+        the target's last security answer (its CHAP_N and CHAP_R for mutual CHAP). Raises on a failed login."""
+        first = [("InitiatorName", self.initiator), ("TargetName", target), ("SessionType", "Normal")]
+        answer = self._login_step(0x01, [*first, ("AuthMethod", "CHAP")])
+        self._check(answer)
+        challenge = self.keys(self._login_step(0x01, [("CHAP_A", "5")]))
+        identifier, data = int(challenge["CHAP_I"]), bytes.fromhex(challenge["CHAP_C"][2:])
+        reply = [("CHAP_N", user), ("CHAP_R", "0x" + hashlib.md5(bytes([identifier]) + secret.encode() + data).hexdigest())]
+        mine = os.urandom(16)
+        if mutual_secret:
+            reply += [("CHAP_I", "77"), ("CHAP_C", "0x" + mine.hex())]
+        answer = self._login_step(0x80 | 0x01, reply)
+        self._check(answer)
+        keys = self.keys(answer)
+        if mutual_secret:
+            expected = hashlib.md5(bytes([77]) + mutual_secret.encode() + mine).hexdigest()
+            if keys.get("CHAP_R", "").lower() != "0x" + expected:
+                raise ConnectionError("the target failed mutual CHAP")
+        self._check(self._login_step(0x80 | (1 << 2) | 3, []))
+        return keys
+
+    def _check(self, response: Response) -> None:
+        if response.opcode != 0x23 or response.bhs[36:38] != b"\0\0":
+            raise ConnectionError(f"login failed with status {response.bhs[36:38].hex()}")
+
+    def _login_step(self, flags: int, keys: list[tuple[str, str]]) -> Response:
         data = encode_text(keys)
-        flags = 0x80 | (1 << 2) | 3
         bhs = struct.pack(">BBBBI6sHIHHII16x", 0x43, flags, 0, 0, len(data), self.isid, 0, self.itt, 1, 0, self.cmd_sn, 0)
         self.send(bhs, data)
-        response = self.receive()
-        self.itt += 1
-        return response
+        return self.receive()
 
     def keys(self, response: Response) -> dict[str, str]:
         return dict(parse_text(response.data))

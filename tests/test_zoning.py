@@ -7,11 +7,12 @@ from __future__ import annotations
 import re
 import struct
 import subprocess
+import time
 from collections.abc import Iterator
 
 import pytest
 from conftest import SanServer, assert_clean, assert_one_line
-from rawiscsi import RawInitiator
+from rawiscsi import RawInitiator, Response
 
 TARGET = "iqn.2003-01.org.san:zoning"
 ALICE = "iqn.2024-01.org.example:alice"
@@ -151,3 +152,99 @@ def test_zoning_changes_reach_new_logins(server: SanServer) -> None:
     server.ok("vdisk", "delete", "late")
     bob = run("iscsi-ls", "-s", "-i", BOB, portal(server))
     assert re.findall(r"Lun:(\d+)", bob.stdout) == ["0"], bob.stdout
+
+
+def sense_of(response: Response) -> tuple[int, int, int]:
+    return response.sense[2] & 0x0F, response.sense[12], response.sense[13]
+
+
+def test_zoning_changes_reach_live_sessions(server: SanServer) -> None:
+    initiator = RawInitiator(server.iscsi_port, BOB)
+    try:
+        assert initiator.login(TARGET).bhs[36:38] == b"\0\0"
+        assert initiator.command(0, bytes(6)).status == 0
+        server.ok("vdisk", "create", "live", "--pool", "p", "--size", "16M")
+        server.ok("zone", "add", "bob", "live", "--lun", "7")
+        response = initiator.command(0, bytes(6))
+        assert response.status == 0x02 and sense_of(response) == (0x6, 0x3F, 0x0E), "REPORTED LUNS DATA HAS CHANGED"
+        report = initiator.command(0, struct.pack(">B5xIxx", 0xA0, 4096), read_length=4096)
+        assert report.status == 0 and report.data[8:24] == bytes([0, 0]) + bytes(6) + bytes([0, 7]) + bytes(6)
+        assert initiator.command(7, bytes(6)).status == 0, "the new LUN answers on the live session"
+        server.ok("zone", "remove", "bob", "live")
+        assert initiator.command(0, bytes(6)).status == 0x02
+        gone = initiator.command(7, bytes(6))
+        assert gone.status == 0x02 and sense_of(gone)[:2] == (0x5, 0x25), "the removed LUN is not supported any more"
+    finally:
+        initiator.close()
+    server.ok("vdisk", "delete", "live")
+
+
+def test_a_pool_past_its_warning_threshold_tells_each_nexus_once(server: SanServer) -> None:
+    server.ok("pool", "create", "small", "--size", "8M", "--warn-percent", "50")
+    server.ok("vdisk", "create", "fill", "--pool", "small", "--size", "8M")
+    server.ok("zone", "add", "bob", "fill", "--lun", "9")
+    initiator = RawInitiator(server.iscsi_port, BOB)
+    try:
+        assert initiator.login(TARGET).bhs[36:38] == b"\0\0"
+        for segment in (7, 5, 3, 1, 6):
+            lba = segment * 2048
+            response = initiator.command(9, struct.pack(">BBIBHB", 0x2A, 0, lba, 0, 1, 0), b"x" * 512)
+            if response.status == 0x02:
+                assert sense_of(response) == (0x6, 0x38, 0x07)
+                response = initiator.command(9, struct.pack(">BBIBHB", 0x2A, 0, lba, 0, 1, 0), b"x" * 512)
+            assert response.status == 0
+        deadline = time.monotonic() + 5
+        seen: list[tuple[int, int, int]] = []
+        while time.monotonic() < deadline and not seen:
+            response = initiator.command(9, bytes(6))
+            if response.status == 0x02:
+                seen.append(sense_of(response))
+            time.sleep(0.1)
+        assert seen == [(0x6, 0x38, 0x07)], "THIN PROVISIONING SOFT THRESHOLD REACHED"
+        assert initiator.command(9, bytes(6)).status == 0, "once per nexus"
+        assert server.json("pool", "show", "small")["used_percent"] >= 50
+    finally:
+        initiator.close()
+    server.ok("zone", "remove", "bob", "fill")
+    server.ok("vdisk", "delete", "fill")
+    server.ok("pool", "delete", "small")
+
+
+def test_mutual_chap_proves_both_sides(server: SanServer) -> None:
+    carol = "iqn.2024-01.org.example:carol"
+    server.ok(
+        "host",
+        "create",
+        "carol",
+        "--iqn",
+        carol,
+        "--chap-user",
+        "carol",
+        "--chap-secret",
+        "carol-secret-1",
+        "--mutual-user",
+        "target",
+        "--mutual-secret",
+        "target-secret-2",
+    )
+    try:
+        initiator = RawInitiator(server.iscsi_port, carol)
+        try:
+            keys = initiator.login_chap(TARGET, "carol", "carol-secret-1", "target-secret-2")
+            assert keys["CHAP_N"] == "target"
+            assert initiator.command(0, struct.pack(">B5xIxx", 0xA0, 64), read_length=64).status == 0
+        finally:
+            initiator.close()
+        for secret, mutual in (
+            ("carol-secret-1", "a-wrong-guess!"),
+            ("wrong-secret-9", "target-secret-2"),
+            ("carol-secret-1", ""),
+        ):
+            initiator = RawInitiator(server.iscsi_port, carol)
+            try:
+                with pytest.raises(ConnectionError):
+                    initiator.login_chap(TARGET, "carol", secret, mutual)
+            finally:
+                initiator.close()
+    finally:
+        server.ok("host", "delete", "carol")

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from san._fastmap import INVALID, ZERO, MapFault, MapTable
+from san.agent._blockio import AGAIN, DONE, FAULT, read_blocks, write_blocks
 from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.protocol.transport import ControllerLink
 from san.storage.containers import ContainerError, ContainerSet
@@ -110,6 +111,11 @@ class Agent:
         table = volume.table
         block_size = table.block_size
         buffer = bytearray(nblocks * block_size)
+        outcome = self._read_into(volume, lba, nblocks, buffer, True)
+        if outcome == AGAIN:  # not cached: read it in a thread, so the event loop never waits for a disk
+            outcome = await asyncio.to_thread(self._read_into, volume, lba, nblocks, buffer, False)
+        if outcome == DONE:
+            return buffer
         view = memoryview(buffer)
         slot = table.io_start()
         try:
@@ -132,47 +138,38 @@ class Agent:
         return buffer
 
     def read_now(self, vdisk: int, lba: int, nblocks: int) -> bytearray | None:
-        """read() when no fault stands in the way, without leaving the caller's thread of control; None otherwise
-        (the caller then takes the asynchronous path, which resolves the fault)."""
+        """read() when no fault stands in the way, done in C without leaving the caller's thread of control; None
+        otherwise (the caller then takes the asynchronous path, which resolves the fault)."""
         volume = self._volume(vdisk, lba, nblocks)
-        table = volume.table
-        result = table.translate(lba, nblocks, False)
-        if isinstance(result, MapFault):
+        buffer = bytearray(nblocks * volume.table.block_size)
+        if self._read_into(volume, lba, nblocks, buffer, True) != DONE:
             return None
-        buffer = bytearray(nblocks * table.block_size)
-        view = memoryview(buffer)
-        slot = table.io_start()
-        try:
-            at = 0
-            for container, offset, length in result:
-                if container >= 0:
-                    self.containers.read_into(container, offset, view[at : at + length])
-                at += length
-        except (ContainerError, OSError) as exc:
-            raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
-        finally:
-            table.io_end(slot)
         return buffer
+
+    def _read_into(self, volume: Volume, lba: int, nblocks: int, buffer: bytearray | memoryview, nowait: bool) -> int:
+        try:
+            return read_blocks(volume.table, self.containers.fd_table, lba, nblocks, buffer, nowait)
+        except OSError as exc:
+            raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
 
     def write_now(self, vdisk: int, lba: int, view: memoryview) -> bool:
         """write() without FUA when every block is already mapped for writing; False (nothing written) otherwise."""
-        volume = self._volume(vdisk, lba, 0)
-        table = volume.table
-        nblocks = len(view) // table.block_size
-        self._volume(vdisk, lba, nblocks)
-        result = table.translate(lba, nblocks, True)
-        if isinstance(result, MapFault):
-            return False
-        slot = table.io_start()
+        volume = self._volume(vdisk, lba, len(view) // self._block_size(vdisk))
+        return self._write_from(volume, lba, view) != FAULT
+
+    def _block_size(self, vdisk: int) -> int:
+        volume = self.volumes.get(vdisk)
+        if volume is None:
+            raise AgentIOError(Reason.NO_VDISK, f"vdisk {vdisk} is not served here")
+        return volume.table.block_size
+
+    def _write_from(self, volume: Volume, lba: int, view: memoryview) -> int:
         try:
-            self._write_extents(result, view, set())
-        except (ContainerError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return write_blocks(volume.table, self.containers.fd_table, lba, view, self.containers.dirty)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
                 raise AgentIOError(Reason.NO_SPACE, f"the file system under a container is full: {exc}") from None
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
-        finally:
-            table.io_end(slot)
-        return True
 
     async def write(self, vdisk: int, lba: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write whole blocks at lba; with fua, the data and any new mapping are durable on return."""
@@ -184,6 +181,8 @@ class Agent:
             raise AgentIOError(Reason.OUT_OF_RANGE, f"{len(view)} bytes is not a whole number of {block_size}-byte blocks")
         nblocks = len(view) // block_size
         self._volume(vdisk, lba, nblocks)
+        if not fua and self._write_from(volume, lba, view) != FAULT:
+            return
         slot = table.io_start()
         written: set[int] = set()
         try:
@@ -384,7 +383,14 @@ class Agent:
 
 
 async def _drained(table: MapTable) -> None:
-    """Return once every I/O that started on the table before this call has ended (the blocking flag)."""
-    done = asyncio.get_running_loop().create_future()
-    table.barrier(lambda: None if done.done() else done.set_result(None))
+    """Return once every I/O that started on the table before this call has ended (the blocking flag). The last
+    I/O may end in a reader thread, so the wake-up crosses back to the loop thread safely."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    table.barrier(lambda: loop.call_soon_threadsafe(wake))
     await done

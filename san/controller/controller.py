@@ -113,6 +113,8 @@ class Controller:
         self.cache: OrderedDict[tuple[int, int], list[Mapping | None]] = OrderedDict()
         self.on_low_reserve: Callable[[int], None] | None = None
         self.on_change: Callable[[str, VDisk], None] | None = None
+        self.on_threshold: Callable[[int, bool], None] | None = None
+        self.above_threshold: set[int] = set()
         self._load()
         self.zoning = Zoning(store, lambda: self.vdisks)
 
@@ -425,6 +427,7 @@ class Controller:
         granted = list(self.grants.pop(vdisk.id, {}))
         allocator.granted.difference_update(granted)
         allocator.release(freed + granted)
+        self._check_threshold(pool.id)
         for container_id, first, length in _runs(freed):
             self.containers.zero(container_id, [(first * pool.segment_size, length * pool.segment_size)])
 
@@ -447,6 +450,26 @@ class Controller:
     async def _export(self, vdisk: VDisk) -> None:
         await self._broadcast(self._create_table(vdisk))
         self._changed("ready", vdisk)
+
+    def _check_threshold(self, pool_id: int) -> None:
+        """Tell the frontends when a pool's use crosses its warning threshold, up (the soft-threshold unit attention)
+        or back down."""
+        allocator, pool = self.allocators[pool_id], self.pools[pool_id]
+        above = allocator.capacity > 0 and allocator.used * 100 >= pool.warn_percent * allocator.capacity
+        if above == (pool_id in self.above_threshold):
+            return
+        if above:
+            self.above_threshold.add(pool_id)
+            log.warning(
+                "pool %s is %d%% full (warning threshold %d%%)",
+                pool.name,
+                100 * allocator.used // allocator.capacity,
+                pool.warn_percent,
+            )
+        else:
+            self.above_threshold.discard(pool_id)
+        if self.on_threshold is not None:
+            self.on_threshold(pool_id, above)
 
     def _changed(self, event: str, vdisk: VDisk) -> None:
         """Tell the frontends a vdisk became ready, grew or went away."""
@@ -559,6 +582,7 @@ class Controller:
             mapping = Mapping(vseg, container_id, pseg, 0)
             pending[vseg] = mapping
             self._chunk(vdisk.id, vseg // LOAD_CHUNK)[vseg % LOAD_CHUNK] = mapping
+        self._check_threshold(vdisk.pool_id)
         return Response()
 
     def release(self, message: Release) -> Response:
@@ -632,6 +656,7 @@ class Controller:
             pending[vseg + i] = mapping
             self._chunk(vdisk.id, mapping.vseg // LOAD_CHUNK)[mapping.vseg % LOAD_CHUNK] = mapping
         grant = self._grant(vdisk, allocator, taken[-1])
+        self._check_threshold(pool.id)
         return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken), grant=grant)
 
     def _refill(self, pool: Pool, target: int) -> None:
@@ -730,4 +755,5 @@ class Controller:
         self.unmap_retry.clear()
         for pool_id, segments in self.freeing.items():
             self.allocators[pool_id].release(segments)
+            self._check_threshold(pool_id)
         self.freeing.clear()

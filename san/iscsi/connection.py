@@ -9,6 +9,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import Enum
 
+from san.iscsi._wire import command_fields
 from san.iscsi.chap import ChapError, ChapExchange
 from san.iscsi.keys import (
     DECLARED_BY_INITIATOR,
@@ -34,7 +35,7 @@ from san.iscsi.pdu import (
 from san.iscsi.session import Session, serial_add
 from san.iscsi.target import PORTAL_GROUP_TAG, Target
 from san.scsi.disk import Reply
-from san.scsi.luns import LunView, encode_lun
+from san.scsi.luns import LunView
 from san.scsi.sense import Key, Status, fixed_sense
 
 LOGIN_DATA_LIMIT = 64 * 1024
@@ -53,7 +54,7 @@ class LoginFailed(Exception):
         self.status = status
 
 
-@dataclass
+@dataclass(slots=True)
 class Task:
     """A SCSI command on this connection, from its PDU to its status."""
 
@@ -433,15 +434,14 @@ class Connection:
         if pdu.itt == RESERVED_TAG:
             return  # the answer to our ping
         stat_sn, exp, top = self._numbers()
-        lun = pdu.bhs[8:16]
-        header, data = build(Opcode.NOP_IN, 0x80, pdu.data, lun, pdu.itt, (RESERVED_TAG, stat_sn, exp, top))
+        header, data = build(Opcode.NOP_IN, 0x80, pdu.data, pdu.lun, pdu.itt, (RESERVED_TAG, stat_sn, exp, top))
         self._send(header, data)
 
     def ping(self) -> int:
         """A NOP-In asking the initiator for a NOP-Out (a dead-peer check); returns its target transfer tag."""
         ttt = self._new_ttt()
         stat_sn, exp, top = self._numbers(advance=False)
-        header, _ = build(Opcode.NOP_IN, 0x80, b"", bytes(8), RESERVED_TAG, (ttt, stat_sn, exp, top))
+        header, _ = build(Opcode.NOP_IN, 0x80, b"", -1, RESERVED_TAG, (ttt, stat_sn, exp, top))
         self._send(header)
         return ttt
 
@@ -476,7 +476,7 @@ class Connection:
         final = not pdu.flags & 0x40
         flags = 0x80 if final else 0x40
         ttt = RESERVED_TAG if final else self._new_ttt()
-        header, body = build(Opcode.TEXT_RESPONSE, flags, encode_text(answers), bytes(8), pdu.itt, (ttt, stat_sn, exp, top))
+        header, body = build(Opcode.TEXT_RESPONSE, flags, encode_text(answers), -1, pdu.itt, (ttt, stat_sn, exp, top))
         self._send(header, body)
 
     def _send_targets(self, value: str) -> list[tuple[str, str]]:
@@ -491,7 +491,7 @@ class Connection:
         reason = pdu.flags & 0x7F
         response = 0 if reason in (0, 1) else 2  # recovery removal is not supported at ErrorRecoveryLevel 0
         stat_sn, exp, top = self._numbers()
-        header, _ = build(Opcode.LOGOUT_RESPONSE, 0x80, b"", bytes(8), pdu.itt, (0, stat_sn, exp, top, 0, 0, 0), byte2=response)
+        header, _ = build(Opcode.LOGOUT_RESPONSE, 0x80, b"", -1, pdu.itt, (0, stat_sn, exp, top, 0, 0, 0), byte2=response)
         self._send(header)
         if response == 0:
             self.state = State.LOGGED_OUT
@@ -548,7 +548,7 @@ class Connection:
         else:
             response = 5
         stat_sn, exp, top = self._numbers()
-        header, _ = build(Opcode.TASK_MANAGEMENT_RESPONSE, 0x80, b"", bytes(8), pdu.itt, (0, stat_sn, exp, top), byte2=response)
+        header, _ = build(Opcode.TASK_MANAGEMENT_RESPONSE, 0x80, b"", -1, pdu.itt, (0, stat_sn, exp, top), byte2=response)
         self._send(header)
         if function == 7:
             self.closing = True
@@ -560,26 +560,25 @@ class Connection:
     # -- SCSI commands and data ----------------------------------------------------------------------------
 
     def _scsi_command(self, pdu: PDU) -> list[Task]:
-        flags = pdu.flags
+        flags, lun, itt, edtl, _ = command_fields(pdu.bhs)
         cdb = pdu.bhs[32:48]
         if pdu.ahs:
             self._reject(pdu.bhs, RejectReason.INVALID_PDU_FIELD)  # extended CDBs are not supported
             return []
-        itt = pdu.itt
-        self.discarding.discard(itt)
+        if self.discarding:
+            self.discarding.discard(itt)
         if itt in self.tasks or itt == RESERVED_TAG:
             self._reject(pdu.bhs, RejectReason.TASK_IN_PROGRESS if itt != RESERVED_TAG else RejectReason.INVALID_PDU_FIELD)
             return []
         read, write = bool(flags & 0x40), bool(flags & 0x20)
-        edtl = pdu.u32(20)
-        task = Task(itt, pdu.lun, cdb, edtl, read, write, pdu.immediate)
+        task = Task(itt, lun, cdb, edtl, read, write, pdu.immediate)
         immediate = len(pdu.data)
         if immediate and (
             not write or immediate > edtl or not self.params.immediate_data or immediate > self.params.first_burst_length
         ):
             self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
             return []
-        if not pdu.final and (not write or self.params.initial_r2t):
+        if not flags & 0x80 and (not write or self.params.initial_r2t):
             self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
             return []
         self.tasks[itt] = task
@@ -589,7 +588,7 @@ class Connection:
         task.buffer[:immediate] = pdu.data
         task.received = immediate
         task.next_offset = immediate
-        task.unsolicited = not pdu.final
+        task.unsolicited = not flags & 0x80
         if task.unsolicited:
             task.next_offset = min(self.params.first_burst_length, edtl)
             task.sequences[RESERVED_TAG] = (0, immediate)
@@ -608,7 +607,7 @@ class Connection:
             task.sequences[ttt] = (0, task.next_offset)
             stat_sn, exp, top = self._numbers(advance=False)
             words = (ttt, stat_sn, exp, top, task.r2t_sn, task.next_offset, length)
-            header, _ = build(Opcode.R2T, 0x80, b"", encode_lun(task.lun), task.itt, words)
+            header, _ = build(Opcode.R2T, 0x80, b"", task.lun, task.itt, words)
             self._send(header)
             task.r2t_sn += 1
             task.next_offset += length
@@ -625,7 +624,7 @@ class Connection:
         stat_sn, exp, top = self._numbers()
         words = (0, stat_sn, exp, top, 0, 0, 0)
         body = struct.pack(">H", len(sense)) + sense
-        header, data = build(Opcode.SCSI_RESPONSE, 0x80, body, bytes(8), task.itt, words, 0, Status.CHECK_CONDITION)
+        header, data = build(Opcode.SCSI_RESPONSE, 0x80, body, -1, task.itt, words, 0, Status.CHECK_CONDITION)
         self._send(header, data)
 
     def _data_out(self, pdu: PDU) -> list[Task]:
@@ -668,7 +667,12 @@ class Connection:
         if self.tasks.get(task.itt) is not task or task.aborted or self.closing:
             return
         del self.tasks[task.itt]
-        lun = encode_lun(task.lun)
+        lun = task.lun
+        if task.read and reply.status == Status.GOOD and len(reply.data) == task.edtl and self._single_pdu(task.edtl):
+            stat_sn, exp, top = self._numbers()  # the common read: one Data-In PDU carrying the status
+            header, body = build(Opcode.DATA_IN, 0x81, reply.data, lun, task.itt, (RESERVED_TAG, stat_sn, exp, top))
+            self._send(header, body)
+            return
         data = memoryview(reply.data).cast("B") if reply.data else memoryview(b"")
         residual_flags, residual = 0, 0
         if task.read:
@@ -694,11 +698,14 @@ class Connection:
         stat_sn, exp, top = self._numbers()
         sense = struct.pack(">H", len(reply.sense)) + reply.sense if reply.sense else b""
         words = (0, stat_sn, exp, top, 0, 0, residual)
-        header, body = build(Opcode.SCSI_RESPONSE, 0x80 | residual_flags, sense, bytes(8), task.itt, words, 0, reply.status)
+        header, body = build(Opcode.SCSI_RESPONSE, 0x80 | residual_flags, sense, -1, task.itt, words, 0, reply.status)
         self._send(header, body)
 
+    def _single_pdu(self, length: int) -> bool:
+        return 0 < length <= self.params.max_recv_data_segment_length and length <= self.params.max_burst_length
+
     def _data_in(
-        self, task: Task, data: memoryview, lun: bytes, collapse: bool, residual_flags: int, residual: int, status: int
+        self, task: Task, data: memoryview, lun: int, collapse: bool, residual_flags: int, residual: int, status: int
     ) -> None:
         """Data-In PDUs of at most the initiator's MaxRecvDataSegmentLength, F set at the end of each burst."""
         step = self.params.max_recv_data_segment_length

@@ -10,6 +10,8 @@ from enum import IntEnum
 
 import crc32c
 
+from san.iscsi._wire import header
+
 BHS_LENGTH = 48
 RESERVED_TAG = 0xFFFFFFFF
 
@@ -119,13 +121,12 @@ def build(
     opcode: int,
     flags: int,
     data: bytes | bytearray | memoryview = b"",
-    lun: bytes = bytes(8),
+    lun: int = -1,
     itt: int = RESERVED_TAG,
     words: tuple[int, ...] = (),
     byte2: int = 0,
     byte3: int = 0,
 ) -> tuple[bytes, bytes | bytearray | memoryview]:
-    """(header, data) of a PDU: words fill bytes 20-47 as big-endian 32-bit fields."""
-    header = struct.pack(">BBBBI8sI", opcode, flags, byte2, byte3, len(data), lun, itt)
-    fields = b"".join(struct.pack(">I", w & 0xFFFFFFFF) for w in words)
-    return header + fields.ljust(28, b"\0"), data
+    """(header, data) of a PDU: words fill bytes 20-47 as big-endian 32-bit fields; lun -1 leaves the LUN zero."""
+    w = (*words, 0, 0, 0, 0, 0, 0, 0)
+    return header(opcode, flags, len(data), lun, itt, w[0], w[1], w[2], w[3], w[4], w[5], w[6], byte2, byte3), data

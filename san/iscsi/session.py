@@ -46,6 +46,9 @@ class Session:
 
     def accept(self, cmd_sn: int, item: Any) -> list[Any]:
         """Take a non-immediate PDU numbered cmd_sn; returns the PDUs now in order (none if it waits or is dropped)."""
+        if cmd_sn == self.exp_cmd_sn and not self.held:
+            self.exp_cmd_sn = (cmd_sn + 1) & 0xFFFFFFFF
+            return [item]
         if not self.in_window(cmd_sn) or cmd_sn in self.held:
             return []
         self.held[cmd_sn] = item

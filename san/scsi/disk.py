@@ -114,6 +114,7 @@ class Disk:
     reserved_by: str | None = None
     comparing: list[tuple[int, int, asyncio.Event]] = field(default_factory=list)
     pr: Reservations = field(init=False)
+    over_threshold: bool = False
 
     def __post_init__(self) -> None:
         self.pr = Reservations(lambda nexus, condition: self.raise_attention(condition, nexus))
@@ -126,6 +127,12 @@ class Disk:
     def nblocks(self) -> int:
         volume = self.agent.volumes.get(self.vdisk)
         return volume.nblocks if volume is not None else 0
+
+    def threshold(self, above: bool) -> None:
+        """The pool crossed its warning threshold: up, every nexus hears it once (new ones on their first command)."""
+        self.over_threshold = above
+        if above:
+            self.raise_attention(UnitAttention.SOFT_THRESHOLD)
 
     def raise_attention(self, condition: UnitAttention, nexus: str | None = None) -> None:
         """Queue a unit attention for one nexus, or for every nexus seen so far."""
@@ -140,7 +147,9 @@ class Disk:
             opcode = Op(cdb[0]) if cdb and cdb[0] in Op._value2member_map_ else None
             if opcode is None:
                 raise invalid_opcode()
-            pending = self.attentions.setdefault(nexus.name, [])
+            pending = self.attentions.get(nexus.name)
+            if pending is None:
+                pending = self.attentions[nexus.name] = [UnitAttention.SOFT_THRESHOLD] if self.over_threshold else []
             if pending and opcode not in UA_EXEMPT:
                 raise pending.pop(0).check_condition()
             if self.reserved_by not in (None, nexus.name) and opcode not in RESERVATION_EXEMPT:
@@ -162,8 +171,8 @@ class Disk:
         """The fast path for READ/WRITE 10 and 16: the whole command, without a coroutine, when nothing needs one
         (no unit attention, reservation, compare in progress, FUA, or fault); None sends the caller to execute()."""
         opcode = cdb[0]
-        if opcode not in FAST_OPCODES or self.attentions.get(nexus.name) or self.reserved_by is not None:
-            return None
+        if opcode not in FAST_OPCODES or self.attentions.get(nexus.name, True) or self.reserved_by is not None:
+            return None  # a new nexus goes the slow way once, to be told of what is pending
         if self.pr.reserved or self.comparing or cdb[1] & 0xE8:
             return None
         try:

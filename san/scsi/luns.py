@@ -34,6 +34,7 @@ class LunView:
         self.nexus = nexus
         self.luns = luns
         self.luns_changed = False
+        self.nexuses = {lun: Nexus(nexus, zoned.read_only) for lun, zoned in luns.items()}
 
     def update(self, luns: dict[int, Zoned]) -> None:
         if set(luns) != set(self.luns) or any(luns[n] != self.luns[n] for n in luns):
@@ -41,6 +42,7 @@ class LunView:
             for zoned in luns.values():
                 zoned.disk.raise_attention(UnitAttention.REPORTED_LUNS_CHANGED, self.nexus)
         self.luns = luns
+        self.nexuses = {lun: Nexus(self.nexus, zoned.read_only) for lun, zoned in luns.items()}
 
     def lost(self) -> None:
         """The nexus ended (logout, connection loss, reinstatement)."""
@@ -52,17 +54,17 @@ class LunView:
         zoned = self.luns.get(lun)
         if zoned is None:
             return None
-        return zoned.disk.execute_now(Nexus(self.nexus, zoned.read_only), cdb, data_out)
+        return zoned.disk.execute_now(self.nexuses[lun], cdb, data_out)
 
     async def execute(self, lun: int, cdb: bytes, data_out: Data = b"") -> Reply:
         zoned = self.luns.get(lun)
         if cdb and cdb[0] == Op.REPORT_LUNS:
-            return self.report_luns(cdb, zoned)
+            return self.report_luns(cdb)
         if zoned is None:
             return self._no_unit(cdb)
         return await zoned.disk.execute(Nexus(self.nexus, zoned.read_only), cdb, data_out)
 
-    def report_luns(self, cdb: bytes, zoned: Zoned | None) -> Reply:
+    def report_luns(self, cdb: bytes) -> Reply:
         try:
             select = cdb[2]
             allocation = struct.unpack_from(">I", cdb, 6)[0]
@@ -74,8 +76,8 @@ class LunView:
             return Reply(Status.CHECK_CONDITION, sense=condition.sense)
         except (IndexError, struct.error):
             return Reply(Status.CHECK_CONDITION, sense=invalid_field(0).sense)
-        if zoned is not None:
-            pending = zoned.disk.attentions.get(self.nexus, [])
+        for other in self.luns.values():  # the initiator has the new list: no LUN of this nexus needs to say so
+            pending = other.disk.attentions.get(self.nexus, [])
             if UnitAttention.REPORTED_LUNS_CHANGED in pending:
                 pending.remove(UnitAttention.REPORTED_LUNS_CHANGED)
         numbers = sorted(self.luns) if select != 0x01 else []

@@ -9,6 +9,7 @@ import ctypes.util
 import errno
 import os
 import stat
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -106,6 +107,9 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         offset += os.pwrite(fd, zeros[: end - offset], offset)
 
 
+MAX_CONTAINER_ID = 0xFFFF
+
+
 @dataclass
 class ContainerSet:
     """Open containers by id, with the set written since the last flush."""
@@ -113,17 +117,23 @@ class ContainerSet:
     fds: dict[int, int] = field(default_factory=dict)
     paths: dict[int, str] = field(default_factory=dict)
     dirty: set[int] = field(default_factory=set)
+    # The same fds as a C array indexed by container id (-1: not attached), for the agent's Cython I/O path.
+    fd_table: array[int] = field(default_factory=lambda: array("i", [-1]) * (MAX_CONTAINER_ID + 1))
 
     def attach(self, container_id: int, path: str) -> None:
         if self.paths.get(container_id) == path:
             return
+        if not 0 <= container_id <= MAX_CONTAINER_ID:
+            raise ContainerError(f"container id {container_id} is out of range")
         self.detach(container_id)
-        self.fds[container_id] = open_container(path)
+        self.fds[container_id] = self.fd_table[container_id] = open_container(path)
         self.paths[container_id] = path
 
     def detach(self, container_id: int) -> None:
         fd = self.fds.pop(container_id, None)
         self.paths.pop(container_id, None)
+        if 0 <= container_id <= MAX_CONTAINER_ID:
+            self.fd_table[container_id] = -1
         self.dirty.discard(container_id)
         if fd is not None:
             os.close(fd)

@@ -1,0 +1,136 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The agent's hot path in C: translate a request through the map table and pread/pwrite its extents with the GIL
+released, straight into or out of the caller's buffer. A fault is reported back, not resolved: the caller does that."""
+
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memset
+from posix.uio cimport iovec
+from posix.unistd cimport pread, pwrite
+from posix.types cimport off_t
+
+cdef extern from "<sys/uio.h>" nogil:
+    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
+
+cdef enum:
+    RWF_NOWAIT = 0x00000008
+
+from san._fastmap cimport MapTable, extent_t, fault_t, translate_fast
+
+cdef enum:
+    MAX_EXTENTS = 64
+
+FAULT = 1
+DONE = 0
+AGAIN = 2  # with nowait: the data is not in the page cache, so reading it would block
+
+
+cdef int _read_nowait(int fd, unsigned char *buf, uint64_t length, uint64_t offset) noexcept nogil:
+    """preadv2(RWF_NOWAIT) until done: 0, EAGAIN if any of it is not cached, or the errno of a failure."""
+    cdef iovec iov
+    cdef Py_ssize_t done = 0
+    cdef Py_ssize_t n
+    while <uint64_t>done < length:
+        iov.iov_base = buf + done
+        iov.iov_len = length - done
+        n = preadv2(fd, &iov, 1, offset + done, RWF_NOWAIT)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if n == 0:
+            return EAGAIN if done else -1
+        done += n
+    return 0
+
+
+cdef int _transfer(int fd, unsigned char *buf, uint64_t length, uint64_t offset, bint write) noexcept nogil:
+    """Move length bytes; 0, or the errno of a failure (-1 for a container that ends early)."""
+    cdef Py_ssize_t done = 0
+    cdef Py_ssize_t n
+    while <uint64_t>done < length:
+        if write:
+            n = pwrite(fd, buf + done, length - done, offset + done)
+        else:
+            n = pread(fd, buf + done, length - done, offset + done)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return errno
+        if n == 0:
+            return -1
+        done += n
+    return 0
+
+
+def read_blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblocks, unsigned char[:] out,
+                bint nowait=False) -> int:
+    """Read blocks [lba, lba+nblocks), already checked to be in range, into out. DONE, or FAULT with nothing read,
+    or with nowait AGAIN when some of the data is not in the page cache (the caller reads it in a thread instead);
+    OSError on an I/O error. Zero extents are filled without I/O."""
+    cdef extent_t ext[MAX_EXTENTS]
+    cdef fault_t fault
+    cdef int n = translate_fast(table, lba, nblocks, False, ext, MAX_EXTENTS, &fault)
+    cdef int i, err = 0, failed = -1
+    cdef uint64_t at = 0
+    cdef int fd
+    if n < 0:
+        return FAULT
+    if <uint64_t>out.shape[0] < nblocks * table.block_size:
+        raise ValueError("buffer too small")
+    cdef unsigned char *base = &out[0] if out.shape[0] else NULL
+    for i in range(n):
+        if ext[i].container >= 0 and (ext[i].container >= fds.shape[0] or fds[ext[i].container] < 0):
+            raise OSError(f"container {ext[i].container} is not attached")
+    cdef int slot = table.io_start_c()
+    with nogil:
+        for i in range(n):
+            if ext[i].container < 0:
+                memset(base + at, 0, ext[i].length)
+            else:
+                fd = fds[ext[i].container]
+                if nowait:
+                    err = _read_nowait(fd, base + at, ext[i].length, ext[i].offset)
+                else:
+                    err = _transfer(fd, base + at, ext[i].length, ext[i].offset, False)
+                if err:
+                    failed = i
+                    break
+            at += ext[i].length
+    table.io_end_c(slot)
+    if err == EAGAIN and nowait:
+        return AGAIN
+    if err:
+        raise OSError(err if err > 0 else 5, f"reading container {ext[failed].container} at byte {ext[failed].offset}")
+    return DONE
+
+
+def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned char[:] data, set written) -> int:
+    """Write data (whole blocks) at lba when every block is mapped for writing: DONE, or FAULT with nothing written.
+    The containers written are added to `written` (they need a flush before the data is durable)."""
+    cdef extent_t ext[MAX_EXTENTS]
+    cdef fault_t fault
+    cdef uint64_t nblocks = data.shape[0] // table.block_size
+    cdef int n = translate_fast(table, lba, nblocks, True, ext, MAX_EXTENTS, &fault)
+    cdef int i, err = 0, failed = -1
+    cdef uint64_t at = 0
+    if n < 0:
+        return FAULT
+    for i in range(n):
+        if ext[i].container < 0 or ext[i].container >= fds.shape[0] or fds[ext[i].container] < 0:
+            raise OSError(f"container {ext[i].container} is not attached")
+    cdef const unsigned char *base = &data[0] if data.shape[0] else NULL
+    cdef int slot = table.io_start_c()
+    with nogil:
+        for i in range(n):
+            err = _transfer(fds[ext[i].container], <unsigned char *>base + at, ext[i].length, ext[i].offset, True)
+            if err:
+                failed = i
+                break
+            at += ext[i].length
+    table.io_end_c(slot)
+    for i in range(n if not err else failed + 1):
+        written.add(ext[i].container)
+    if err:
+        raise OSError(err if err > 0 else 5, f"writing container {ext[failed].container} at byte {ext[failed].offset}")
+    return DONE

@@ -1,0 +1,17 @@
+def header(
+    opcode: int,
+    flags: int,
+    data_length: int,
+    lun: int,
+    itt: int,
+    w20: int = 0,
+    w24: int = 0,
+    w28: int = 0,
+    w32: int = 0,
+    w36: int = 0,
+    w40: int = 0,
+    w44: int = 0,
+    byte2: int = 0,
+    byte3: int = 0,
+) -> bytes: ...
+def command_fields(bhs: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int]: ...
