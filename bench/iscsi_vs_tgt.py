@@ -3,8 +3,9 @@
 Both serve a 1 GiB disk filled with the same random data (san: a thin vdisk in a pool on a sparse file; tgtd: a file
 LUN); iscsi-perf runs the same load against each for the same time, alternating, best of --rounds. Then
 `qemu-img bench -w` times 4 KiB writes on a fresh thin vdisk (each write in a new segment) against the same writes
-once every segment is allocated. The last line is `iscsi_vs_tgt randread4k_ratio=<x> seqread128k_ratio=<y>`
-(goal: x >= 1.0, y >= 0.9; the write ratio, printed before it, >= 0.9)."""
+once every segment is allocated, best of --rounds fresh vdisks. The last line is
+`iscsi_vs_tgt randread4k_ratio=<x> seqread128k_ratio=<y>` (goal: x >= 1.0, y >= 0.9; the write ratio, printed
+before it, >= 0.9)."""
 
 from __future__ import annotations
 
@@ -156,12 +157,17 @@ def main() -> None:
                         iops = perf(url, args.seconds, blocks, random_io)
                         results[target_name][name] = max(results[target_name].get(name, 0.0), iops)
                 print(f"{name}: san {results['san'][name]:.0f} IOPS, tgtd {results['tgt'][name]:.0f} IOPS")
-            run(*san, "vdisk", "create", "fresh", "--pool", "w", "--size", "1G")
             run(*san, "zone", "remove", "bench", "disk")
-            run(*san, "zone", "add", "bench", "fresh", "--lun", "0")
             count = (1 << 30) // WRITE_SEGMENT
-            fresh = qemu_bench(f"127.0.0.1:{san_portal}", count, WRITE_SEGMENT)
-            allocated = qemu_bench(f"127.0.0.1:{san_portal}", count, WRITE_SEGMENT)
+            fresh = allocated = 0.0
+            for index in range(args.rounds):
+                name = f"fresh{index}"
+                run(*san, "vdisk", "create", name, "--pool", "w", "--size", "1G")
+                run(*san, "zone", "add", "bench", name, "--lun", "0")
+                fresh = max(fresh, qemu_bench(f"127.0.0.1:{san_portal}", count, WRITE_SEGMENT))
+                allocated = max(allocated, qemu_bench(f"127.0.0.1:{san_portal}", count, WRITE_SEGMENT))
+                run(*san, "zone", "remove", "bench", name)
+                run(*san, "vdisk", "delete", name)
             print(
                 f"4k writes, each in a new {WRITE_SEGMENT >> 10} KiB segment: fresh thin {fresh:.0f}/s,"
                 f" allocated {allocated:.0f}/s, write_alloc_ratio={fresh / allocated:.2f}"
