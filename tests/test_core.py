@@ -502,3 +502,30 @@ def test_reads_that_would_wait_for_the_disk_run_in_a_thread(tmp_path: Path, monk
         assert "_read_into" in threaded
 
     run(str(tmp_path), body)
+
+
+def test_a_write_during_an_unmap_waits_and_gets_a_new_segment(tmp_path: Path) -> None:
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 64 * MIB)
+        v = await c.create_vdisk("v", "p", 16 * MIB)
+        await s.agent.write(v.id, 0, block("old") * 2048)
+        await s.agent.flush()
+        before = c.mappings(v.id, 0, 1)[0]
+        table = s.agent.volumes[v.id].table
+        slot = table.io_start()  # an I/O still in flight holds the unmap at its barrier
+        unmap = asyncio.ensure_future(s.agent.unmap(v.id, 0, 2048))
+        await asyncio.sleep(0.05)
+        write = asyncio.ensure_future(s.agent.write(v.id, 5, block("new")))
+        await asyncio.sleep(0.05)
+        assert not unmap.done() and not write.done(), "the write waits until the segment has been given back"
+        table.io_end(slot)
+        await unmap
+        await write
+        await s.agent.flush()
+        after = c.mappings(v.id, 0, 1)[0]
+        assert (after.container_id, after.pseg) != (before.container_id, before.pseg)
+        assert bytes(await s.agent.read(v.id, 0, 6)) == bytes(5 * 512) + block("new")
+
+    run(str(tmp_path), body)
+    assert check_store(str(tmp_path / "san.db"))[0] == []

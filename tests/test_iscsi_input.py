@@ -262,3 +262,41 @@ def test_the_scsi_layer_answers_any_cdb(
     assert reply.status != 0x02 or len(reply.sense) == 18
     view = LunView("fuzz", {})
     assert loop.run_until_complete(view.execute(3, cdb, data)).status in (0x00, 0x02)
+
+
+def test_a_huge_expected_length_is_refused_without_allocating_it(server: SanServer) -> None:
+    initiator = logged_in(server)
+    initiator.sock.settimeout(10)
+    try:
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 1, 0)
+        bhs = struct.pack(
+            ">BBHI2s6xIIII16s", 0x01, 0xA0, 0, 0, b"\0\0", 77, 0xFFFFFFF0, initiator.cmd_sn, 0, cdb.ljust(16, b"\0")
+        )
+        initiator.cmd_sn += 1
+        initiator.send(bhs)
+        response = initiator.receive()
+        assert response.opcode == 0x21 and response.status == 0x02
+        assert initiator.command(0, bytes(6)).status == 0, "the session goes on"
+    finally:
+        initiator.close()
+
+
+def test_a_data_out_that_ends_its_burst_early_fails_the_command(server: SanServer) -> None:
+    initiator = logged_in(server)
+    initiator.sock.settimeout(10)
+    try:
+        cdb = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0)
+        bhs = struct.pack(">BBHI8sIIII16s", 0x01, 0xA0, 0, 0, bytes(8), 88, 4096, initiator.cmd_sn, 0, cdb.ljust(16, b"\0"))
+        initiator.cmd_sn += 1
+        initiator.send(bhs)
+        r2t = initiator.receive()
+        assert r2t.opcode == 0x31
+        ttt = r2t.u32(20)
+        data_out = struct.pack(">BBHI8s8I", 0x05, 0x80, 0, 512, bytes(8), 88, ttt, 0, 0, 0, 0, 0, 0)
+        initiator.send(data_out, b"x" * 512)  # F set after 512 of the 4096 bytes asked for
+        reject, response = initiator.receive(), initiator.receive()
+        assert reject.opcode == 0x3F and response.opcode == 0x21 and response.status == 0x02
+        assert response.data[2 + 2] & 0x0F == 0x0B, "ABORTED COMMAND (sense after its 2-byte length)"
+        assert initiator.command(0, bytes(6)).status == 0, "the session goes on"
+    finally:
+        initiator.close()

@@ -38,6 +38,7 @@ class Volume:
     nblocks: int
     grant: list[tuple[int, int]] = field(default_factory=list)
     unreported: list[tuple[int, int, int]] = field(default_factory=list)
+    releasing: list[tuple[int, int, asyncio.Event]] = field(default_factory=list)
 
 
 class Agent:
@@ -245,6 +246,10 @@ class Agent:
                         self.containers.read_into(container, offset, view[at : at + length])
                     at += length
             pos = seg_start
+        for start, stop, released in volume.releasing:
+            if start <= fault.segment < stop:
+                await released.wait()  # an unmap is giving this segment back: map it anew only once that is done
+                return pos
         zero_data = False
         fresh = write and fault.state == ZERO and table.get_entries(fault.segment, 1)[0][3] is None
         if fresh:
@@ -327,9 +332,16 @@ class Agent:
         await self._report(vdisk, volume)
         for start in range(first, last, UNMAP_CHUNK):
             count = min(UNMAP_CHUNK, last - start)
-            table.set_entries(start, [(0, 0, ZERO)] * count)
-            await _drained(table)
-            response = await self.link.send(Release(vdisk, start, count))
+            released = asyncio.Event()
+            entry = (start, start + count, released)
+            volume.releasing.append(entry)
+            try:
+                table.set_entries(start, [(0, 0, ZERO)] * count)
+                await _drained(table)
+                response = await self.link.send(Release(vdisk, start, count))
+            finally:
+                volume.releasing.remove(entry)
+                released.set()
             if response.action is Action.FAIL:
                 raise AgentIOError(response.reason, response.message)
 

@@ -522,7 +522,7 @@ class Controller:
             if isinstance(message, Release):
                 return self.release(message)
             return self.handle_fault(message)
-        except (StoreFailure, OSError) as exc:
+        except (StoreFailure, OSError, sqlite3.Error) as exc:
             log.error("cannot answer %s: %s", message, exc)
             return Response(Action.FAIL, reason=Reason.IO_ERROR, message=str(exc))
 
@@ -600,6 +600,7 @@ class Controller:
             return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"vdisk {vdisk.name!r} is thick")
         if not self.mappings(vdisk.id, start, stop):
             return Response()
+        self._redo_unmaps()
         self._write_pending()
         freed = self.store.remove_mappings(vdisk.id, start, stop)
         for saved in self.unsaved.get(vdisk.id, {}), self.pending.get(vdisk.id, {}):
@@ -728,15 +729,21 @@ class Controller:
             self.unsaved.setdefault(vdisk_id, {}).update(pending)
         self.pending.clear()
 
+    def _redo_unmaps(self) -> None:
+        """Unmaps a failed commit rolled back go into the open transaction again, before any later mapping."""
+        for vdisk_id, start, stop in self.unmap_retry:
+            if vdisk_id in self.vdisks:
+                freed = self.store.remove_mappings(vdisk_id, start, stop)
+                self.freeing.setdefault(self.vdisks[vdisk_id].pool_id, []).extend(freed)
+                self.unmaps.append((vdisk_id, start, stop))
+        self.unmap_retry.clear()
+
     def commit(self) -> None:
         """Make every mapping change so far durable, atomically (a metadata commit, like dm-thin's).
 
         On failure the transaction is rolled back and the allocations wait for the next commit."""
         try:
-            for vdisk_id, start, stop in self.unmap_retry:
-                if vdisk_id in self.vdisks:
-                    freed = self.store.remove_mappings(vdisk_id, start, stop)
-                    self.freeing.setdefault(self.vdisks[vdisk_id].pool_id, []).extend(freed)
+            self._redo_unmaps()
             self._write_pending()
             self.store.commit()
         except sqlite3.Error as exc:

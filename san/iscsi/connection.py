@@ -6,6 +6,7 @@ Everything to send collects in outbox; `closing` says the connection must be dro
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -32,13 +33,15 @@ from san.iscsi.pdu import (
     header_lengths,
     padding,
 )
-from san.iscsi.session import Session, serial_add
+from san.iscsi.session import QUEUE_DEPTH, Session, serial_add
 from san.iscsi.target import PORTAL_GROUP_TAG, Target
 from san.scsi.disk import Reply
 from san.scsi.luns import LunView
-from san.scsi.sense import Key, Status, fixed_sense
+from san.scsi.sense import Key, Status, fixed_sense, invalid_field
 
 LOGIN_DATA_LIMIT = 64 * 1024
+MAX_DATA_OUT = 16 << 20  # the most data-out one command may carry (the largest transfer is 8 MiB, or 2x for C&W)
+MAX_TASKS = 2 * QUEUE_DEPTH  # commands of one connection in progress at once, immediate ones included
 SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
 
 
@@ -92,6 +95,7 @@ class Connection:
         self.exp_cmd_sn = 0
         self.tasks: dict[int, Task] = {}
         self.discarding: set[int] = set()
+        self.tmf_waiting: list[tuple[set[int], int, int, bool]] = []  # (running aborted ITTs, TMF ITT, answer, cold)
         self.next_ttt = 1
         self.digests = (False, False)
         # login state
@@ -166,12 +170,6 @@ class Connection:
             return []
         if self.state is State.LOGGED_OUT:
             return []
-        if opcode not in INITIATOR_OPCODES:
-            self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
-            return []
-        if opcode == Opcode.LOGIN:
-            self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
-            return []
         if opcode == Opcode.DATA_OUT:
             return self._data_out(pdu)
         if opcode == Opcode.SNACK:
@@ -179,19 +177,34 @@ class Connection:
             return []
         session = self.session
         assert session is not None
-        if session.discovery and opcode not in (Opcode.TEXT, Opcode.LOGOUT, Opcode.NOP_OUT):
-            self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
-            return []
         cmd_sn = pdu.u32(24)
+        if opcode not in INITIATOR_OPCODES or opcode == Opcode.LOGIN:
+            unknown = opcode not in INITIATOR_OPCODES
+            self._reject(pdu.bhs, RejectReason.COMMAND_NOT_SUPPORTED if unknown else RejectReason.PROTOCOL_ERROR)
+            # Its number is used up, so that no later command waits behind it.
+            return [] if pdu.immediate else self._in_order(session.accept(cmd_sn, None))
         if pdu.immediate:
+            if len(self.tasks) >= MAX_TASKS:
+                self._reject(pdu.bhs, RejectReason.IMMEDIATE_COMMAND_REJECT)
+                return []
             return self._command(pdu)
+        return self._in_order(session.accept(cmd_sn, pdu))
+
+    def _in_order(self, items: list[PDU | None]) -> list[Task]:
+        """Carry out the PDUs that are now in CmdSN order (None: a number used up by a rejected PDU)."""
         ready: list[Task] = []
-        for item in session.accept(cmd_sn, pdu):
-            ready.extend(self._command(item))
+        for item in items:
+            if item is not None:
+                ready.extend(self._command(item))
         return ready
 
     def _command(self, pdu: PDU) -> list[Task]:
+        """A PDU in CmdSN order (its number is used up even when it is rejected, so no later command waits for it)."""
         opcode = pdu.opcode
+        assert self.session is not None
+        if self.session.discovery and opcode not in (Opcode.TEXT, Opcode.LOGOUT, Opcode.NOP_OUT):
+            self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
+            return []
         if opcode == Opcode.SCSI_COMMAND:
             return self._scsi_command(pdu)
         if opcode == Opcode.NOP_OUT:
@@ -245,7 +258,7 @@ class Connection:
                 raise LoginFailed(0x0205, "unsupported version: only version 0 is spoken")
             if transit and cont:
                 raise LoginFailed(0x0200, "T and C both set")
-            if csg == 2 or (transit and (nsg == 2 or nsg <= csg)) or (csg < self.stage and self.sent_first_response):
+            if csg in (2, 3) or (transit and (nsg == 2 or nsg <= csg)) or (csg < self.stage and self.sent_first_response):
                 raise LoginFailed(0x0200, "bad login stage")
             if not self.isid:
                 self.isid, self.tsih, self.exp_cmd_sn = pdu.bhs[8:14], pdu.u16(14), pdu.u32(24)
@@ -272,7 +285,6 @@ class Connection:
             if transit and nsg == FULL_FEATURE:
                 self._enter_full_feature()
                 self._login_response(pdu, csg, nsg, True, answers)
-                self.stat_sn = serial_add(self.stat_sn, 1)
                 self.digests = (self.params.header_digest, self.params.data_digest)  # from the next PDU on
                 return
             self.stage = nsg if transit else csg
@@ -371,6 +383,7 @@ class Connection:
         self.sent_first_response = True
         flags = (0x80 if transit else 0) | (csg << 2) | nsg
         stat_sn, exp, top = self.stat_sn, self.exp_cmd_sn, serial_add(self.exp_cmd_sn, 1)
+        self.stat_sn = serial_add(self.stat_sn, 1)
         tsih = self.tsih if transit and nsg == FULL_FEATURE else 0
         bhs = struct.pack(
             ">BBBBI6sHIIIIIBB10x", Opcode.LOGIN_RESPONSE, flags, 0, 0, 0, self.isid, tsih, pdu.itt, 0, stat_sn, exp, top, 0, 0
@@ -474,7 +487,7 @@ class Connection:
                     answers.append((key, "NotUnderstood"))
         stat_sn, exp, top = self._numbers()
         final = not pdu.flags & 0x40
-        flags = 0x80 if final else 0x40
+        flags = 0x80 if final else 0  # to a request that continues: an empty answer that asks for the rest
         ttt = RESERVED_TAG if final else self._new_ttt()
         header, body = build(Opcode.TEXT_RESPONSE, flags, encode_text(answers), -1, pdu.itt, (ttt, stat_sn, exp, top))
         self._send(header, body)
@@ -501,11 +514,14 @@ class Connection:
             self.forget()
 
     def _task_management(self, pdu: PDU) -> None:
+        """ABORT TASK, ABORT/CLEAR TASK SET, LUN RESET, TARGET WARM/COLD RESET (the resets reach only the caller's
+        LUNs). The answer waits until aborted commands that were running have ended, so none lands after it."""
         function = pdu.flags & 0x7F
         session = self.session
         assert session is not None
         lun = pdu.lun
         response = 0
+        waiting: set[int] = set()
         if function == 1:  # ABORT TASK
             task = self.tasks.get(pdu.u32(20))
             if task is None:
@@ -515,43 +531,47 @@ class Connection:
             elif task.lun != lun:
                 response = 1
             else:
-                task.aborted = True
-                self.tasks.pop(task.itt)
+                waiting = self._abort_where(lambda conn, t: t is task)
         elif function in (2, 4):  # ABORT TASK SET, CLEAR TASK SET
-            for itt, task in list(self.tasks.items()):
-                if task.lun == lun:
-                    task.aborted = True
-                    del self.tasks[itt]
-        elif function == 5:  # LOGICAL UNIT RESET
-            zoned = session.view.luns.get(lun)
-            if zoned is None:
+            waiting = self._abort_where(lambda conn, t: conn is self and t.lun == lun)
+        elif function in (5, 6, 7):  # LOGICAL UNIT RESET, TARGET WARM / COLD RESET
+            zoned = [session.view.luns[lun]] if function == 5 and lun in session.view.luns else []
+            if function != 5:
+                zoned = list(session.view.luns.values())
+            if not zoned:
                 response = 2
-            else:
-                for conn in self._connections():
-                    for itt, task in list(conn.tasks.items()):
-                        other = conn.session.view.luns.get(task.lun) if conn.session is not None else None
-                        if other is not None and other.disk is zoned.disk:
-                            task.aborted = True
-                            del conn.tasks[itt]
-                zoned.disk.reset()
-        elif function in (6, 7):  # TARGET WARM / COLD RESET
-            for conn in self._connections():
-                for task in conn.tasks.values():
-                    task.aborted = True
-                conn.tasks.clear()
-            for zoned in session.view.luns.values():
-                zoned.disk.reset()
-            if function == 7:
-                for conn in self._connections():
-                    if conn is not self:
-                        conn.close()
+            disks = {id(z.disk) for z in zoned}
+            waiting = self._abort_where(lambda conn, t: id(_disk_of(conn, t)) in disks)
+            for z in zoned:
+                z.disk.reset()
         else:
             response = 5
-        stat_sn, exp, top = self._numbers()
-        header, _ = build(Opcode.TASK_MANAGEMENT_RESPONSE, 0x80, b"", -1, pdu.itt, (0, stat_sn, exp, top), byte2=response)
-        self._send(header)
-        if function == 7:
-            self.closing = True
+        self.tmf_waiting.append((waiting, pdu.itt, response, function == 7))
+        self._answer_tmfs()
+
+    def _abort_where(self, match: Callable[[Connection, Task], bool]) -> set[int]:
+        """Abort the matching tasks of every connection; returns this connection's ones that are still running."""
+        waiting: set[int] = set()
+        for conn in self._connections():
+            for itt, task in list(conn.tasks.items()):
+                if match(conn, task):
+                    task.aborted = True
+                    del conn.tasks[itt]
+                    if not task.started:
+                        conn.discarding.add(itt)  # its remaining Data-Out PDUs are dropped quietly
+                    elif conn is self:
+                        waiting.add(itt)
+        return waiting
+
+    def _answer_tmfs(self) -> None:
+        while self.tmf_waiting and not self.tmf_waiting[0][0]:
+            _, itt, response, cold = self.tmf_waiting.pop(0)
+            stat_sn, exp, top = self._numbers()
+            words = (0, stat_sn, exp, top)
+            header, _ = build(Opcode.TASK_MANAGEMENT_RESPONSE, 0x80, b"", -1, itt, words, byte2=response)
+            self._send(header)
+            if cold:
+                self.closing = True
 
     def _connections(self) -> list[Connection]:
         found = [s.connection for s in self.target.sessions.values() if isinstance(s.connection, Connection)]
@@ -580,6 +600,13 @@ class Connection:
             return []
         if not flags & 0x80 and (not write or self.params.initial_r2t):
             self._reject(pdu.bhs, RejectReason.PROTOCOL_ERROR)
+            return []
+        if write and edtl > MAX_DATA_OUT:
+            # Never allocate what a header merely claims: larger than any command here takes, so refused outright.
+            self.tasks[itt] = task
+            if not flags & 0x80:
+                self.discarding.add(itt)
+            self.complete(task, Reply(Status.CHECK_CONDITION, sense=invalid_field(0).sense))
             return []
         self.tasks[itt] = task
         if not write:
@@ -649,6 +676,11 @@ class Connection:
         if task.sequences.get(ttt) != (pdu.u32(36), offset):
             self._fail_data_sequence(task, pdu)
             return []
+        if pdu.final:
+            burst_end = min(self.params.first_burst_length, task.edtl) if ttt == RESERVED_TAG else sum(task.bursts[ttt])
+            if offset + length != burst_end:
+                self._fail_data_sequence(task, pdu)  # F before the burst is complete: the rest would never come
+                return []
         task.sequences[ttt] = (pdu.u32(36) + 1, offset + length)
         task.buffer[offset : offset + length] = pdu.data
         task.received += length
@@ -664,6 +696,10 @@ class Connection:
 
     def complete(self, task: Task, reply: Reply) -> None:
         """Send a finished task's data and status (Data-In with status collapsed into the last PDU when possible)."""
+        if task.aborted:
+            for waiting, *_ in self.tmf_waiting:
+                waiting.discard(task.itt)
+            self._answer_tmfs()
         if self.tasks.get(task.itt) is not task or task.aborted or self.closing:
             return
         del self.tasks[task.itt]
@@ -725,3 +761,9 @@ class Connection:
             words = (RESERVED_TAG, stat_sn if status_here else 0, exp, top, data_sn, offset, residual if status_here else 0)
             header, body = build(Opcode.DATA_IN, flags, data[offset:end], lun, task.itt, words, 0, status if status_here else 0)
             self._send(header, body)
+
+
+def _disk_of(connection: Connection, task: Task) -> object:
+    """The SCSI unit a task of a connection addresses (None when its LUN is not zoned there)."""
+    zoned = connection.session.view.luns.get(task.lun) if connection.session is not None else None
+    return zoned.disk if zoned is not None else None

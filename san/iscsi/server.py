@@ -18,6 +18,7 @@ from san.scsi.sense import Key, Status, fixed_sense
 log = logging.getLogger("san.iscsi")
 PING_IDLE = 10.0
 PING_TIMEOUT = 15.0
+LOGIN_TIMEOUT = 15.0
 MAX_TASKS_PER_CONNECTION = 256
 HIGH_WATER = 4 << 20
 
@@ -33,7 +34,9 @@ class IscsiProtocol(asyncio.Protocol):
         self.last_heard = time.monotonic()
         self.ping_sent: float | None = None
         self.paused = False
+        self.peer_slow = False
         self.flush_scheduled = False
+        self.opened = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
@@ -73,9 +76,25 @@ class IscsiProtocol(asyncio.Protocol):
 
     def _finished(self, job: asyncio.Task[None]) -> None:
         self.running.discard(job)
-        if self.paused and len(self.running) < MAX_TASKS_PER_CONNECTION // 2 and self.transport is not None:
+        self._maybe_resume()
+
+    def _maybe_resume(self) -> None:
+        transport = self.transport
+        busy = self.peer_slow or len(self.running) >= MAX_TASKS_PER_CONNECTION // 2
+        if self.paused and not busy and transport is not None and not transport.is_closing():
             self.paused = False
-            self.transport.resume_reading()
+            transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        """The peer reads slower than we answer: stop taking its commands until our send buffer drains."""
+        self.peer_slow = True
+        if self.transport is not None and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.peer_slow = False
+        self._maybe_resume()
 
     async def _run(self, task: Task) -> None:
         connection = self.connection
@@ -106,7 +125,13 @@ class IscsiProtocol(asyncio.Protocol):
     def check_alive(self, now: float) -> None:
         """Ping an idle full-feature connection; drop it when the ping goes unanswered."""
         connection = self.connection
-        if connection is None or connection.session is None or self.transport is None:
+        if connection is None or self.transport is None:
+            return
+        if connection.session is None:
+            if now - self.opened > LOGIN_TIMEOUT:
+                log.warning("dropping a connection that did not log in within %s s", LOGIN_TIMEOUT)
+                connection.close()
+                self.transport.close()
             return
         if self.ping_sent is not None and now - self.ping_sent > PING_TIMEOUT:
             log.warning("dropping %s: no answer to a NOP-In ping", connection.initiator)

@@ -39,7 +39,7 @@ class Session:
 
     @property
     def max_cmd_sn(self) -> int:
-        return serial_add(self.exp_cmd_sn, QUEUE_DEPTH - 1 - len(self.held))
+        return serial_add(self.exp_cmd_sn, QUEUE_DEPTH - 1)  # a window that never shrinks (initiators cannot tell)
 
     def in_window(self, cmd_sn: int) -> bool:
         return not serial_lt(cmd_sn, self.exp_cmd_sn) and not serial_lt(self.max_cmd_sn, cmd_sn)

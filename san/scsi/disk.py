@@ -110,7 +110,6 @@ class Disk:
     unit: pages.UnitInfo
     port: tuple[str, int] | None = None
     attentions: dict[str, list[UnitAttention]] = field(default_factory=dict)
-    last_sense: dict[str, bytes] = field(default_factory=dict)
     reserved_by: str | None = None
     comparing: list[tuple[int, int, asyncio.Event]] = field(default_factory=list)
     pr: Reservations = field(init=False)
@@ -154,11 +153,10 @@ class Disk:
                 raise pending.pop(0).check_condition()
             if self.reserved_by not in (None, nexus.name) and opcode not in RESERVATION_EXEMPT:
                 return Reply(Status.RESERVATION_CONFLICT)
-            if self.pr.reserved and opcode in PR_WRITES | PR_READS:
-                if opcode in (Op.RESERVE_6, Op.RESERVE_10, Op.RELEASE_6, Op.RELEASE_10):
-                    return Reply(Status.RESERVATION_CONFLICT)
-                if self.pr.blocks(nexus.name, opcode in PR_WRITES):
-                    return Reply(Status.RESERVATION_CONFLICT)
+            if self.pr.keys and opcode in (Op.RESERVE_6, Op.RESERVE_10, Op.RELEASE_6, Op.RELEASE_10):
+                return Reply(Status.RESERVATION_CONFLICT)  # SPC-2 reservations do not mix with registrations
+            if self.pr.reserved and opcode in PR_WRITES | PR_READS and self.pr.blocks(nexus.name, opcode in PR_WRITES):
+                return Reply(Status.RESERVATION_CONFLICT)
             return await HANDLERS[opcode](self, nexus, cdb, data_out)
         except CheckCondition as condition:
             return self._check_condition(nexus, condition)
@@ -202,7 +200,6 @@ class Disk:
             return None
 
     def _check_condition(self, nexus: Nexus, condition: CheckCondition) -> Reply:
-        self.last_sense[nexus.name] = condition.sense
         return Reply(Status.CHECK_CONDITION, sense=condition.sense)
 
     # -- checks --------------------------------------------------------------------------------------------
@@ -239,10 +236,8 @@ class Disk:
         if cdb[1] & 0x01:
             raise invalid_field(1, 0)  # descriptor format is not supported
         pending = self.attentions.get(nexus.name)
-        if pending:
-            sense = pending.pop(0).check_condition().sense
-        else:
-            sense = self.last_sense.pop(nexus.name, b"") or fixed_sense(Key.NO_SENSE, 0, 0)
+        # Sense of a failed command went back with it (autosense): only a pending unit attention is left to report.
+        sense = pending.pop(0).check_condition().sense if pending else fixed_sense(Key.NO_SENSE, 0, 0)
         return Reply(data=sense[: cdb[4]])
 
     async def inquiry(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
@@ -592,7 +587,6 @@ class Disk:
         if self.reserved_by == nexus:
             self.reserved_by = None
         self.attentions.pop(nexus, None)
-        self.last_sense.pop(nexus, None)
 
     def reset(self) -> None:
         """LUN reset: reservations dropped, every nexus told so."""
