@@ -727,13 +727,14 @@ class Connection:
         elif not task.read and not task.write and len(data):
             data = memoryview(b"")
         collapse = reply.status == Status.GOOD and not reply.sense and len(data) > 0
+        data_pdus = 0
         if task.read and len(data):
-            self._data_in(task, data, lun, collapse, residual_flags, residual, reply.status)
+            data_pdus = self._data_in(task, data, lun, collapse, residual_flags, residual, reply.status)
             if collapse:
                 return
         stat_sn, exp, top = self._numbers()
         sense = struct.pack(">H", len(reply.sense)) + reply.sense if reply.sense else b""
-        words = (0, stat_sn, exp, top, 0, 0, residual)
+        words = (0, stat_sn, exp, top, data_pdus, 0, residual)  # ExpDataSN: the Data-In PDUs sent before it
         header, body = build(Opcode.SCSI_RESPONSE, 0x80 | residual_flags, sense, -1, task.itt, words, 0, reply.status)
         self._send(header, body)
 
@@ -742,7 +743,7 @@ class Connection:
 
     def _data_in(
         self, task: Task, data: memoryview, lun: int, collapse: bool, residual_flags: int, residual: int, status: int
-    ) -> None:
+    ) -> int:
         """Data-In PDUs of at most the initiator's MaxRecvDataSegmentLength, F set at the end of each burst."""
         step = self.params.max_recv_data_segment_length
         burst = self.params.max_burst_length
@@ -761,6 +762,7 @@ class Connection:
             words = (RESERVED_TAG, stat_sn if status_here else 0, exp, top, data_sn, offset, residual if status_here else 0)
             header, body = build(Opcode.DATA_IN, flags, data[offset:end], lun, task.itt, words, 0, status if status_here else 0)
             self._send(header, body)
+        return len(pieces)
 
 
 def _disk_of(connection: Connection, task: Task) -> object:

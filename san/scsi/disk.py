@@ -212,9 +212,12 @@ class Disk:
         if nblocks > self.unit.max_transfer_blocks:
             raise invalid_field(length_byte)
 
-    def _data(self, data_out: Data, nbytes: int) -> memoryview:
+    def _data(self, data_out: Data, nbytes: int, parameters: bool = False) -> memoryview:
+        """The first nbytes of data-out; less than that is a parameter list length error for parameter lists."""
         view = memoryview(data_out).cast("B")
         if len(view) < nbytes:
+            if parameters:
+                raise parameter_list_length_error()
             raise CheckCondition(Key.ILLEGAL_REQUEST, 0x4B, 0x00, "data phase error: too little data-out")
         return view[:nbytes]
 
@@ -333,7 +336,7 @@ class Disk:
             raise invalid_field(1, 4)  # PF must be set: only SPC page formats are understood
         if length == 0:
             return Reply()
-        params = bytes(self._data(data_out, length))
+        params = bytes(self._data(data_out, length, parameters=True))
         header = 4 if six else 8
         if len(params) < header:
             raise parameter_list_length_error()
@@ -522,7 +525,7 @@ class Disk:
             return Reply()
         if length < 8:
             raise parameter_list_length_error()
-        params = bytes(self._data(data_out, length))
+        params = bytes(self._data(data_out, length, parameters=True))
         described = struct.unpack_from(">H", params, 2)[0]
         count = min(described, len(params) - 8) // 16
         if count > pages.MAX_UNMAP_DESCRIPTORS:
