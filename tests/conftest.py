@@ -199,6 +199,20 @@ def running_server(data: Path, cwd: Path) -> Iterator[SanServer]:
         server.kill()
 
 
+@contextlib.contextmanager
+def serving(base: Path, *extra: str) -> Iterator[SanServer]:
+    """A started `san serve` with extra options for a module's tests: at the end it must still be running, stop with
+    exit status 0 on SIGTERM and leave a store that `san check` finds clean."""
+    server = SanServer(base / "data", base / "cwd", extra=extra)
+    server.start()
+    try:
+        yield server
+    finally:
+        assert server.running, f"san serve died during the tests:\n{server.log_text()}"
+        assert server.stop() == 0, server.log_text()
+        assert_clean(server.data)
+
+
 def assert_one_line(stderr: str) -> str:
     """stderr is exactly one non-empty line; returns it."""
     lines = stderr.splitlines()

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SanServer
+from conftest import SanServer, serving
 
 TARGET = "iqn.2003-01.org.san:conformance"
 INITIATORS = ("iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test", "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2")
@@ -72,10 +72,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
-    base = tmp_path_factory.mktemp("conformance")
-    san = SanServer(base / "data", base / "cwd", extra=("--iqn", TARGET))
-    san.start()
-    try:
+    with serving(tmp_path_factory.mktemp("conformance"), "--iqn", TARGET) as san:
         san.ok("pool", "create", "p", "--size", "2G")
         san.ok("vdisk", "create", "disk", "--pool", "p", "--size", "256M")
         san.ok("vdisk", "create", "ro", "--pool", "p", "--size", "16M")
@@ -84,9 +81,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
             san.ok("zone", "add", f"libiscsi{index}", "disk", "--lun", "0")
             san.ok("zone", "add", f"libiscsi{index}", "ro", "--lun", "1", "--read-only")
         yield san
-    finally:
-        assert san.running, f"the target died during the conformance suite:\n{san.log_text()}"
-        assert san.stop() == 0, san.log_text()
 
 
 def skipped_tests(output: str) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SanServer, assert_clean, free_port, san_command
+from conftest import SanServer, free_port, san_command, serving
 
 TARGET = "iqn.2003-01.org.san:pytest"
 TOOLS = ("iscsi-ls", "iscsi-inq", "iscsi-readcapacity16", "qemu-img", "qemu-io")
@@ -27,18 +27,11 @@ def tool(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
-    base = tmp_path_factory.mktemp("iscsi")
-    san = SanServer(base / "data", base / "cwd", extra=("--iqn", TARGET, "--open-access"))
-    san.start()
-    try:
+    with serving(tmp_path_factory.mktemp("iscsi"), "--iqn", TARGET, "--open-access") as san:
         san.ok("pool", "create", "p", "--size", "2G")
         san.ok("vdisk", "create", "disk0", "--pool", "p", "--size", "256M")
         san.ok("vdisk", "create", "disk1", "--pool", "p", "--size", "64M", "--block-size", "4096")
         yield san
-    finally:
-        status = san.stop()
-        assert status == 0, san.log_text()
-        assert_clean(san.data)
 
 
 def url(server: SanServer, lun: int | None = None) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SanServer
+from conftest import SanServer, serving
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawiscsi import RawInitiator
@@ -31,16 +31,10 @@ INITIATOR = "iqn.2024-01.org.example:fuzzer"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
-    base = tmp_path_factory.mktemp("input")
-    san = SanServer(base / "data", base / "cwd", extra=("--iqn", TARGET, "--open-access"))
-    san.start()
-    try:
+    with serving(tmp_path_factory.mktemp("input"), "--iqn", TARGET, "--open-access") as san:
         san.ok("pool", "create", "p", "--size", "256M")
         san.ok("vdisk", "create", "v", "--pool", "p", "--size", "32M")
         yield san
-    finally:
-        assert san.running, f"the target died:\n{san.log_text()}"
-        assert san.stop() == 0, san.log_text()
 
 
 def still_serving(server: SanServer) -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import SanServer, assert_clean, assert_one_line
+from conftest import SanServer, assert_one_line, serving
 from rawiscsi import RawInitiator, Response
 
 TARGET = "iqn.2003-01.org.san:zoning"
@@ -27,10 +27,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
-    base = tmp_path_factory.mktemp("zoning")
-    san = SanServer(base / "data", base / "cwd", extra=("--iqn", TARGET))
-    san.start()
-    try:
+    with serving(tmp_path_factory.mktemp("zoning"), "--iqn", TARGET) as san:
         san.ok("pool", "create", "p", "--size", "1G")
         for name in ("a0", "a1", "b0"):
             san.ok("vdisk", "create", name, "--pool", "p", "--size", "64M")
@@ -40,10 +37,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
         san.ok("zone", "add", "alice", "a1", "--lun", "5")
         san.ok("zone", "add", "bob", "b0", "--read-only")
         yield san
-    finally:
-        status = san.stop()
-        assert status == 0, san.log_text()
-        assert_clean(san.data)
 
 
 def portal(server: SanServer, user: str = "") -> str:

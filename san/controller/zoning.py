@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TypeVar
 
 from san.errors import Conflict, InvalidRequest, NotFound
 from san.model import Host, VDisk, Zone, check_name
 from san.store.sqlite import SQLiteStore
 
+T = TypeVar("T")
 MAX_LUN = 16383  # flat addressing
 IQN = re.compile(r"iqn\.\d{4}-\d{2}(\.[a-z0-9][a-z0-9-]*)+(:[^\s]+)?")
 EUI = re.compile(r"eui\.[0-9A-Fa-f]{16}")
@@ -73,12 +75,7 @@ class Zoning:
         other = self.by_iqn(iqn)
         if other is not None:
             raise Conflict(f"{iqn} is already host {other.name!r}")
-        try:
-            host = self.store.add_host(name, iqn, (*chap, *mutual))
-            self.store.commit()
-        except BaseException:
-            self.store.rollback()
-            raise
+        host = self._durably(lambda: self.store.add_host(name, iqn, (*chap, *mutual)))
         self.hosts[host.id] = host
         self._changed()
         return host
@@ -89,12 +86,7 @@ class Zoning:
         if zoned:
             names = ", ".join(sorted(self.vdisks()[z.vdisk_id].name for z in zoned))
             raise Conflict(f"host {name!r} still sees {names}; remove its zones first")
-        try:
-            self.store.delete_host(host.id)
-            self.store.commit()
-        except BaseException:
-            self.store.rollback()
-            raise
+        self._durably(lambda: self.store.delete_host(host.id))
         del self.hosts[host.id]
         self._changed()
 
@@ -112,12 +104,7 @@ class Zoning:
         if lun in used:
             raise Conflict(f"host {host.name!r} already has LUN {lun}")
         zone = Zone(host.id, vdisk.id, lun, read_only)
-        try:
-            self.store.add_zone(zone)
-            self.store.commit()
-        except BaseException:
-            self.store.rollback()
-            raise
+        self._durably(lambda: self.store.add_zone(zone))
         self.zones.append(zone)
         self._changed()
         return zone
@@ -127,12 +114,7 @@ class Zoning:
         zone = next((z for z in self.zones if z.host_id == host.id and z.vdisk_id == vdisk.id), None)
         if zone is None:
             raise NotFound(f"{vdisk.name!r} is not zoned to host {host.name!r}")
-        try:
-            self.store.delete_zone(host.id, vdisk.id)
-            self.store.commit()
-        except BaseException:
-            self.store.rollback()
-            raise
+        self._durably(lambda: self.store.delete_zone(host.id, vdisk.id))
         self.zones.remove(zone)
         self._changed()
 
@@ -141,6 +123,16 @@ class Zoning:
         hosts = sorted(self.hosts[z.host_id].name for z in self.zones if z.vdisk_id == vdisk.id)
         if hosts:
             raise Conflict(f"vdisk {vdisk.name!r} is zoned to {', '.join(hosts)}; remove the zones first")
+
+    def _durably(self, change: Callable[[], T]) -> T:
+        """Make one store change and commit it; on any failure roll it back, so nothing changed."""
+        try:
+            result = change()
+            self.store.commit()
+        except BaseException:
+            self.store.rollback()
+            raise
+        return result
 
     def _changed(self) -> None:
         if self.on_change is not None:
