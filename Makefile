@@ -53,4 +53,5 @@ demo: venv
 	$(VENV)/bin/san demo --data $(DATA) --api $(API) --portal $(PORTAL)
 
 clean:
-	rm -rf $(VENV) build bench/build san/*.so san/*.c *.egg-info
+	rm -rf $(VENV) build bench/build *.egg-info
+	find san -name '*.so' -delete -o -name '*.c' -delete

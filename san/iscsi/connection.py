@@ -5,6 +5,7 @@ Everything to send collects in outbox; `closing` says the connection must be dro
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,10 +40,11 @@ from san.scsi.disk import Reply
 from san.scsi.luns import LunView
 from san.scsi.sense import Key, Status, fixed_sense, invalid_field
 
+log = logging.getLogger("san.iscsi")
 LOGIN_DATA_LIMIT = 64 * 1024
 MAX_DATA_OUT = 16 << 20  # the most data-out one command may carry (the largest transfer is 8 MiB, or 2x for C&W)
 MAX_TASKS = 2 * QUEUE_DEPTH  # commands of one connection in progress at once, immediate ones included
-SECURITY, OPERATIONAL, FULL_FEATURE = 0, 1, 3
+SECURITY, FULL_FEATURE = 0, 3
 
 
 class State(Enum):
@@ -110,7 +112,6 @@ class Connection:
         self.login_text = bytearray()
         self.sent_first_response = False
         self.text_pending = bytearray()
-        self.failure = ""
 
     # -- bytes in ------------------------------------------------------------------------------------------
 
@@ -374,8 +375,8 @@ class Connection:
             answer = negotiate(key, value, self.params, self.discovery)
             if answer is not None:
                 answers.append((key, answer))
-        if "MaxRecvDataSegmentLength" not in self.params.session_keys:
-            self.params.session_keys["MaxRecvDataSegmentLength"] = "sent"
+        if not self.params.declared:
+            self.params.declared = True
             answers.append(("MaxRecvDataSegmentLength", str(TARGET_MAX_RECV)))
         return answers
 
@@ -410,7 +411,7 @@ class Connection:
             status & 0xFF,
         )
         self._send(bhs)
-        self.failure = message
+        log.info("login from %s refused (status %04x): %s", self.initiator or "an unnamed initiator", status, message)
         self.closing = True
 
     def _enter_full_feature(self) -> None:

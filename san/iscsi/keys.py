@@ -4,7 +4,7 @@ Each key has a rule (list choice, boolean AND/OR, numeric min/max, declarative);
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 MAX_TEXT_BYTES = 64 * 1024
 
@@ -62,7 +62,6 @@ class Parameters:
     initial_r2t: bool = True
     immediate_data: bool = True
     max_recv_data_segment_length: int = 8192  # what the initiator accepts: the most we put in one PDU
-    target_max_recv_data_segment_length: int = 262144  # what we accept, declared to the initiator
     max_burst_length: int = 262144
     first_burst_length: int = 65536
     default_time2wait: int = 2
@@ -71,7 +70,7 @@ class Parameters:
     data_pdu_in_order: bool = True
     data_sequence_in_order: bool = True
     error_recovery_level: int = 0
-    session_keys: dict[str, str] = field(default_factory=dict)
+    declared: bool = False  # whether our own MaxRecvDataSegmentLength has been declared to the initiator
 
 
 # What the target offers for keys it negotiates.

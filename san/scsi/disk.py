@@ -174,10 +174,7 @@ class Disk:
         if self.pr.reserved or self.comparing or cdb[1] & 0xE8:
             return None
         try:
-            if opcode in (Op.READ_10, Op.WRITE_10):
-                lba, nblocks, at = struct.unpack_from(">I", cdb, 2)[0], struct.unpack_from(">H", cdb, 7)[0], 7
-            else:
-                lba, nblocks, at = struct.unpack_from(">Q", cdb, 2)[0], struct.unpack_from(">I", cdb, 10)[0], 10
+            lba, nblocks, at = self._lba_length(cdb)
             self._range(lba, nblocks)
             self._transfer(nblocks, at)
             if not nblocks:
@@ -394,16 +391,25 @@ class Disk:
         return Reply(data=await self.agent.read(self.vdisk, lba, nblocks))
 
     async def write(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
+        return await self._write_command(nexus, cdb, data_out, verify=False)
+
+    async def write_and_verify(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
+        return await self._write_command(nexus, cdb, data_out, verify=True)
+
+    async def _write_command(self, nexus: Nexus, cdb: bytes, data_out: Data, verify: bool) -> Reply:
+        """WRITE 6/10/12/16 and WRITE AND VERIFY 10/12/16 (whose data is durable before it answers: the verify)."""
         if cdb[0] != Op.WRITE_6:
             self._protect(cdb)
         lba, nblocks, at = self._lba_length(cdb)
         self._writable(nexus)
         self._range(lba, nblocks)
         self._transfer(nblocks, at)
+        if verify and cdb[1] & 0x06 not in (0x00, 0x02):
+            raise invalid_field(1, 1)
         wanted = nblocks * self.block_size
         data = self._whole_blocks(data_out, wanted)
         if len(data):
-            fua = cdb[0] != Op.WRITE_6 and bool(cdb[1] & 0x08)
+            fua = verify or (cdb[0] != Op.WRITE_6 and bool(cdb[1] & 0x08))
             await self._write(lba, data, fua)
         return Reply(wanted=wanted)
 
@@ -413,26 +419,15 @@ class Disk:
         view = memoryview(data_out).cast("B")[:wanted]
         return view[: len(view) - len(view) % self.block_size]
 
-    async def _write(self, lba: int, data: memoryview, fua: bool) -> None:
-        end = lba + len(data) // self.block_size
+    async def _after_compares(self, lba: int, end: int) -> None:
+        """Wait for every COMPARE AND WRITE in progress on blocks [lba, end) to end (that is what makes it atomic)."""
         for start, stop, done in list(self.comparing):
             if start < end and lba < stop:
                 await done.wait()
-        await self.agent.write(self.vdisk, lba, data, fua or not self.unit.write_cache)
 
-    async def write_and_verify(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
-        self._protect(cdb)
-        lba, nblocks, at = self._lba_length(cdb)
-        self._writable(nexus)
-        self._range(lba, nblocks)
-        self._transfer(nblocks, at)
-        if cdb[1] & 0x06 not in (0x00, 0x02):
-            raise invalid_field(1, 1)
-        wanted = nblocks * self.block_size
-        data = self._whole_blocks(data_out, wanted)
-        if len(data):
-            await self._write(lba, data, True)
-        return Reply(wanted=wanted)
+    async def _write(self, lba: int, data: memoryview, fua: bool) -> None:
+        await self._after_compares(lba, lba + len(data) // self.block_size)
+        await self.agent.write(self.vdisk, lba, data, fua or not self.unit.write_cache)
 
     async def verify(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
         self._protect(cdb)
@@ -467,9 +462,7 @@ class Disk:
         nbytes = nblocks * self.block_size
         data = self._data(data_out, 2 * nbytes)
         end = lba + nblocks
-        for start, stop, done in list(self.comparing):
-            if start < end and lba < stop:
-                await done.wait()
+        await self._after_compares(lba, end)
         entry = (lba, end, asyncio.Event())
         self.comparing.append(entry)
         try:
@@ -508,10 +501,7 @@ class Disk:
         return Reply(wanted=0 if ndob else self.block_size)
 
     async def _unmap(self, lba: int, nblocks: int) -> None:
-        end = lba + nblocks
-        for start, stop, done in list(self.comparing):
-            if start < end and lba < stop:
-                await done.wait()
+        await self._after_compares(lba, lba + nblocks)
         await self.agent.unmap(self.vdisk, lba, nblocks)
 
     async def unmap(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:

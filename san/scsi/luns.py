@@ -32,17 +32,17 @@ class LunView:
 
     def __init__(self, nexus: str, luns: dict[int, Zoned]) -> None:
         self.nexus = nexus
+        self._set(luns)
+
+    def _set(self, luns: dict[int, Zoned]) -> None:
         self.luns = luns
-        self.luns_changed = False
-        self.nexuses = {lun: Nexus(nexus, zoned.read_only) for lun, zoned in luns.items()}
+        self.nexuses = {lun: Nexus(self.nexus, zoned.read_only) for lun, zoned in luns.items()}
 
     def update(self, luns: dict[int, Zoned]) -> None:
         if set(luns) != set(self.luns) or any(luns[n] != self.luns[n] for n in luns):
-            self.luns_changed = True
             for zoned in luns.values():
                 zoned.disk.raise_attention(UnitAttention.REPORTED_LUNS_CHANGED, self.nexus)
-        self.luns = luns
-        self.nexuses = {lun: Nexus(self.nexus, zoned.read_only) for lun, zoned in luns.items()}
+        self._set(luns)
 
     def lost(self) -> None:
         """The nexus ended (logout, connection loss, reinstatement)."""
