@@ -7,7 +7,10 @@ DATA ?= $(CURDIR)/data
 API ?= 127.0.0.1:8080
 PORTAL ?= 127.0.0.1:3260
 # Debian packages the build and the tests need.
-APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra
+APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra \
+	$(VM_PACKAGES)
+# The LIO tests boot Debian's kernel under QEMU (vagrant/qemu_vm.py); the guest uses this machine's programs.
+VM_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static cpio kmod open-iscsi fio e2fsprogs util-linux vagrant
 # Only the benchmarks need these: tgtd is the peer bench/iscsi_vs_tgt.py measures against.
 BENCH_PACKAGES := tgt
 
@@ -37,7 +40,7 @@ $(VENV)/.installed: pyproject.toml setup.py san/_fastmap.pyx san/_fastmap.pxd | 
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check san tests bench
+	$(VENV)/bin/ruff check san tests bench vagrant
 	$(VENV)/bin/mypy
 
 unit: venv
@@ -48,6 +51,7 @@ test: lint unit
 bench: venv bench-deps
 	$(PY) bench/fastmap.py
 	$(PY) bench/iscsi_vs_tgt.py
+	$(PY) bench/lio_vs_fileio.py
 
 demo: venv
 	$(VENV)/bin/san demo --data $(DATA) --api $(API) --portal $(PORTAL)

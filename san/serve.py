@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 
 from san.api.app import create_app
-from san.service import DataDirLocked, Service
+from san.service import DataDirLocked, FrontendUnavailable, Service
 
 log = logging.getLogger("san")
 
@@ -24,24 +24,32 @@ async def serve(
     portals: list[tuple[str, int]] | None = None,
     target_name: str = "",
     open_access: bool = False,
+    frontend: str = "iscsi",
     on_ready: Callable[[Service], Awaitable[None]] | None = None,
 ) -> int:
     """Run until a signal; 0 on a clean stop, 1 if the service could not start. on_ready runs once it serves."""
     try:
-        service = Service(data_dir, commit_interval, portals=portals, target_name=target_name, open_access=open_access)
-    except (DataDirLocked, OSError) as exc:
+        service = Service(
+            data_dir, commit_interval, portals=portals, target_name=target_name, open_access=open_access, frontend=frontend
+        )
+    except (DataDirLocked, FrontendUnavailable, OSError) as exc:
         log.error("%s", exc)
         return 1
     try:
         await service.start()
+    except FrontendUnavailable as exc:
+        log.error("%s", exc)
+        await service.stop()
+        return 1
     except OSError as exc:
         log.error("cannot listen for iSCSI on %s: %s", portals, exc)
         await service.stop()
         return 1
-    if service.iscsi is not None:
+    if service.iscsi is not None or service.lio is not None:
         shown = ", ".join(f"{h}:{p}" for h, p in service.target.portals)
         note = " (open access: every initiator sees every vdisk)" if open_access else ""
-        log.info("iSCSI target %s on %s%s", target_name, shown, note)
+        how = "LIO with san's TCMU handler" if service.lio is not None else "built-in"
+        log.info("iSCSI target %s on %s (%s)%s", target_name, shown, how, note)
     if on_ready is not None:
         try:
             await on_ready(service)

@@ -1,15 +1,16 @@
-"""The embedded process: one controller, one agent, their in-process links, and the built-in iSCSI frontend.
-
-Owns the directory lock, the metadata-commit timer, the reserve top-ups and the vdisks' SCSI units."""
+"""The embedded process: one controller, one agent, their in-process links, and a frontend: the built-in iSCSI target,
+or LIO with our TCMU handler. Owns the directory lock, the metadata-commit timer, the reserve top-ups and the SCSI units."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import logging
 import os
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from san.agent.agent import Agent
@@ -18,6 +19,8 @@ from san.controller.controller import Controller
 from san.iscsi.chap import Credentials
 from san.iscsi.server import IscsiServer
 from san.iscsi.target import Access, Target
+from san.lio.config import LioConfig, RTSLibError, Wanted
+from san.lio.handler import TcmuHandler
 from san.model import VDisk
 from san.protocol.transport import LocalAgentLink, LocalControllerLink
 from san.scsi.disk import Disk
@@ -28,10 +31,20 @@ from san.store.sqlite import SQLiteStore
 
 log = logging.getLogger("san")
 DB_NAME = "san.db"
+FRONTENDS = ("iscsi", "lio", "auto")
+
+
+def lio_present() -> bool:
+    """Whether this kernel has LIO and the TCMU backstore ready (configfs mounted, target_core_user loaded)."""
+    return os.path.isdir("/sys/kernel/config/target/core") and os.path.isdir("/sys/module/target_core_user")
 
 
 class DataDirLocked(Exception):
     """Another san process serves this data directory."""
+
+
+class FrontendUnavailable(Exception):
+    """The frontend asked for cannot run on this machine."""
 
 
 class Service:
@@ -45,7 +58,18 @@ class Service:
         portals: list[tuple[str, int]] | None = None,
         target_name: str = "",
         open_access: bool = False,
+        frontend: str = "iscsi",
     ) -> None:
+        if frontend not in FRONTENDS:
+            raise ValueError(f"unknown frontend {frontend!r}: use one of {', '.join(FRONTENDS)}")
+        if frontend == "auto":
+            frontend = "lio" if lio_present() else "iscsi"
+        if frontend == "lio" and not lio_present():
+            raise FrontendUnavailable(
+                "--frontend lio needs LIO: configfs at /sys/kernel/config and the target_core_user module "
+                "(modprobe target_core_user iscsi_target_mod)"
+            )
+        self.frontend = frontend
         self.data_dir = os.path.abspath(data_dir)
         os.makedirs(self.data_dir, exist_ok=True)
         self._lock = open(os.path.join(self.data_dir, "lock"), "w")  # noqa: SIM115 - held for the process's life
@@ -65,8 +89,17 @@ class Service:
         self.disks: dict[int, Disk] = {}
         self.open_access = open_access
         self.target = Target(target_name, portals or [], self.access)
-        self.iscsi = IscsiServer(self.target) if portals else None
-        self.controller.zoning.on_change = self.target.refresh
+        self.iscsi = IscsiServer(self.target) if portals and frontend == "iscsi" else None
+        self.controller.zoning.on_change = self._zoning_changed
+        self.tcmu: TcmuHandler | None = None
+        self.lio: LioConfig | None = None
+        self.lio_thread = ThreadPoolExecutor(1, thread_name_prefix="lio")
+        self.lio_job: asyncio.Future[None] | None = None
+        self.lio_dirty = False
+        self.lio_error: str | None = None
+        if frontend == "lio":
+            self.tcmu = TcmuHandler(self._disk_for_config)
+            self.lio = LioConfig(target_name, portals or [], open_access)
 
     async def start(self) -> None:
         await self.controller.add_agent(LocalAgentLink(self.agent))
@@ -77,6 +110,12 @@ class Service:
         self.spawn(self._maintain())
         if self.iscsi is not None:
             await self.iscsi.start()
+        if self.tcmu is not None:
+            await self.tcmu.start()
+            self._lio_changed()
+            await self.settled()
+            if self.lio_error is not None:
+                raise FrontendUnavailable(f"cannot configure LIO: {self.lio_error}")
 
     def disk(self, vdisk: VDisk) -> Disk:
         """The SCSI unit of a vdisk (one per vdisk, shared by every session that sees it)."""
@@ -86,6 +125,46 @@ class Service:
             disk = self.disks[vdisk.id] = Disk(vdisk.id, self.agent, unit, (self.target.name, 1))
             disk.over_threshold = vdisk.pool_id in self.controller.above_threshold
         return disk
+
+    def _disk_for_config(self, config: str) -> Disk | None:
+        """The SCSI unit a TCMU device's config (`<vdisk id>`) names, if that vdisk is ready."""
+        vdisk = self.controller.vdisks.get(int(config)) if config.isdigit() else None
+        return self.disk(vdisk) if vdisk is not None and vdisk.state == "ready" else None
+
+    def _zoning_changed(self) -> None:
+        self.target.refresh()
+        self._lio_changed()
+
+    def _lio_changed(self) -> None:
+        """LIO must follow the controller: reconcile it in the LIO thread (one run at a time, again if needed)."""
+        if self.lio is None:
+            return
+        self.lio_dirty = True
+        if self.lio_job is None or self.lio_job.done():
+            self.lio_job = asyncio.ensure_future(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        assert self.lio is not None
+        loop = asyncio.get_running_loop()
+        while self.lio_dirty:
+            self.lio_dirty = False
+            zoning = self.controller.zoning
+            wanted = Wanted(
+                [copy.copy(v) for v in self.controller.vdisks.values()],
+                [copy.copy(h) for h in zoning.hosts.values()],
+                [copy.copy(z) for z in zoning.zones],
+            )
+            try:
+                await loop.run_in_executor(self.lio_thread, self.lio.reconcile, wanted)
+                self.lio_error = None
+            except (RTSLibError, OSError) as exc:
+                self.lio_error = str(exc)
+                log.error("LIO configuration failed: %s", exc)
+
+    async def settled(self) -> None:
+        """Wait until LIO shows the latest change (at once with the built-in frontend)."""
+        while self.lio_job is not None and not self.lio_job.done():
+            await asyncio.shield(self.lio_job)
 
     def access(self, initiator: str) -> Access | None:
         """What an initiator may see: its host's zones; for an unknown initiator, nothing, or with open access (demo
@@ -120,6 +199,7 @@ class Service:
             disk.unit.nblocks = vdisk.nblocks
             disk.raise_attention(UnitAttention.CAPACITY_CHANGED)
         self.target.refresh()
+        self._lio_changed()
 
     def refill(self, pool_id: int) -> None:
         """Top up a pool's reserve in the background: the zeroing and its flush run in a thread."""
@@ -164,6 +244,14 @@ class Service:
     async def stop(self) -> None:
         if self.iscsi is not None:
             await self.iscsi.stop()
+        if self.tcmu is not None and self.lio is not None:
+            await self.settled()
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.lio_thread, self.lio.remove)
+            except (RTSLibError, OSError) as exc:
+                log.error("could not remove san's LIO objects: %s", exc)
+            await self.tcmu.stop()
+        self.lio_thread.shutdown()
         for task in list(self.tasks):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -2,18 +2,9 @@
 """The agent's hot path in C: translate a request through the map table and pread/pwrite its extents with the GIL
 released, straight into or out of the caller's buffer. A fault is reported back, not resolved: the caller does that."""
 
-from libc.errno cimport EAGAIN, EINTR, errno
-from libc.stdint cimport int64_t, uint64_t
+from libc.errno cimport EAGAIN
+from libc.stdint cimport uint64_t
 from libc.string cimport memset
-from posix.uio cimport iovec
-from posix.unistd cimport pread, pwrite
-from posix.types cimport off_t
-
-cdef extern from "<sys/uio.h>" nogil:
-    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
-
-cdef enum:
-    RWF_NOWAIT = 0x00000008
 
 from san._fastmap cimport MapTable, extent_t, fault_t, translate_fast
 
@@ -23,44 +14,6 @@ cdef enum:
 FAULT = 1
 DONE = 0
 AGAIN = 2  # with nowait: the data is not in the page cache, so reading it would block
-
-
-cdef int _read_nowait(int fd, unsigned char *buf, uint64_t length, uint64_t offset) noexcept nogil:
-    """preadv2(RWF_NOWAIT) until done: 0, EAGAIN if any of it is not cached, or the errno of a failure."""
-    cdef iovec iov
-    cdef Py_ssize_t done = 0
-    cdef Py_ssize_t n
-    while <uint64_t>done < length:
-        iov.iov_base = buf + done
-        iov.iov_len = length - done
-        n = preadv2(fd, &iov, 1, offset + done, RWF_NOWAIT)
-        if n < 0:
-            if errno == EINTR:
-                continue
-            return errno
-        if n == 0:
-            return EAGAIN if done else -1
-        done += n
-    return 0
-
-
-cdef int _transfer(int fd, unsigned char *buf, uint64_t length, uint64_t offset, bint write) noexcept nogil:
-    """Move length bytes; 0, or the errno of a failure (-1 for a container that ends early)."""
-    cdef Py_ssize_t done = 0
-    cdef Py_ssize_t n
-    while <uint64_t>done < length:
-        if write:
-            n = pwrite(fd, buf + done, length - done, offset + done)
-        else:
-            n = pread(fd, buf + done, length - done, offset + done)
-        if n < 0:
-            if errno == EINTR:
-                continue
-            return errno
-        if n == 0:
-            return -1
-        done += n
-    return 0
 
 
 def read_blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblocks, unsigned char[:] out,
@@ -90,9 +43,9 @@ def read_blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblocks
             else:
                 fd = fds[ext[i].container]
                 if nowait:
-                    err = _read_nowait(fd, base + at, ext[i].length, ext[i].offset)
+                    err = read_nowait(fd, base + at, ext[i].length, ext[i].offset)
                 else:
-                    err = _transfer(fd, base + at, ext[i].length, ext[i].offset, False)
+                    err = transfer(fd, base + at, ext[i].length, ext[i].offset, False)
                 if err:
                     failed = i
                     break
@@ -123,7 +76,7 @@ def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned 
     cdef int slot = table.io_start_c()
     with nogil:
         for i in range(n):
-            err = _transfer(fds[ext[i].container], <unsigned char *>base + at, ext[i].length, ext[i].offset, True)
+            err = transfer(fds[ext[i].container], <unsigned char *>base + at, ext[i].length, ext[i].offset, True)
             if err:
                 failed = i
                 break

@@ -138,11 +138,15 @@ class Agent:
             table.io_end(slot)
         return buffer
 
-    def read_now(self, vdisk: int, lba: int, nblocks: int) -> bytearray | None:
+    def read_now(
+        self, vdisk: int, lba: int, nblocks: int, into: memoryview | None = None
+    ) -> bytearray | memoryview | None:
         """read() when no fault stands in the way, done in C without leaving the caller's thread of control; None
-        otherwise (the caller then takes the asynchronous path, which resolves the fault)."""
+        otherwise (the caller then takes the asynchronous path, which resolves the fault). With into (large enough),
+        the blocks land there and the part of it they fill is returned: no copy."""
         volume = self._volume(vdisk, lba, nblocks)
-        buffer = bytearray(nblocks * volume.table.block_size)
+        nbytes = nblocks * volume.table.block_size
+        buffer: bytearray | memoryview = into[:nbytes] if into is not None and len(into) >= nbytes else bytearray(nbytes)
         if self._read_into(volume, lba, nblocks, buffer, True) != DONE:
             return None
         return buffer

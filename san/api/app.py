@@ -5,11 +5,12 @@ Bad input gets a 4xx answer {"error": "..."} that says what is wrong, and change
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -100,6 +101,14 @@ def create_app(service: Service) -> FastAPI:
     controller = service.controller
     app = FastAPI(title="san management API", version=san.__version__)
     started = time.time()
+
+    @app.middleware("http")
+    async def frontend_follows(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """A change is answered once the frontend shows it (LIO is reconfigured in the background)."""
+        response = await call_next(request)
+        if request.method != "GET":
+            await service.settled()
+        return response
 
     @app.exception_handler(SanError)
     async def san_error(_: Request, exc: SanError) -> JSONResponse:

@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="demo mode: every initiator sees every vdisk, with no CHAP (never on a shared network)",
     )
+    serve.add_argument(
+        "--frontend",
+        choices=["iscsi", "lio", "auto"],
+        default="iscsi",
+        help="iscsi: the built-in target (default); lio: the kernel's LIO target with san's TCMU handler; "
+        "auto: lio when LIO and target_core_user are loaded, else iscsi",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     demo = commands.add_parser("demo", help="serve a demo thin vdisk that every initiator may use (demo mode)")
@@ -385,7 +392,9 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host, port = args.listen
     portals = [p for p in (args.portal or [("0.0.0.0", 3260)]) if p != ("", 0)]
-    return run_loop(serve(args.data, host, port, args.commit_interval, portals, args.iqn, args.open_access))
+    return run_loop(
+        serve(args.data, host, port, args.commit_interval, portals, args.iqn, args.open_access, args.frontend)
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:

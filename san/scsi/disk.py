@@ -165,14 +165,14 @@ class Disk:
         except (IndexError, struct.error):
             return self._check_condition(nexus, invalid_field(0))
 
-    def execute_now(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply | None:
+    def execute_now(self, nexus: Nexus, cdb: bytes, data_out: Data, into: memoryview | None = None) -> Reply | None:
         """The fast path for READ/WRITE 10 and 16: the whole command, without a coroutine, when nothing needs one
-        (no unit attention, reservation, compare in progress, FUA, or fault); None sends the caller to execute()."""
-        opcode = cdb[0]
-        if opcode not in FAST_OPCODES or self.attentions.get(nexus.name, True) or self.reserved_by is not None:
-            return None  # a new nexus goes the slow way once, to be told of what is pending
-        if self.pr.reserved or self.comparing or cdb[1] & 0xE8:
+        (no unit attention, reservation, compare in progress, FUA, or fault); None sends the caller to execute().
+        A READ's data goes straight into `into` when it is given and large enough (the reply's data is then a view of
+        it)."""
+        if cdb[0] not in FAST_OPCODES or cdb[1] & 0xE8 or not self.fast_ready(nexus):
             return None
+        opcode = cdb[0]
         try:
             lba, nblocks, at = self._lba_length(cdb)
             self._range(lba, nblocks)
@@ -180,7 +180,7 @@ class Disk:
             if not nblocks:
                 return None
             if opcode in (Op.READ_10, Op.READ_16):
-                data = self.agent.read_now(self.vdisk, lba, nblocks)
+                data = self.agent.read_now(self.vdisk, lba, nblocks, into)
                 return None if data is None else Reply(data=data)
             if nexus.read_only or not self.unit.write_cache:
                 return None
@@ -195,6 +195,12 @@ class Disk:
             return self._check_condition(nexus, _agent_error(exc))
         except struct.error:
             return None
+
+    def fast_ready(self, nexus: Nexus) -> bool:
+        """Whether plain READs and WRITEs from nexus may skip the checks execute() makes: no unit attention for it
+        (a new nexus goes the slow way once, to be told of what is pending), no reservation, no compare running."""
+        return not (self.attentions.get(nexus.name, True) or self.reserved_by is not None or self.pr.reserved
+                    or self.comparing)  # fmt: skip
 
     def _check_condition(self, nexus: Nexus, condition: CheckCondition) -> Reply:
         return Reply(Status.CHECK_CONDITION, sense=condition.sense)
