@@ -1,9 +1,6 @@
 #!/usr/bin/env python3
-"""LIO + san's TCMU handler against LIO + fileio, in a QEMU VM (vagrant/qemu_vm.py): fio 4 KiB random reads and
-writes (libaio, direct, queue depth 32) on the kernel initiator's disk, the same time on the same backing file.
-
-Prints each run's IOPS and, last, `lio_vs_fileio randread4k_ratio=<x> randwrite4k_ratio=<y>` (san / fileio).
-Under TCG absolute numbers mean little; the ratio is the figure (tcmu-runner is reported at about 0.2 of native)."""
+"""LIO + san's TCMU handler against LIO + fileio in a QEMU VM: fio 4 KiB random reads and writes (QD 32) on the kernel
+initiator's disk, same time, same file; last line `lio_vs_fileio randread4k_ratio=<x> randwrite4k_ratio=<y>`."""
 
 from __future__ import annotations
 

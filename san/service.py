@@ -1,5 +1,6 @@
-"""The embedded process: one controller, one agent, their in-process links, and a frontend: the built-in iSCSI target,
-or LIO with our TCMU handler. Owns the directory lock, the metadata-commit timer, the reserve top-ups and the SCSI units."""
+"""The embedded process: one controller, one agent, their in-process links, and the frontend (built-in iSCSI or LIO).
+
+Owns the directory lock, the metadata-commit timer, the reserve top-ups, the vdisks' SCSI units and LIO's config."""
 
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ class Service:
         self.lio_job: asyncio.Future[None] | None = None
         self.lio_dirty = False
         self.lio_error: str | None = None
+        self.stopping = False
         if frontend == "lio":
             self.tcmu = TcmuHandler(self._disk_for_config)
             self.lio = LioConfig(target_name, portals or [], open_access)
@@ -121,7 +123,7 @@ class Service:
         """The SCSI unit of a vdisk (one per vdisk, shared by every session that sees it)."""
         disk = self.disks.get(vdisk.id)
         if disk is None:
-            unit = UnitInfo(vdisk.serial, vdisk.block_size, vdisk.nblocks, vdisk.thin)
+            unit = UnitInfo(vdisk.serial, vdisk.block_size, vdisk.nblocks, vdisk.thin, ndob=self.frontend != "lio")
             disk = self.disks[vdisk.id] = Disk(vdisk.id, self.agent, unit, (self.target.name, 1))
             disk.over_threshold = vdisk.pool_id in self.controller.above_threshold
         return disk
@@ -137,7 +139,7 @@ class Service:
 
     def _lio_changed(self) -> None:
         """LIO must follow the controller: reconcile it in the LIO thread (one run at a time, again if needed)."""
-        if self.lio is None:
+        if self.lio is None or self.stopping:
             return
         self.lio_dirty = True
         if self.lio_job is None or self.lio_job.done():
@@ -244,6 +246,7 @@ class Service:
     async def stop(self) -> None:
         if self.iscsi is not None:
             await self.iscsi.stop()
+        self.stopping = True
         if self.tcmu is not None and self.lio is not None:
             await self.settled()
             try:

@@ -1,6 +1,5 @@
-"""The TCMU command ring walker (san/lio/_ring.pyx) on a mapped area laid out as the kernel lays it out: commands,
-PAD entries at the wrap, TMR notices, out-of-order completions written at cmd_tail, and refused corrupt entries.
-serve() is checked against a real agent and pool file. The kernel side is exercised in the VM (tests/test_lio.py)."""
+"""The TCMU ring walker (san/lio/_ring.pyx) on an area laid out as the kernel does: PAD, TMR, wrap-around, out-of-order
+answers at cmd_tail, corrupt entries refused, and serve() against a real agent (the kernel side: tests/test_lio.py)."""
 
 from __future__ import annotations
 
@@ -95,7 +94,7 @@ def test_wrap_around_pad_and_tmr_entries() -> None:
             ring.complete(fetched[0][0], 0, b"")
             ring.skip_idle()
         done = kernel.completions()
-        assert all(status == 0 for _, status, _, _ in done)
+        assert done and all(status == 0 for _, status, _, _ in done)
     assert struct.unpack_from("=I", kernel.area, 64)[0] == kernel.head  # everything answered, nothing left behind
 
 
@@ -143,11 +142,33 @@ def test_unknown_mailboxes_and_corrupt_entries_are_refused() -> None:
     kernel.put(CMD, 64, 1)  # too short for an answer: completing it would overwrite the next entry
     with pytest.raises(RingError):
         ring.fetch()
+    for iovs in (((AREA - 100, 4096),), ((2**64 - 256, 512),)):  # past the end of the area; wrapping round 2**64
+        kernel = KernelSide()
+        ring = Ring(kernel.area)
+        kernel.command(1, bytes(6), iovs)
+        with pytest.raises(RingError):
+            ring.fetch()
     kernel = KernelSide()
     ring = Ring(kernel.area)
-    kernel.command(1, bytes(6), ((AREA - 100, 4096),))  # a buffer past the end of the area
+    kernel.command(1, bytes(6))
+    struct.pack_into("=Q", kernel.area, CMDR_OFF + 24, 2**64 - 8)  # a CDB offset that wraps round
     with pytest.raises(RingError):
         ring.fetch()
+    kernel = KernelSide()
+    ring = Ring(kernel.area)
+    kernel.command(1, bytes(6))
+    struct.pack_into("=I", kernel.area, CMDR_OFF + 8, 1000)  # more iovecs than the entry holds
+    with pytest.raises(RingError):
+        ring.fetch()
+    kernel = KernelSide()
+    ring = Ring(kernel.area)
+    struct.pack_into("=I", kernel.area, 12, CMDR_SIZE + 8)  # cmd_head outside the ring
+    with pytest.raises(RingError):
+        ring.fetch()
+    kernel = KernelSide()
+    struct.pack_into("=II", kernel.area, 4, 0xFFFFFF00, 0x200)  # a ring whose end wraps round 2**32
+    with pytest.raises(RingError):
+        Ring(kernel.area)
 
 
 def test_serve_carries_out_plain_reads_and_writes_in_the_ring(tmp_path: Path) -> None:

@@ -1,8 +1,6 @@
 #!/usr/bin/env python3
-"""Run a script inside a throw-away Linux VM: Debian's kernel under QEMU (TCG), this machine's root shared read-only.
-
-The guest sees every program and Python package installed here through 9p plus a tmpfs overlay, loads the LIO, TCMU
-and iSCSI modules, runs the script as root, and powers off; the script's exit status and log come back."""
+"""Run a command in a throw-away VM: Debian's kernel under QEMU (TCG) with LIO, TCMU and iSCSI modules loaded, this
+machine's root shared read-only (9p + tmpfs overlay); the command's exit status, log and console come back."""
 
 from __future__ import annotations
 

@@ -3,8 +3,6 @@ from san._fastmap import MapTable
 PAD: int
 CMD: int
 TMR: int
-SENSE_SIZE: int
-MAX_CDB: int
 
 class RingError(Exception): ...
 
@@ -12,8 +10,6 @@ class Ring:
     memory: memoryview | None
     def __init__(self, area: object) -> None: ...
     def release(self) -> None: ...
-    @property
-    def size(self) -> int: ...
     def fetch(self) -> list[tuple[int, bytes, tuple[tuple[int, int], ...], int]]: ...
     def serve(
         self, table: MapTable, fds: object, nblocks: int, writes: bool, written: set[int]

@@ -1,7 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""A TCMU device's command ring, walked in C: new commands are copied out of the ring (CDB and data iovecs) as they
-are fetched, and completions are written, out of order, into the entry at cmd_tail as the kernel's protocol asks.
-serve() carries out plain READ/WRITE 10/16 itself, between the containers and the ring's data area."""
+"""A TCMU device's command ring, walked in C: commands are copied out as fetched (or plain READ/WRITE done here, straight
+between containers and the data area), and answers go, in any order, into the entry at cmd_tail as TCMU asks."""
 
 from cpython.buffer cimport PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -106,13 +105,11 @@ cdef enum:
     READ_16 = 0x88
     WRITE_10 = 0x2A
     WRITE_16 = 0x8A
-    SLOW_FLAGS = 0xE8  # RDPROTECT/WRPROTECT, DPO, FUA: the SCSI layer handles those
+    SLOW_FLAGS = 0xE8  # RDPROTECT/WRPROTECT and FUA: the SCSI layer handles those (DPO is only a hint)
 
 PAD = TCMU_OP_PAD
 CMD = TCMU_OP_CMD
 TMR = TCMU_OP_TMR
-SENSE_SIZE = TCMU_SENSE_BUFFERSIZE
-MAX_CDB = 260
 
 
 cdef inline uint32_t _cdb_length(const uint8_t *cdb) noexcept nogil:
@@ -199,7 +196,8 @@ cdef class Ring:
         if self.buffer.len < 128 or self.mailbox.version != TCMU_MAILBOX_VERSION:
             self.release()
             raise RingError(f"unknown TCMU mailbox version {self.mailbox.version if self.buffer.len >= 2 else None}")
-        if self.mailbox.cmdr_off + self.mailbox.cmdr_size > <uint64_t>self.buffer.len:
+        if (self.mailbox.cmdr_off < sizeof(tcmu_mailbox) or self.mailbox.cmdr_size < sizeof(tcmu_cmd_entry)
+                or <uint64_t>self.mailbox.cmdr_off + <uint64_t>self.mailbox.cmdr_size > <uint64_t>self.buffer.len):
             self.release()
             raise RingError("the command ring lies outside the mapped area")
         if not self.mailbox.flags & TCMU_MAILBOX_FLAG_CAP_OOOC:
@@ -218,10 +216,6 @@ cdef class Ring:
         if self.held:
             PyBuffer_Release(&self.buffer)
             self.held = False
-
-    @property
-    def size(self) -> int:
-        return self.buffer.len
 
     def fetch(self):
         """The commands queued since the last fetch: (cmd_id, cdb, iovecs as ((offset, length), ...), bidi count).
@@ -243,28 +237,32 @@ cdef class Ring:
         cdef uint32_t size = self.mailbox.cmdr_size
         cdef uint8_t *ring = self.base + self.mailbox.cmdr_off
         cdef tcmu_cmd_entry *entry
-        cdef uint32_t length, i, count, cdb_len
+        cdef uint32_t length, i, cdb_len
         cdef uint16_t cmd_id
-        cdef uint64_t offset, end
+        cdef uint64_t offset, count, limit = <uint64_t>self.buffer.len
         cdef const uint8_t *cdb
+        if head >= size or head % 8:
+            raise RingError(f"cmd_head {head} is not a place in a {size}-byte ring")
         while self.next != head:
             entry = <tcmu_cmd_entry *>(ring + self.next)
             length = entry.hdr.len_op & ~(<uint32_t>TCMU_OP_MASK)
-            if length == 0 or length > size:
+            if length == 0 or length > size - self.next:
                 raise RingError(f"corrupt ring entry at {self.next}")
             if entry.hdr.len_op & TCMU_OP_MASK != TCMU_OP_CMD:
                 self.next = (self.next + length) % size
                 continue
             if length < sizeof(tcmu_cmd_entry):
                 raise RingError(f"command entry at {self.next} too short for its answer")
-            count = entry.req.iov_cnt + entry.req.iov_bidi_cnt
+            count = <uint64_t>entry.req.iov_cnt + <uint64_t>entry.req.iov_bidi_cnt
+            if count > (length - 48) // 16:
+                raise RingError(f"more iovecs than entry {self.next} holds")
             offset = entry.req.cdb_off
-            if offset + 16 > <uint64_t>self.buffer.len:
+            if offset > limit - 16:
                 raise RingError(f"CDB outside the mapped area at entry {self.next}")
             cdb = self.base + offset
             for i in range(count):
-                end = <uint64_t>entry.req.iov[i].iov_base + entry.req.iov[i].iov_len
-                if end > <uint64_t>self.buffer.len:
+                offset = <uint64_t>entry.req.iov[i].iov_base
+                if offset > limit or <uint64_t>entry.req.iov[i].iov_len > limit - offset:
                     raise RingError(f"data buffer outside the mapped area at entry {self.next}")
             cmd_id = entry.hdr.cmd_id
             self.next = (self.next + length) % size  # this entry's slot may take an answer from here on
@@ -273,8 +271,9 @@ cdef class Ring:
                 answered += 1
                 continue
             cdb_len = _cdb_length(cdb)
-            if offset + cdb_len > <uint64_t>self.buffer.len:
-                cdb_len = <uint32_t>(self.buffer.len - offset)
+            offset = entry.req.cdb_off
+            if cdb_len > limit - offset:
+                cdb_len = <uint32_t>(limit - offset)
             iovs = []
             for i in range(count):
                 iovs.append((<uint64_t>entry.req.iov[i].iov_base, entry.req.iov[i].iov_len))
@@ -327,6 +326,8 @@ cdef class Ring:
         cdef uint32_t size = self.mailbox.cmdr_size
         cdef uint8_t *ring = self.base + self.mailbox.cmdr_off
         cdef uint32_t tail = self.mailbox.cmd_tail
+        if tail >= size:
+            raise RingError(f"cmd_tail {tail} is not a place in a {size}-byte ring")
         cdef tcmu_cmd_entry *entry = <tcmu_cmd_entry *>(ring + tail)
         while entry.hdr.len_op & TCMU_OP_MASK != TCMU_OP_CMD:
             if tail == self.next:
@@ -349,7 +350,8 @@ cdef class Ring:
         san_store_release(&self.mailbox.cmd_tail, tail)
 
     def skip_idle(self):
-        """With nothing outstanding, move cmd_tail over PAD and TMR entries so their ring space comes back."""
+        """Move cmd_tail over PAD and TMR entries that lie before the first unanswered command (their ring space
+        comes back without waiting for the next answer)."""
         if not self.held or self.mailbox.cmd_tail == self.next:
             return
         cdef uint32_t size = self.mailbox.cmdr_size
@@ -365,6 +367,8 @@ cdef class Ring:
 
     def gather(self, iovs, Py_ssize_t limit) -> bytearray:
         """Copy up to limit bytes of data-out from the iovecs into one buffer (for commands split across blocks)."""
+        if not self.held:
+            raise RingError("the ring was released")
         cdef Py_ssize_t total = 0, n
         for offset, length in iovs:
             total += length
@@ -382,6 +386,8 @@ cdef class Ring:
 
     def scatter(self, iovs, const uint8_t[:] data) -> int:
         """Copy data-in into the iovecs; returns the bytes placed."""
+        if not self.held:
+            return 0
         cdef Py_ssize_t at = 0, n
         cdef Py_ssize_t total = data.shape[0]
         for offset, length in iovs:

@@ -39,8 +39,13 @@ class TcmuDevice:
         self.fd = os.open(f"/dev/uio{minor}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self.area = mmap.mmap(self.fd, map_size(minor), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        try:
             self.ring = Ring(self.area)
         except BaseException:
+            self.area.close()
             os.close(self.fd)
             raise
         self.tasks: set[asyncio.Task[None]] = set()
@@ -72,8 +77,14 @@ class TcmuDevice:
             self.fd = -1  # a late answer must not notify whatever file gets this number next
 
     def _signalled(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        try:
             os.read(self.fd, 4)
+        except BlockingIOError:
+            pass
+        except OSError as exc:  # the device went away under us
+            log.error("%s: /dev/uio%d: %s; no longer serving it", self.name, self.minor, exc)
+            asyncio.get_running_loop().remove_reader(self.fd)
+            return
         self.process()
 
     def process(self) -> None:
@@ -87,7 +98,7 @@ class TcmuDevice:
         volume = agent.volumes.get(disk.vdisk)
         try:
             if volume is not None and disk.fast_ready(LIO_NEXUS):
-                writes = disk.unit.write_cache  # with the cache off every write must be durable: the SCSI layer's
+                writes = disk.unit.write_cache  # with the cache off, writes go through the SCSI layer (durable)
                 commands, answered = ring.serve(volume.table, agent.containers.fd_table, volume.nblocks, writes,
                                                 agent.containers.dirty)  # fmt: skip
                 self.completed += answered
@@ -99,29 +110,34 @@ class TcmuDevice:
                 asyncio.get_running_loop().remove_reader(self.fd)
             return
         for cmd_id, cdb, iovs, bidi in commands:
-            if bidi:
-                self._answer(cmd_id, iovs, Reply(Status.CHECK_CONDITION, sense=invalid_opcode().sense))
-                continue
-            buffer: memoryview | None = None
-            data_out: Data = b""
-            if len(iovs) == 1:
-                offset, length = iovs[0]
-                buffer = data_out = memory[offset : offset + length]
-            elif iovs and cdb[0] not in READS:
-                data_out = ring.gather(iovs, MAX_DATA_OUT)
             try:
-                reply = self.disk.execute_now(LIO_NEXUS, cdb, data_out, buffer)
-            except Exception:
+                self._dispatch(memory, cmd_id, cdb, iovs, bidi)
+            except Exception:  # one command's failure must not cost the others their answers
                 log.exception("%s: command %s failed", self.name, cdb[:1].hex())
-                reply = INTERNAL_ERROR
-            if reply is not None:
-                self._answer(cmd_id, iovs, reply)
-                continue
-            task = asyncio.ensure_future(self._slow(cmd_id, cdb, iovs, data_out))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+                with contextlib.suppress(Exception):
+                    self._answer(cmd_id, iovs, INTERNAL_ERROR)
         ring.skip_idle()
         self._notify()
+
+    def _dispatch(self, memory: memoryview, cmd_id: int, cdb: bytes, iovs: tuple[tuple[int, int], ...], bidi: int) -> None:
+        """Answer a command at once when the fast path can; otherwise start it as a task."""
+        if bidi:
+            self._answer(cmd_id, iovs, Reply(Status.CHECK_CONDITION, sense=invalid_opcode().sense))
+            return
+        buffer: memoryview | None = None
+        data_out: Data = b""
+        if len(iovs) == 1:
+            offset, length = iovs[0]
+            buffer = data_out = memory[offset : offset + length]
+        elif iovs and cdb[0] not in READS:
+            data_out = self.ring.gather(iovs, MAX_DATA_OUT)
+        reply = self.disk.execute_now(LIO_NEXUS, cdb, data_out, buffer)
+        if reply is not None:
+            self._answer(cmd_id, iovs, reply)
+            return
+        task = asyncio.ensure_future(self._slow(cmd_id, cdb, iovs, data_out))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _slow(self, cmd_id: int, cdb: bytes, iovs: tuple[tuple[int, int], ...], data_out: Data) -> None:
         try:

@@ -1,10 +1,9 @@
-"""The TCMU handler for subtype `san`: answers the kernel's device announcements and serves each device's ring.
-
-Start-up follows tcmu-runner: block netlink, take over the devices that already exist (resetting their rings), unblock;
-a clean stop turns kernel replies off again so that configfs never waits for a handler that has gone."""
+"""The TCMU handler for subtype `san`: answers every device announcement of the kernel (which waits for it) and serves
+each device's ring; it starts as tcmu-runner does (netlink blocked, existing devices taken over, unblocked)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import glob
 import logging
@@ -42,6 +41,7 @@ class TcmuHandler:
     def __init__(self, disk_for: Callable[[str], Disk | None]) -> None:
         self.disk_for = disk_for
         self.devices: dict[str, TcmuDevice] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
         self.netlink = TcmuNetlink(self._event)
 
     async def start(self) -> None:
@@ -60,7 +60,8 @@ class TcmuHandler:
             self._parameter("block_netlink", "0")
 
     async def stop(self) -> None:
-        """Turn kernel replies off and let go of every device (LIO keeps them; a new handler takes them over)."""
+        """Turn kernel replies off and let go of every device still there (after a kill, LIO keeps them and the next
+        handler takes them over)."""
         self.netlink.set_features(kernel_replies=False)
         self.netlink.close()
         for device in list(self.devices.values()):
@@ -103,7 +104,7 @@ class TcmuHandler:
             old.close()
         try:
             device = TcmuDevice(name, minor, disk)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:
             log.error("%s: cannot map /dev/uio%d: %s", name, minor, exc)
             return -errno.EIO
         self.devices[name] = device
@@ -112,18 +113,42 @@ class TcmuHandler:
         return 0
 
     def _event(self, event: DeviceEvent) -> None:
+        """Answer every announcement for our subtype, whatever happens (the kernel, and whoever wrote to configfs,
+        wait for the answer)."""
         if parse_name(event.name) is None:
             return  # another handler's device: its handler answers
+        status = -errno.EIO
+        try:
+            if event.command == ADDED_DEVICE:
+                status = self._attach(event.name, event.minor)
+            elif event.command == REMOVED_DEVICE:
+                device = self.devices.pop(event.name, None)
+                if device is not None:
+                    device.close()
+                    log.info("%s removed", event.name)
+                status = 0
+            elif event.command == RECONFIG_DEVICE:
+                status = self._reconfigure(event)
+                if status == 0 and event.write_cache is False:
+                    task = asyncio.ensure_future(self._cache_off(event))
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
+                    return  # answered once what was written back is durable
+        except Exception:
+            log.exception("%s: handling netlink command %d failed", event.name, event.command)
+        self.netlink.reply(event, status)
+
+    async def _cache_off(self, event: DeviceEvent) -> None:
+        """The write cache goes off: what it acknowledged is made durable before the kernel hears the change."""
+        device = self.devices.get(event.name)
         status = 0
-        if event.command == ADDED_DEVICE:
-            status = self._attach(event.name, event.minor)
-        elif event.command == REMOVED_DEVICE:
-            device = self.devices.pop(event.name, None)
+        try:
             if device is not None:
-                device.close()
-                log.info("%s removed", event.name)
-        elif event.command == RECONFIG_DEVICE:
-            status = self._reconfigure(event)
+                await device.disk.agent.flush()
+                device.disk.unit.write_cache = False
+        except Exception:
+            log.exception("%s: flush before turning the write cache off failed", event.name)
+            status = -errno.EIO
         self.netlink.reply(event, status)
 
     def _reconfigure(self, event: DeviceEvent) -> int:
@@ -131,15 +156,14 @@ class TcmuHandler:
         if device is None:
             return -errno.ENODEV
         disk = device.disk
-        if event.config is not None:
-            parsed = parse_name(f"tcm-user/0/x/{event.config}")
-            if parsed is None or self.disk_for(parsed[2]) is not disk:
-                return -errno.EINVAL  # a device cannot be pointed at another vdisk while it serves
+        if event.config is not None and event.config != event.name.split("/", 3)[3]:
+            return -errno.EINVAL  # a device cannot be pointed at another vdisk while it serves
         if event.size is not None:
             if event.size != disk.nblocks * disk.block_size:
-                log.warning("%s: LIO size %d differs from the vdisk's %d", event.name, event.size,
-                            disk.nblocks * disk.block_size)  # fmt: skip
+                log.error("%s: LIO size %d is not the vdisk's %d; grow the vdisk with san instead", event.name,
+                          event.size, disk.nblocks * disk.block_size)  # fmt: skip
+                return -errno.EINVAL
             disk.raise_attention(UnitAttention.CAPACITY_CHANGED)
-        if event.write_cache is not None:
-            disk.unit.write_cache = event.write_cache
+        if event.write_cache:
+            disk.unit.write_cache = True
         return 0

@@ -492,6 +492,8 @@ class Disk:
         self._writable(nexus)
         if anchor:
             raise invalid_field(1, 4)
+        if ndob and not self.unit.ndob:
+            raise invalid_field(1, 0)
         if nblocks == 0:
             raise invalid_field(10 if sixteen else 7)  # WSNZ is set in the block limits page
         if nblocks > self.unit.max_transfer_blocks:

@@ -35,6 +35,9 @@ class UnitInfo:
     nblocks: int
     thin: bool
     write_cache: bool = True
+    # WRITE SAME(16) with NDOB carries no data-out, so LIO's write protection (which looks at the data direction)
+    # does not stop it: with LIO, where san cannot tell which host sent a command, NDOB is refused.
+    ndob: bool = True
 
     @property
     def naa(self) -> bytes:

@@ -1,8 +1,6 @@
 #!/usr/bin/env python3
-"""iscsi-test-cu (family ALL, suite by suite, --dataloss) against LIO + san's TCMU handler; the suites where san fails a
-test run again against LIO + fileio on the same file, and where fileio passes, against LIO + tcmu-runner (qcow handler),
-which shows whether any TCMU handler fails it (TCMU cannot report every residual LIO computes for its own backstores).
-Writes a JSON report; exits 1 if san fails a test that fileio passes and tcmu-runner passes too."""
+"""iscsi-test-cu (ALL, suite by suite, --dataloss) against LIO + san; san's failures are run again against LIO + fileio
+and then LIO + tcmu-runner; exits 1 if san fails a test that both pass (JSON report with every outcome)."""
 
 from __future__ import annotations
 
@@ -200,7 +198,9 @@ def main() -> int:
     Path(args.report).write_text(json.dumps(report, indent=1, sort_keys=True))
     for name, results in (("LIO + san", san_results), ("LIO + fileio", fileio_results), ("tcmu-runner", runner_results)):
         counts = {k: sum(1 for v in results.values() if v == k) for k in ("passed", "FAILED", "SKIPPED")}
+        failed = sorted(t for t, outcome in results.items() if outcome == "FAILED")
         print(f"{name}: {len(results)} tests, {counts['passed']} passed, {counts['FAILED']} failed, {counts['SKIPPED']} skipped")
+        print(f"  failed: {', '.join(failed) or 'none'}")
     print(f"failed with san, passed with fileio: {worse or 'none'}")
     print(f"  of which tcmu-runner fails too (a TCMU limit): {every_tcmu or 'none'}")
     print(f"  unexplained: {unexplained or 'none'}")

@@ -26,7 +26,9 @@ kill -9 "$(cat "$SAN_DATA/serve.pid")"
 echo "handler killed with I/O running"
 sleep 1
 "$HERE/lio-target.sh" >/dev/null
-echo "handler started again: $(grep -c 'serving tcm-user' "$SAN_DATA/serve.log") device(s) taken over"
+taken=$(grep -c 'serving tcm-user' "$SAN_DATA/serve.log" || true)
+[ "$taken" -ge 1 ] || { echo "FAIL: the new handler took over no device"; exit 1; }
+echo "handler started again: $taken device(s) taken over"
 wait $writer
 (cd $MNT && sha256sum f* >/tmp/restart.sums)
 sync
