@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,29 +22,50 @@ SCRIPTS = "vagrant/scripts"
 READER = "iqn.2026-11.org.san.test:reader"
 
 
+class VM:
+    """One run of a shell script in a fresh VM (from the checkout's root), started at once and waited for later."""
+
+    def __init__(self, base: Path, script: str, timeout: float = 900) -> None:
+        assert shutil.which("qemu-system-x86_64"), "qemu-system-x86_64 is missing: `make test` installs qemu-system-x86"
+        job = base / "job.sh"
+        keep_log = "trap 'cp $SAN_DATA/serve.log /vmout/ 2>/dev/null || true' EXIT"
+        job.write_text(f"set -e\nexport SAN_DATA=/var/lib/san\n{keep_log}\n{script}")
+        self.out = base / "vm"
+        self.timeout = timeout
+        command = [sys.executable, str(HARNESS), "--out", str(self.out), "--timeout", str(timeout), "--", "bash", str(job)]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def log(self) -> str:
+        """The script's log, once it has ended (asserting it exited 0; otherwise with the console and san's log)."""
+        try:
+            stdout, stderr = self.process.communicate(timeout=self.timeout + 60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            stdout, stderr = self.process.communicate()
+        if self.process.returncode != 0:
+            tails = {name: (self.out / name).read_text(errors="replace")[-4000:] for name in ("console.log", "serve.log")
+                     if (self.out / name).exists()}  # fmt: skip
+            extra = "".join(f"\n--- {name} (end)\n{text}" for name, text in tails.items())
+            raise AssertionError(f"{stdout}\n--- stderr\n{stderr}{extra}")
+        return stdout
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
 
 def in_vm(tmp_path: Path, script: str, timeout: float = 900) -> str:
-    """Run a shell script in a fresh VM from the checkout's root; returns its log (asserting it exited 0)."""
-    assert shutil.which("qemu-system-x86_64"), "qemu-system-x86_64 is missing: `make test` installs qemu-system-x86"
-    job = tmp_path / "job.sh"
-    job.write_text("set -e\nexport SAN_DATA=/var/lib/san\ntrap 'cp $SAN_DATA/serve.log /vmout/ 2>/dev/null' EXIT\n" + script)
-    out = tmp_path / "vm"
-    done = subprocess.run(
-        [sys.executable, str(HARNESS), "--out", str(out), "--timeout", str(timeout), "--", "bash", str(job)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout + 60,
-        check=False,
-    )
-    log = done.stdout
-    serve_log = ""
-    if done.returncode != 0:
-        console = (out / "console.log").read_text(errors="replace")[-4000:] if (out / "console.log").exists() else ""
-        served = (out / "serve.log").read_text(errors="replace")[-4000:] if (out / "serve.log").exists() else ""
-        serve_log = f"\n--- stderr\n{done.stderr}\n--- console (end)\n{console}\n--- san serve.log (end)\n{served}"
-    assert done.returncode == 0, log + serve_log
-    return log
+    return VM(tmp_path, script, timeout).log()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def conformance_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VM]:
+    """The conformance run is the longest VM run: it starts with this module and runs beside the other VM tests."""
+    script = ".venv/bin/python vagrant/scripts/conformance.py --report /vmout/conformance.json"
+    vm = VM(tmp_path_factory.mktemp("conformance"), script, 2400)
+    yield vm
+    vm.stop()
 
 
 @pytest.mark.slow
@@ -100,11 +122,11 @@ logout default
 
 
 @pytest.mark.slow
-def test_conformance_against_lio_fileio(tmp_path: Path) -> None:
-    """iscsi-test-cu, every suite of family ALL with --dataloss, against LIO + san and LIO + fileio in the same VM:
-    san's handler fails no test that fileio passes."""
-    log = in_vm(tmp_path, ".venv/bin/python vagrant/scripts/conformance.py --report /vmout/conformance.json", 1800)
-    report = json.loads((tmp_path / "vm" / "conformance.json").read_text())
+def test_conformance_against_lio_fileio(conformance_vm: VM) -> None:
+    """iscsi-test-cu, every suite of family ALL with --dataloss, against LIO + san, and san's failures against LIO +
+    fileio and LIO + tcmu-runner in the same VM: san fails no test that both of them pass."""
+    log = conformance_vm.log()
+    report = json.loads((conformance_vm.out / "conformance.json").read_text())
     assert report["unexplained"] == [], log
     assert len(report["san"]) > 200, log
     readme = README.read_text()
