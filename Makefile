@@ -10,7 +10,7 @@ PORTAL ?= 127.0.0.1:3260
 # The LIO tests boot Debian's kernel under QEMU (vagrant/qemu_vm.py); the guest uses this machine's programs
 # (tcmu-runner and dbus: the conformance test's second TCMU handler).
 VM_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static cpio kmod open-iscsi fio e2fsprogs util-linux \
-	vagrant tcmu-runner dbus
+	vagrant vagrant-libvirt tcmu-runner dbus
 APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra $(VM_PACKAGES)
 # Only the benchmarks need these: tgtd is the peer bench/iscsi_vs_tgt.py measures against.
 BENCH_PACKAGES := tgt
