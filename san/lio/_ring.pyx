@@ -324,18 +324,10 @@ cdef class Ring:
         if not self.held:
             return
         cdef uint32_t size = self.mailbox.cmdr_size
-        cdef uint8_t *ring = self.base + self.mailbox.cmdr_off
-        cdef uint32_t tail = self.mailbox.cmd_tail
-        if tail >= size:
-            raise RingError(f"cmd_tail {tail} is not a place in a {size}-byte ring")
-        cdef tcmu_cmd_entry *entry = <tcmu_cmd_entry *>(ring + tail)
-        while entry.hdr.len_op & TCMU_OP_MASK != TCMU_OP_CMD:
-            if tail == self.next:
-                raise RingError(f"completion of command {cmd_id} with none outstanding")
-            tail = (tail + (entry.hdr.len_op & ~(<uint32_t>TCMU_OP_MASK))) % size
-            entry = <tcmu_cmd_entry *>(ring + tail)
+        cdef uint32_t tail = self._first_unanswered()
         if tail == self.next:
             raise RingError(f"completion of command {cmd_id} with none outstanding")
+        cdef tcmu_cmd_entry *entry = <tcmu_cmd_entry *>(self.base + self.mailbox.cmdr_off + tail)
         entry.hdr.cmd_id = cmd_id
         entry.hdr.uflags = 0
         entry.rsp.scsi_status = status
@@ -352,18 +344,27 @@ cdef class Ring:
     def skip_idle(self):
         """Move cmd_tail over PAD and TMR entries that lie before the first unanswered command (their ring space
         comes back without waiting for the next answer)."""
-        if not self.held or self.mailbox.cmd_tail == self.next:
+        if not self.held:
             return
+        cdef uint32_t tail = self._first_unanswered()
+        if tail != self.mailbox.cmd_tail:
+            san_store_release(&self.mailbox.cmd_tail, tail)
+
+    cdef uint32_t _first_unanswered(self) except? 0xFFFFFFFF:
+        """Where the first command entry at or after cmd_tail lies (passing PAD and TMR entries): the slot the next
+        answer goes into; self.next when no command is outstanding."""
         cdef uint32_t size = self.mailbox.cmdr_size
         cdef uint8_t *ring = self.base + self.mailbox.cmdr_off
         cdef uint32_t tail = self.mailbox.cmd_tail
         cdef tcmu_cmd_entry *entry
+        if tail >= size:
+            raise RingError(f"cmd_tail {tail} is not a place in a {size}-byte ring")
         while tail != self.next:
             entry = <tcmu_cmd_entry *>(ring + tail)
             if entry.hdr.len_op & TCMU_OP_MASK == TCMU_OP_CMD:
-                return
+                break
             tail = (tail + (entry.hdr.len_op & ~(<uint32_t>TCMU_OP_MASK))) % size
-            san_store_release(&self.mailbox.cmd_tail, tail)
+        return tail
 
     def gather(self, iovs, Py_ssize_t limit) -> bytearray:
         """Copy up to limit bytes of data-out from the iovecs into one buffer (for commands split across blocks)."""
