@@ -15,7 +15,7 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-util
 # Only the benchmarks need these: tgtd is the peer bench/iscsi_vs_tgt.py measures against.
 BENCH_PACKAGES := tgt
 
-.PHONY: test demo deps bench-deps apt venv lint unit bench clean
+.PHONY: test demo deps bench-deps apt venv lint unit bench clean lock
 
 deps:
 	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES)"
@@ -32,11 +32,21 @@ apt:
 		echo "missing Debian packages; as root run: apt-get update && apt-get install -y$$missing"; exit 1; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py san/_fastmap.pyx san/_fastmap.pxd | deps
+# Every Python package make installs (build requirements included) is pinned in constraints.txt; `make lock`
+# refreshes it from the newest releases on purpose (review the diff, run make test, commit it).
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt san/_fastmap.pyx san/_fastmap.pxd | deps
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e '.[test]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --upgrade pip
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -e '.[test]'
 	touch $@
+
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install --upgrade pip wheel
+	build/lock-venv/bin/pip install '.[test]'
+	build/lock-venv/bin/pip freeze --all --exclude-editable | grep -vE '^san( |==)' > constraints.txt
+	rm -rf build/lock-venv
 
 venv: $(VENV)/.installed
 

@@ -61,7 +61,7 @@ def san_target(work: Path) -> Iterator[tuple[str, int]]:
         deadline = time.monotonic() + 30
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{api}/status", timeout=1).close()
+                urllib.request.urlopen(f"http://127.0.0.1:{api}/openapi.json", timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline or proc.poll() is not None:

@@ -1,6 +1,8 @@
 # cython: language_level=3
 # The C-level interface of the agent's map table, for other Cython modules (cimport san._fastmap).
 # translate_c() and the I/O gate take no Python objects; io_start_c()/io_end_c() need the GIL held.
+# Entries live in pages of PAGE_ENTRIES behind a directory; a page that is all INVALID or all ZERO is one shared,
+# read-only page, so a table costs memory for the segments it maps, not for the size of its vdisk.
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -9,6 +11,10 @@ cdef enum:
     ST_NOWRITE = 2
     ST_ZERO = 4
     ST_ERROR = 8
+
+cdef enum:
+    PAGE_SHIFT = 10
+    PAGE_ENTRIES = 1024
 
 ctypedef struct entry_t:
     uint32_t segment      # physical segment in the container
@@ -34,7 +40,9 @@ ctypedef struct fault_t:
 
 
 cdef class MapTable:
-    cdef entry_t *entries
+    cdef entry_t **pages
+    cdef uint64_t npages
+    cdef uint64_t private_pages
     cdef alt_t *alts
     cdef uint32_t nalts
     cdef uint32_t alts_cap
@@ -57,15 +65,22 @@ cdef class MapTable:
     cdef int io_start_c(self) noexcept
     cdef void io_end_c(self, int slot)
     cdef void _start_drain(self)
+    cdef entry_t *_writable(self, uint64_t segment) except NULL
+    cdef void _share_uniform(self, uint64_t start, uint64_t stop) noexcept
     cdef uint32_t _new_alt(self) except? 0xFFFFFFFF
     cdef void _drop_alt(self, uint64_t segment) noexcept
+
+
+cdef inline entry_t *entry_at(MapTable table, uint64_t segment) noexcept nogil:
+    """The entry of a segment inside the table (for reading: a shared page must never be written)."""
+    return &table.pages[segment >> PAGE_SHIFT][segment & (PAGE_ENTRIES - 1)]
 
 
 cdef inline int translate_fast(MapTable table, uint64_t lba, uint64_t nblocks, bint is_write,
                                extent_t *out, int max_out, fault_t *fault) noexcept nogil:
     """translate_c() with the common case inlined into the caller: a request inside one plain, usable entry."""
     cdef uint64_t off = lba & (table.segment_blocks - 1)
-    cdef entry_t *entry = &table.entries[lba >> table.seg_shift]
+    cdef entry_t *entry = entry_at(table, lba >> table.seg_shift)
     cdef uint8_t state = entry.state
     if off + nblocks <= table.segment_blocks and entry.alt == <uint32_t>-1 and max_out > 0:
         if state == 0 or (state == ST_NOWRITE and not is_write):
@@ -88,4 +103,4 @@ cdef extern from *:
 cdef inline void prefetch_entry(MapTable table, uint64_t lba) noexcept nogil:
     """Start loading lba's entry into cache; a frontend holding a batch of commands calls it ahead of translate_fast()."""
     if lba < (table.nsegments << table.seg_shift):
-        __builtin_prefetch(&table.entries[lba >> table.seg_shift])
+        __builtin_prefetch(entry_at(table, lba >> table.seg_shift))

@@ -1,21 +1,14 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""The agent's map table: one C array of 12-byte entries per vdisk, translation of I/O into extents.
+"""The agent's map table: 12-byte entries in pages of 1024 behind a directory, translation of I/O into extents.
 
-Entries carry a container id, a physical segment, state bits and an optional alternate location with a block bitmap."""
+Entries carry a container id, a physical segment, state bits and an optional alternate location with a block bitmap.
+A page whose entries are all INVALID or all ZERO is one shared read-only page, copied when first written."""
 
 from collections import namedtuple
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memset
-from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
-
-
-cdef extern from "sys/mman.h" nogil:
-    int madvise(void *addr, size_t length, int advice)
-    int MADV_HUGEPAGE
-
-cdef size_t HUGE_PAGE = 2 << 20
+from libc.string cimport memcmp, memcpy, memset
 
 INVALID = ST_INVALID
 NOWRITE = ST_NOWRITE
@@ -28,6 +21,25 @@ MAX_SEGMENT = 0xFFFFFFFE
 MAX_ENTRIES = 1 << 32
 
 cdef uint32_t NO_ALT = 0xFFFFFFFF
+cdef size_t PAGE_BYTES = PAGE_ENTRIES * sizeof(entry_t)
+cdef entry_t _invalid_page[PAGE_ENTRIES]
+cdef entry_t _zero_page[PAGE_ENTRIES]
+
+
+cdef void _fill_page(entry_t *page, uint8_t state) noexcept:
+    cdef int i
+    memset(page, 0, PAGE_BYTES)
+    for i in range(PAGE_ENTRIES):
+        page[i].alt = NO_ALT
+        page[i].state = state
+
+
+_fill_page(_invalid_page, ST_INVALID)
+_fill_page(_zero_page, ST_ZERO)
+
+
+cdef inline bint _shared(const entry_t *page) noexcept nogil:
+    return page == _invalid_page or page == _zero_page
 
 MapFault = namedtuple("MapFault", "segment state")
 MapFault.__doc__ = "The first segment that stops a translation, and the state bits that stop it."
@@ -69,24 +81,6 @@ cdef inline uint64_t _run_end(const uint64_t *bitmap, uint64_t pos, uint64_t lim
         word = bitmap[word_index] if not bit else ~bitmap[word_index]
 
 
-cdef inline size_t _mapping_bytes(uint64_t nsegments) noexcept nogil:
-    """Bytes mapped for nsegments entries: whole pages, whole huge pages once past one huge page."""
-    cdef size_t size = max(nsegments, 1) * sizeof(entry_t)
-    cdef size_t unit = HUGE_PAGE if size >= HUGE_PAGE else 4096
-    return (size + unit - 1) // unit * unit
-
-
-cdef entry_t *_map_entries(uint64_t nsegments) except NULL:
-    """Anonymous memory for the entry array, on huge pages where the kernel allows: random lookups stay in the TLB."""
-    cdef size_t size = _mapping_bytes(nsegments)
-    cdef void *memory = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-    if memory == MAP_FAILED:
-        raise MemoryError()
-    if size >= HUGE_PAGE:
-        madvise(memory, size, MADV_HUGEPAGE)
-    return <entry_t *>memory
-
-
 cdef class MapTable:
     """A vdisk's volatile map table: every entry starts INVALID, the controller fills it in.
 
@@ -98,7 +92,9 @@ cdef class MapTable:
             raise ValueError("segment_blocks must be a power of two")
         if block_size == 0 or block_size & (block_size - 1):
             raise ValueError("block_size must be a power of two")
-        self.entries = NULL
+        self.pages = NULL
+        self.npages = 0
+        self.private_pages = 0
         self.alts = NULL
         self.nsegments = 0
         self.block_size = block_size
@@ -120,12 +116,16 @@ cdef class MapTable:
 
     def __dealloc__(self):
         cdef uint32_t i
+        cdef uint64_t p
         if self.alts != NULL:
             for i in range(self.nalts):
                 free(self.alts[i].bitmap)
             free(self.alts)
-        if self.entries != NULL:
-            munmap(self.entries, _mapping_bytes(self.nsegments))
+        if self.pages != NULL:
+            for p in range(self.npages):
+                if not _shared(self.pages[p]):
+                    free(self.pages[p])
+            free(self.pages)
 
     @property
     def segment_bytes(self) -> int:
@@ -135,27 +135,29 @@ cdef class MapTable:
     def nblocks(self) -> int:
         return self.nsegments << self.seg_shift
 
+    @property
+    def memory_bytes(self) -> int:
+        """What the table holds in memory: its directory, its own (unshared) pages and its alternate locations."""
+        return (self.npages * sizeof(entry_t *) + self.private_pages * PAGE_BYTES
+                + self.alts_cap * sizeof(alt_t) + self.nalts * self.bitmap_words * 8)
+
     def grow(self, uint64_t nsegments):
         """Extend the table to nsegments entries; the new entries are INVALID."""
-        cdef uint64_t i
-        cdef entry_t *grown
+        cdef uint64_t p
+        cdef uint64_t npages = (max(nsegments, 1) + PAGE_ENTRIES - 1) >> PAGE_SHIFT
+        cdef entry_t **grown
         if nsegments < self.nsegments:
             raise ValueError("a map table cannot shrink")
         if nsegments > MAX_ENTRIES:
             raise ValueError(f"a map table holds at most {MAX_ENTRIES} entries")
-        if nsegments == self.nsegments and self.entries != NULL:
-            return
-        grown = _map_entries(nsegments)
-        if self.entries != NULL:
-            memcpy(grown, self.entries, self.nsegments * sizeof(entry_t))
-            munmap(self.entries, _mapping_bytes(self.nsegments))
-        self.entries = grown
-        for i in range(self.nsegments, nsegments):
-            self.entries[i].segment = 0
-            self.entries[i].alt = NO_ALT
-            self.entries[i].container = 0
-            self.entries[i].state = ST_INVALID
-            self.entries[i].pad = 0
+        if npages > self.npages:
+            grown = <entry_t **>realloc(self.pages, npages * sizeof(entry_t *))
+            if grown == NULL:
+                raise MemoryError()
+            for p in range(self.npages, npages):
+                grown[p] = _invalid_page
+            self.pages = grown
+            self.npages = npages
         self.nsegments = nsegments
 
     cdef int translate_c(self, uint64_t lba, uint64_t nblocks, bint is_write,
@@ -173,7 +175,7 @@ cdef class MapTable:
         cdef bint in_alt
         cdef int n = 0
         while remaining:
-            entry = &self.entries[seg]
+            entry = entry_at(self, seg)
             count = self.segment_blocks - off
             if count > remaining:
                 count = remaining
@@ -247,7 +249,7 @@ cdef class MapTable:
         self._check_range(start, count)
         result = []
         for i in range(start, start + count):
-            entry = &self.entries[i]
+            entry = entry_at(self, i)
             if entry.alt == NO_ALT:
                 alternate = None
             else:
@@ -262,6 +264,7 @@ cdef class MapTable:
         cdef uint64_t i = start
         cdef uint64_t count = len(entries)
         cdef long container, segment, state
+        cdef entry_t *entry
         self._check_range(start, count)
         for triple in entries:
             container, segment, state = triple
@@ -269,27 +272,32 @@ cdef class MapTable:
                 raise ValueError(f"bad entry {triple!r}")
         for container, segment, state in entries:
             self._drop_alt(i)
-            self.entries[i].container = <uint16_t>container
-            self.entries[i].segment = <uint32_t>segment
-            self.entries[i].state = <uint8_t>state
+            entry = self._writable(i)
+            entry.container = <uint16_t>container
+            entry.segment = <uint32_t>segment
+            entry.state = <uint8_t>state
             i += 1
+        self._share_uniform(start, start + count)
 
     def fill_invalid(self, uint64_t start, entries):
         """Like set_entries(), but only entries still INVALID are replaced: a reload never undoes a newer change."""
         cdef uint64_t i = start
         cdef long container, segment, state
+        cdef entry_t *entry
         self._check_range(start, len(entries))
         for triple in entries:
             container, segment, state = triple
             if not 0 <= container <= MAX_CONTAINER or not 0 <= segment <= MAX_SEGMENT or state & ~ALL_STATES:
                 raise ValueError(f"bad entry {triple!r}")
         for container, segment, state in entries:
-            if self.entries[i].state & ST_INVALID:
+            if entry_at(self, i).state & ST_INVALID:
                 self._drop_alt(i)
-                self.entries[i].container = <uint16_t>container
-                self.entries[i].segment = <uint32_t>segment
-                self.entries[i].state = <uint8_t>state
+                entry = self._writable(i)
+                entry.container = <uint16_t>container
+                entry.segment = <uint32_t>segment
+                entry.state = <uint8_t>state
             i += 1
+        self._share_uniform(start, i)
 
     def set_state(self, uint64_t start, uint64_t count, uint32_t bits):
         """Turn the given state bits on for entries [start, start+count)."""
@@ -298,7 +306,7 @@ cdef class MapTable:
             raise ValueError(f"bad state bits {bits:#x}")
         self._check_range(start, count)
         for i in range(start, start + count):
-            self.entries[i].state |= <uint8_t>bits
+            self._writable(i).state |= <uint8_t>bits
 
     def clear_state(self, uint64_t start, uint64_t count, uint32_t bits):
         """Turn NOWRITE off for entries [start, start+count); INVALID, ZERO and ERROR void the entry and need set_entries()."""
@@ -307,21 +315,24 @@ cdef class MapTable:
             raise ValueError("only NOWRITE can be cleared; INVALID, ZERO and ERROR need a new entry")
         self._check_range(start, count)
         for i in range(start, start + count):
-            self.entries[i].state &= <uint8_t>~bits
+            if entry_at(self, i).state & bits:
+                self._writable(i).state &= <uint8_t>~bits
 
     def set_alternate(self, uint64_t segment, uint32_t container, uint32_t alt_segment, bitmap=None):
         """Give entry `segment` an alternate location; blocks whose bit is set in bitmap (bytes, LSB first) live there."""
         cdef uint32_t index
+        cdef entry_t *entry
         cdef const unsigned char[:] view
         self._check_range(segment, 1)
         if container > MAX_CONTAINER or alt_segment > MAX_SEGMENT:
             raise ValueError("bad alternate location")
         if bitmap is not None and len(bitmap) > self._bitmap_bytes():
             raise ValueError(f"bitmap longer than {self._bitmap_bytes()} bytes")
-        index = self.entries[segment].alt
+        index = entry_at(self, segment).alt
         if index == NO_ALT:
+            entry = self._writable(segment)
             index = self._new_alt()
-            self.entries[segment].alt = index
+            entry.alt = index
         memset(self.alts[index].bitmap, 0, self.bitmap_words * 8)
         self.alts[index].container = <uint16_t>container
         self.alts[index].segment = alt_segment
@@ -335,11 +346,11 @@ cdef class MapTable:
         cdef uint32_t b
         cdef alt_t *alt
         self._check_range(segment, 1)
-        if self.entries[segment].alt == NO_ALT:
+        if entry_at(self, segment).alt == NO_ALT:
             raise ValueError(f"segment {segment} has no alternate location")
         if first_block + nblocks > self.segment_blocks or first_block + nblocks < first_block:
             raise ValueError("blocks outside the segment")
-        alt = &self.alts[self.entries[segment].alt]
+        alt = &self.alts[entry_at(self, segment).alt]
         for b in range(first_block, first_block + nblocks):
             if in_alt:
                 alt.bitmap[b >> 6] |= 1ULL << (b & 63)
@@ -445,11 +456,45 @@ cdef class MapTable:
         self.nalts += 1
         return index
 
+    cdef entry_t *_writable(self, uint64_t segment) except NULL:
+        """The entry of a segment, for writing: a shared page is copied into one of the table's own first."""
+        cdef uint64_t index = segment >> PAGE_SHIFT
+        cdef entry_t *page = self.pages[index]
+        cdef entry_t *copy
+        if _shared(page):
+            copy = <entry_t *>malloc(PAGE_BYTES)
+            if copy == NULL:
+                raise MemoryError()
+            memcpy(copy, page, PAGE_BYTES)
+            self.pages[index] = copy
+            self.private_pages += 1
+            page = copy
+        return &page[segment & (PAGE_ENTRIES - 1)]
+
+    cdef void _share_uniform(self, uint64_t start, uint64_t stop) noexcept:
+        """Pages wholly inside [start, stop) that became all ZERO or all INVALID go back to the shared page."""
+        cdef uint64_t p
+        cdef entry_t *page
+        for p in range((start + PAGE_ENTRIES - 1) >> PAGE_SHIFT, stop >> PAGE_SHIFT):
+            page = self.pages[p]
+            if _shared(page):
+                continue
+            if memcmp(page, _zero_page, PAGE_BYTES) == 0:
+                self.pages[p] = _zero_page
+            elif memcmp(page, _invalid_page, PAGE_BYTES) == 0:
+                self.pages[p] = _invalid_page
+            else:
+                continue
+            free(page)
+            self.private_pages -= 1
+
     cdef void _drop_alt(self, uint64_t segment) noexcept:
-        cdef uint32_t index = self.entries[segment].alt
+        # An entry with an alternate location is in one of the table's own pages (shared pages have none).
+        cdef entry_t *entry = entry_at(self, segment)
+        cdef uint32_t index = entry.alt
         if index == NO_ALT:
             return
-        self.entries[segment].alt = NO_ALT
+        entry.alt = NO_ALT
         self.alts[index].used = 0
         self.alts[index].segment = self.free_alt
         self.free_alt = index

@@ -4,7 +4,7 @@ Open access is the documented demo mode (off in `san serve` unless asked for); n
 
 from __future__ import annotations
 
-from san.serve import serve
+from san.serve import Options, serve
 from san.service import Service
 from san.units import format_size
 
@@ -36,4 +36,4 @@ async def demo(data_dir: str, api: tuple[str, int], portal: tuple[str, int], iqn
             flush=True,
         )
 
-    return await serve(data_dir, api[0], api[1], 1.0, [portal], iqn, open_access=True, on_ready=prepare)
+    return await serve(Options(data_dir, api, portals=[portal], target_name=iqn, open_access=True), on_ready=prepare)

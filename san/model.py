@@ -21,14 +21,28 @@ DEFAULT_BLOCK_SIZE = 512
 DEFAULT_WARN_PERCENT = 80
 DEFAULT_ALLOCATE_AHEAD = 4
 MAX_CONTAINERS = 0xFFFE
+LABEL_SEGMENTS = 1  # the first segment of every container holds its label
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def printable(value: object) -> str:
+    """str(value) with control characters (ESC, NUL, newlines...) escaped, safe for a terminal or a log line."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """A name or value as an error message quotes it: repr, cut short when it is long."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 def check_name(kind: str, name: str) -> None:
     """Names of pools, vdisks and hosts: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit."""
     if not NAME.fullmatch(name):
         raise InvalidRequest(
-            f"invalid {kind} name {name!r}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"invalid {kind} name {shown(name)}: use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
 
 
@@ -48,7 +62,10 @@ class Pool:
 
 @dataclass
 class Container:
-    """One physical store of a pool: a sparse file san created, or an existing file or block device."""
+    """One physical store of a pool: a sparse file san created, or an existing file or block device.
+
+    Its first segment holds its label (uuid, store id, epoch: san/storage/label.py); the rest hold vdisk data. A
+    path inside the data directory is kept relative to it, so a copied data directory uses its own copies."""
 
     id: int
     pool_id: int
@@ -57,9 +74,21 @@ class Container:
     size_bytes: int
     nsegments: int
     owned: bool
+    uuid: str = ""
+    epoch: str = ""
+    epoch_next: str = ""
+
+    @property
+    def data_segments(self) -> int:
+        """Segments that can hold vdisk data (all but the label's)."""
+        return max(self.nsegments - LABEL_SEGMENTS, 0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def public(self) -> dict[str, Any]:
+        """What the API shows."""
+        return {k: v for k, v in asdict(self).items() if k not in ("epoch", "epoch_next")}
 
 
 @dataclass

@@ -1,55 +1,124 @@
 """`san serve`: start the embedded service and the management API on one asyncio loop, stop cleanly.
 
-SIGTERM and SIGINT commit metadata and flush containers before the process exits."""
+SIGTERM and SIGINT commit metadata and flush containers before the process exits. Files are created 0600 (umask),
+the descriptor limit is raised, and the API needs its token (TLS as well beyond loopback)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import uvicorn
 
 from san.api.app import create_app
-from san.service import DataDirLocked, FrontendUnavailable, Service
+from san.api.auth import AuthSetupError, check_listen, load_token, publish, unpublish
+from san.api.limits import MAX_CONNECTIONS, GuardedH11Protocol
+from san.iscsi.server import Limits
+from san.service import DataDirLocked, FrontendUnavailable, Service, StoreRefused
 
 log = logging.getLogger("san")
+API_FDS = MAX_CONNECTIONS + 256  # descriptors kept for the API, the store and the containers, whatever iSCSI does
 
 
-async def serve(
-    data_dir: str,
-    host: str,
-    port: int,
-    commit_interval: float = 1.0,
-    portals: list[tuple[str, int]] | None = None,
-    target_name: str = "",
-    open_access: bool = False,
-    frontend: str = "iscsi",
-    on_ready: Callable[[Service], Awaitable[None]] | None = None,
-) -> int:
+@dataclass
+class Options:
+    """What `san serve` (and `san demo`) is told."""
+
+    data_dir: str
+    api: tuple[str, int] = ("127.0.0.1", 8080)
+    commit_interval: float = 1.0
+    portals: list[tuple[str, int]] = field(default_factory=list)
+    target_name: str = ""
+    open_access: bool = False
+    frontend: str = "iscsi"
+    allow_paths: tuple[str, ...] = ()
+    api_cert: str | None = None
+    api_key: str | None = None
+    api_token_file: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+
+def raise_fd_limit(limits: Limits) -> Limits:
+    """Raise the soft descriptor limit to the hard one; cap iSCSI connections so API_FDS always stay free."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    room = max(soft - API_FDS, 16)
+    if limits.total > room:
+        log.warning("at most %d iSCSI connections (the descriptor limit is %d)", room, soft)
+        return Limits(room, min(limits.per_address, room))
+    return limits
+
+
+def _tls(options: Options) -> ssl.SSLContext | None:
+    if options.api_cert is None and options.api_key is None:
+        return None
+    if options.api_cert is None or options.api_key is None:
+        raise AuthSetupError("TLS for the API needs both --api-cert and --api-key")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(options.api_cert, options.api_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise AuthSetupError(f"cannot load the API certificate {options.api_cert} and key {options.api_key}: {exc}") from None
+    return context
+
+
+async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]] | None = None) -> int:
     """Run until a signal; 0 on a clean stop, 1 if the service could not start. on_ready runs once it serves."""
+    os.umask(0o077)
+    host, port = options.api
+    try:
+        context = _tls(options)
+        check_listen(host, context is not None)
+    except AuthSetupError as exc:
+        log.error("%s", exc)
+        return 1
+    limits = raise_fd_limit(options.limits)
     try:
         service = Service(
-            data_dir, commit_interval, portals=portals, target_name=target_name, open_access=open_access, frontend=frontend
+            options.data_dir,
+            options.commit_interval,
+            portals=options.portals,
+            target_name=options.target_name,
+            open_access=options.open_access,
+            frontend=options.frontend,
+            allow_paths=options.allow_paths,
+            limits=limits,
         )
-    except (DataDirLocked, FrontendUnavailable, OSError) as exc:
+    except (DataDirLocked, FrontendUnavailable, StoreRefused, OSError) as exc:
         log.error("%s", exc)
         return 1
     try:
+        token = load_token(service.data_dir, options.api_token_file)
         await service.start()
+    except AuthSetupError as exc:
+        log.error("%s", exc)
+        await service.stop()
+        return 1
     except FrontendUnavailable as exc:
         log.error("%s", exc)
         await service.stop()
         return 1
     except OSError as exc:
-        log.error("cannot listen for iSCSI on %s: %s", portals, exc)
+        log.error("cannot listen for iSCSI on %s: %s", options.portals, exc)
         await service.stop()
         return 1
     if service.iscsi is not None or service.lio is not None:
         shown = ", ".join(f"{h}:{p}" for h, p in service.target.portals)
-        note = " (open access: every initiator sees every vdisk)" if open_access else ""
+        note = " (open access: every initiator sees every vdisk)" if options.open_access else ""
         how = "LIO with san's TCMU handler" if service.lio is not None else "built-in"
-        log.info("iSCSI target %s on %s (%s)%s", target_name, shown, how, note)
+        log.info("iSCSI target %s on %s (%s)%s", options.target_name, shown, how, note)
     if on_ready is not None:
         try:
             await on_ready(service)
@@ -57,17 +126,30 @@ async def serve(
             log.error("%s", exc)
             await service.stop()
             return 1
-    config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning", lifespan="off")
+    config = uvicorn.Config(
+        create_app(service, token),
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        http=GuardedH11Protocol,
+        ssl_certfile=options.api_cert,
+        ssl_keyfile=options.api_key,
+        ssl_version=ssl.PROTOCOL_TLS_SERVER,
+    )
     server = uvicorn.Server(config)
     for signum in (signal.SIGTERM, signal.SIGINT):
         # uvicorn restores these after serving and re-raises the signal it caught: it must land here, not kill us.
         signal.signal(signum, lambda *_: setattr(server, "should_exit", True))
-    log.info("san serving data %s, management API on http://%s:%d", service.data_dir, host, port)
+    published = publish(token, host, port)
+    scheme = "https" if context is not None else "http"
+    log.info("san serving data %s, management API on %s://%s:%d", service.data_dir, scheme, host, port)
     try:
         await server.serve()
     except SystemExit:
         pass
     finally:
+        unpublish(published, token)
         await service.stop()
     if not server.started:
         log.error("management API could not listen on %s:%d", host, port)

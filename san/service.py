@@ -1,24 +1,25 @@
 """The embedded process: one controller, one agent, their in-process links, and the frontend (built-in iSCSI or LIO).
 
-Owns the directory lock, the metadata-commit timer, the reserve top-ups, the vdisks' SCSI units and LIO's config."""
+Owns the data directory, the metadata-commit timer, the reserve top-ups, the vdisks' SCSI units and LIO's config."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import copy
-import fcntl
 import logging
 import os
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from san.agent.agent import Agent
+from san.agent.agent import Agent, AgentIOError
 from san.controller.allocator import PoolAllocator
 from san.controller.controller import Controller
+from san.datadir import DB_NAME, DataDir, DataDirLocked, StoreRefused
+from san.errors import StoreFailure
 from san.iscsi.chap import Credentials
-from san.iscsi.server import IscsiServer
+from san.iscsi.server import IscsiServer, Limits
 from san.iscsi.target import Access, Target
 from san.lio.config import LioConfig, RTSLibError, Wanted
 from san.lio.handler import TcmuHandler
@@ -28,20 +29,15 @@ from san.scsi.disk import Disk
 from san.scsi.luns import Zoned
 from san.scsi.pages import UnitInfo
 from san.scsi.sense import UnitAttention
-from san.store.sqlite import SQLiteStore
 
 log = logging.getLogger("san")
-DB_NAME = "san.db"
 FRONTENDS = ("iscsi", "lio", "auto")
+__all__ = ["DB_NAME", "DataDirLocked", "FrontendUnavailable", "Service", "StoreRefused"]
 
 
 def lio_present() -> bool:
     """Whether this kernel has LIO and the TCMU backstore ready (configfs mounted, target_core_user loaded)."""
     return os.path.isdir("/sys/kernel/config/target/core") and os.path.isdir("/sys/module/target_core_user")
-
-
-class DataDirLocked(Exception):
-    """Another san process serves this data directory."""
 
 
 class FrontendUnavailable(Exception):
@@ -60,6 +56,8 @@ class Service:
         target_name: str = "",
         open_access: bool = False,
         frontend: str = "iscsi",
+        allow_paths: tuple[str, ...] = (),
+        limits: Limits | None = None,
     ) -> None:
         if frontend not in FRONTENDS:
             raise ValueError(f"unknown frontend {frontend!r}: use one of {', '.join(FRONTENDS)}")
@@ -71,16 +69,14 @@ class Service:
                 "(modprobe target_core_user iscsi_target_mod)"
             )
         self.frontend = frontend
-        self.data_dir = os.path.abspath(data_dir)
-        os.makedirs(self.data_dir, exist_ok=True)
-        self._lock = open(os.path.join(self.data_dir, "lock"), "w")  # noqa: SIM115 - held for the process's life
+        self.data = DataDir(data_dir)
+        self.data_dir = self.data.path
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise DataDirLocked(f"{self.data_dir} is in use by another san process") from None
+            self.controller = Controller(self.data.open_store(), self.data_dir, reserve_segments, allow_paths=allow_paths)
+        except BaseException:
+            self.data.close()
+            raise
         self.commit_interval = commit_interval
-        self.controller = Controller(SQLiteStore(os.path.join(self.data_dir, DB_NAME)), self.data_dir, reserve_segments)
         self.agent = Agent(LocalControllerLink(self.controller))
         self.tasks: set[asyncio.Task[None]] = set()
         self.refilling: set[PoolAllocator] = set()
@@ -90,7 +86,7 @@ class Service:
         self.disks: dict[int, Disk] = {}
         self.open_access = open_access
         self.target = Target(target_name, portals or [], self.access)
-        self.iscsi = IscsiServer(self.target) if portals and frontend == "iscsi" else None
+        self.iscsi = IscsiServer(self.target, limits) if portals and frontend == "iscsi" else None
         self.controller.zoning.on_change = self._zoning_changed
         self.tcmu: TcmuHandler | None = None
         self.lio: LioConfig | None = None
@@ -108,7 +104,7 @@ class Service:
         for vdisk in self.controller.unfinished_thick():
             self.spawn(self.controller.finish_thick(vdisk))
         for pool_id in self.controller.pools:
-            self.refill(pool_id)
+            self.controller.low_reserve(pool_id)
         self.spawn(self._maintain())
         if self.iscsi is not None:
             await self.iscsi.start()
@@ -131,7 +127,7 @@ class Service:
     def _disk_for_config(self, config: str) -> Disk | None:
         """The SCSI unit a TCMU device's config (`<vdisk id>`) names, if that vdisk is ready."""
         vdisk = self.controller.vdisks.get(int(config)) if config.isdigit() else None
-        return self.disk(vdisk) if vdisk is not None and vdisk.state == "ready" else None
+        return self.disk(vdisk) if vdisk is not None and self.controller.vdisk_state(vdisk) == "ready" else None
 
     def _zoning_changed(self) -> None:
         self.target.refresh()
@@ -152,7 +148,7 @@ class Service:
             self.lio_dirty = False
             zoning = self.controller.zoning
             wanted = Wanted(
-                [copy.copy(v) for v in self.controller.vdisks.values()],
+                [copy.copy(v) for v in self.controller.vdisks.values() if self.controller.online(v.pool_id)],
                 [copy.copy(h) for h in zoning.hosts.values()],
                 [copy.copy(z) for z in zoning.zones],
             )
@@ -178,13 +174,13 @@ class Service:
             luns = {
                 z.lun: Zoned(self.disk(vdisks[z.vdisk_id]), z.read_only)
                 for z in zoning.zones_of(host)
-                if vdisks[z.vdisk_id].state == "ready"
+                if self.controller.vdisk_state(vdisks[z.vdisk_id]) == "ready"
             }
             credentials = Credentials(host.chap_user, host.chap_secret, host.mutual_user, host.mutual_secret)
             return Access(luns, credentials if host.chap_user else None)
         if not self.open_access:
             return None
-        ready = sorted((v for v in vdisks.values() if v.state == "ready"), key=lambda v: v.id)
+        ready = sorted((v for v in vdisks.values() if self.controller.vdisk_state(v) == "ready"), key=lambda v: v.id)
         return Access({lun: Zoned(self.disk(v)) for lun, v in enumerate(ready)})
 
     def _threshold(self, pool_id: int, above: bool) -> None:
@@ -240,6 +236,8 @@ class Service:
             await asyncio.sleep(self.commit_interval)
             try:
                 self.controller.maintain()
+            except StoreFailure:
+                pass  # the metadata object logged it; its changes stay pending for the next commit
             except Exception:
                 log.exception("metadata commit failed; retrying in %s s", self.commit_interval)
 
@@ -259,7 +257,10 @@ class Service:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.agent.flush()
+        try:
+            await self.agent.flush()
+        except AgentIOError as exc:
+            log.error("the last flush failed: %s", exc)
         self.controller.close()
         self.agent.close()
-        self._lock.close()
+        self.data.close()

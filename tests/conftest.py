@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +26,8 @@ import pytest
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 CLI_TIMEOUT = 60.0
+# Servers started by the tests publish their API tokens here, not in /run/san; the CLIs they start look here too.
+os.environ.setdefault("SAN_RUNTIME_DIR", tempfile.mkdtemp(prefix="san-run-"))
 
 
 def san_command() -> list[str]:
@@ -43,9 +46,14 @@ def free_port() -> int:
 
 
 def run_san(
-    *args: str, env: dict[str, str] | None = None, cwd: str | os.PathLike[str] | None = None, timeout: float = CLI_TIMEOUT
+    *args: str,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float = CLI_TIMEOUT,
+    input: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run the `san` CLI as a subprocess; never raises on a non-zero exit (TimeoutExpired if it hangs)."""
+    """Run the `san` CLI as a subprocess; never raises on a non-zero exit (TimeoutExpired if it hangs). Its stdin is
+    input (else empty)."""
     return subprocess.run(
         [*san_command(), *args],
         capture_output=True,
@@ -54,6 +62,7 @@ def run_san(
         env=env if env is not None else dict(os.environ),
         cwd=cwd,
         check=False,
+        input=input if input is not None else "",
     )
 
 
@@ -104,9 +113,8 @@ class SanServer:
             if self.proc.poll() is not None:
                 raise AssertionError(f"san serve exited with {self.proc.returncode} while starting:\n{self.log_text()}")
             try:
-                with urllib.request.urlopen(self.api + "/status", timeout=1) as response:
-                    if response.status == 200:
-                        return self
+                if self.http("GET", "/status", timeout=1)[0] == 200:
+                    return self
             except (urllib.error.URLError, OSError):
                 time.sleep(0.05)
         self.kill()
@@ -143,13 +151,15 @@ class SanServer:
         env["SAN_API"] = self.api
         return env
 
-    def run(self, *args: str, cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, cwd: str | os.PathLike[str] | None = None, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """The `san` CLI against this server (through SAN_API)."""
-        return run_san(*args, env=self.env(), cwd=cwd)
+        return run_san(*args, env=self.env(), cwd=cwd, input=input)
 
-    def ok(self, *args: str) -> str:
+    def ok(self, *args: str, input: str | None = None) -> str:
         """Run the CLI, insist on success, return stdout."""
-        result = self.run(*args)
+        result = self.run(*args, input=input)
         assert result.returncode == 0, f"san {' '.join(args)} exited {result.returncode}: {result.stderr}"
         return result.stdout
 
@@ -176,13 +186,36 @@ class SanServer:
         assert status == 200, (path, status, body)
         return body
 
-    def http(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
-        """(status, parsed JSON body or None) of one request to the management API."""
+    @property
+    def token(self) -> str | None:
+        """The server's API token (DATA/api-token), once it has made one."""
+        try:
+            return (Path(self.data) / "api-token").read_text().strip()
+        except OSError:
+            return None
+
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        token: str | None = "",
+        timeout: float = 30,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        """(status, parsed JSON body or None) of one request to the management API, with the server's token (or
+        the given one; None sends none)."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         request = urllib.request.Request(self.api + path, data=data, method=method)
         request.add_header("Content-Type", "application/json")
+        token = self.token if token == "" else token
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 status, payload = response.status, response.read()
         except urllib.error.HTTPError as exc:
             status, payload = exc.code, exc.read()
@@ -190,9 +223,9 @@ class SanServer:
 
 
 @contextlib.contextmanager
-def running_server(data: Path, cwd: Path) -> Iterator[SanServer]:
-    """A started server that is killed if the test leaves it running."""
-    server = SanServer(data, cwd).start()
+def running_server(data: Path, cwd: Path, *extra: str) -> Iterator[SanServer]:
+    """A started server (with extra options) that is killed if the test leaves it running."""
+    server = SanServer(data, cwd, extra=extra).start()
     try:
         yield server
     finally:
@@ -230,7 +263,8 @@ def assert_clean(data: str | os.PathLike[str]) -> None:
 def san_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
     """A real `san serve` for the whole module; at the end it must stop on SIGTERM with 0 and leave a clean store."""
     base = tmp_path_factory.mktemp("san")
-    server = SanServer(base / "data", base / "cwd")
+    # Tests take over files they make under the session's temporary directory (pool create --existing).
+    server = SanServer(base / "data", base / "cwd", extra=("--allow-path", str(tmp_path_factory.getbasetemp())))
     server.start()
     try:
         yield server

@@ -35,8 +35,10 @@ class Response:
 class RawInitiator:
     """One connection to a target portal."""
 
-    def __init__(self, port: int, initiator: str, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self, port: int, initiator: str, host: str = "127.0.0.1", timeout: float = 10.0, source: str | None = None
+    ) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
         self.initiator = initiator
         self.cmd_sn = 1
         self.itt = 1

@@ -106,15 +106,19 @@ def physical(db: sqlite3.Connection, name: str, vseg: int) -> tuple[int, int]:
 
 @pytest.fixture
 def damaged(healthy: Path, tmp_path: Path) -> Path:
-    """A copy of the healthy data directory whose containers are copies too (the store's paths point at them)."""
+    """A copy of the healthy data directory: the store keeps pool file paths relative to it, so the copy's store
+    points at the copy's pool files, never at the original's."""
     copy = tmp_path / "copy"
     shutil.copytree(healthy, copy, ignore=shutil.ignore_patterns("lock"))
     with store(copy) as db:
-        for cid, path in db.execute("SELECT id, path FROM container").fetchall():
-            moved = copy / Path(path).relative_to(healthy)
-            assert moved.is_file()
-            db.execute("UPDATE container SET path = ? WHERE id = ?", (str(moved), cid))
+        for (path,) in db.execute("SELECT path FROM container").fetchall():
+            assert not os.path.isabs(path) and (copy / path).is_file(), path
     return copy
+
+
+def resolved(data: Path, stored: str) -> str:
+    """A container path as the store records it, resolved (relative ones are inside the data directory)."""
+    return stored if os.path.isabs(stored) else str(data / stored)
 
 
 def test_healthy_store_is_clean(healthy: Path) -> None:
@@ -196,10 +200,11 @@ def test_thin_and_thick_vdisks_share_a_segment(damaged: Path) -> None:
 
 def test_container_file_truncated(damaged: Path) -> None:
     with store(damaged) as db:
-        cid, path, nsegments, segment_size = db.execute(
+        cid, stored, nsegments, segment_size = db.execute(
             "SELECT c.id, c.path, c.nsegments, p.segment_size FROM container c"
             " JOIN pool p ON p.id = c.pool_id WHERE p.name = 'beta'"
         ).fetchone()
+    path = resolved(damaged, stored)
     os.truncate(path, 3 * MIB)
     problem = one_problem(damaged)
     assert f"container {cid}" in problem and path in problem
@@ -255,7 +260,8 @@ def test_unreadable_store(tmp_path: Path) -> None:
 
 def test_container_path_replaced_by_a_directory(damaged: Path) -> None:
     with store(damaged) as db:
-        cid, path = db.execute("SELECT id, path FROM container ORDER BY id LIMIT 1").fetchone()
+        cid, stored = db.execute("SELECT id, path FROM container ORDER BY id LIMIT 1").fetchone()
+    path = resolved(damaged, stored)
     os.unlink(path)
     os.mkdir(path)
     report = check(damaged)

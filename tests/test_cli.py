@@ -88,23 +88,26 @@ def test_pool_create_default_sparse_file(san_server: SanServer) -> None:
     image = Path(san_server.data) / "pools" / "dflt.img"
     assert image.is_file()
     st = image.stat()
-    assert st.st_size == 64 * MIB
+    assert st.st_size == 65 * MIB, "the 64M asked for, and one segment more for the label"
     assert st.st_blocks * 512 < 8 * MIB, "the default pool file should be sparse"
+    assert st.st_mode & 0o777 == 0o600
     pool = san_server.json("pool", "show", "dflt")
     assert usage(pool) == (64 * MIB, 0, 64 * MIB)
     assert pool["segment_size"] == MIB
     assert pool["provisioned_bytes"] == 0 and pool["vdisks"] == 0
     assert [(c["path"], c["kind"], c["size_bytes"], c["nsegments"], c["owned"]) for c in pool["containers"]] == [
-        (str(image), "file", 64 * MIB, 64, True)
+        (str(image), "file", 65 * MIB, 65, True)
     ]
+    assert image.read_bytes()[:8] == b"SANLABEL"
     assert san_server.pools()["dflt"] == pool
 
 
 def test_pool_create_on_existing_file(san_server: SanServer, tmp_path: Path) -> None:
     path = make_file(tmp_path / "existing.img", 48 * MIB + 100 * KIB)
-    san_server.ok("pool", "create", "onfile", "--path", str(path))
+    assert "--existing" in refused(san_server, "pool", "create", "onfile", "--path", str(path))
+    san_server.ok("pool", "create", "onfile", "--path", str(path), "--existing")
     pool = san_server.json("pool", "show", "onfile")
-    assert usage(pool) == (48 * MIB, 0, 48 * MIB), "capacity is the whole segments the file holds"
+    assert usage(pool) == (47 * MIB, 0, 47 * MIB), "capacity is the whole segments the file holds, but the label's"
     assert pool["segment_size"] == MIB
     (container,) = pool["containers"]
     assert (container["path"], container["size_bytes"], container["nsegments"], container["owned"]) == (
@@ -116,13 +119,13 @@ def test_pool_create_on_existing_file(san_server: SanServer, tmp_path: Path) -> 
 
     # Only part of a file, when --size says so.
     part = make_file(tmp_path / "part.img", 64 * MIB)
-    san_server.ok("pool", "create", "onpart", "--path", str(part), "--size", "16M")
-    assert usage(san_server.json("pool", "show", "onpart")) == (16 * MIB, 0, 16 * MIB)
+    san_server.ok("pool", "create", "onpart", "--path", str(part), "--size", "16M", "--existing")
+    assert usage(san_server.json("pool", "show", "onpart")) == (15 * MIB, 0, 15 * MIB)
 
     # The same file cannot serve two pools; a file smaller than --size is refused.
-    assert "already" in refused(san_server, "pool", "create", "onfile2", "--path", str(path))
+    assert "already" in refused(san_server, "pool", "create", "onfile2", "--path", str(path), "--existing")
     small = make_file(tmp_path / "small.img", 4 * MIB)
-    refused(san_server, "pool", "create", "onsmall", "--path", str(small), "--size", "8M")
+    refused(san_server, "pool", "create", "onsmall", "--path", str(small), "--size", "8M", "--existing")
 
     # Deleting the pool leaves a file san did not create.
     san_server.ok("pool", "delete", "onfile")
@@ -151,7 +154,7 @@ def test_segment_size_accepted(san_server: SanServer, segment: str, size: str, s
     pool = san_server.json("pool", "show", name)
     assert pool["segment_size"] == segment_bytes
     assert usage(pool) == (capacity, 0, capacity)
-    assert pool["containers"][0]["nsegments"] == capacity // segment_bytes
+    assert pool["containers"][0]["nsegments"] == capacity // segment_bytes + 1, "and one for the label"
 
 
 @pytest.mark.parametrize("segment", ["3M", "32K", "2G", "100000", "0"])
@@ -298,11 +301,11 @@ def test_human_tables(san_server: SanServer) -> None:
     san_server.ok("vdisk", "create", "tbl-thick", "--pool", "tblpool", "--size", "2M", "--thick", "--block-size", "4096")
 
     lines = san_server.ok("pool", "list").splitlines()
-    assert lines[0].split() == ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "USED%", "PROVISIONED", "VDISKS"]
+    assert lines[0].split() == ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "USED%", "PROVISIONED", "VDISKS", "STATE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert all(len(row) == 8 for row in rows.values()), lines
+    assert all(len(row) == 9 for row in rows.values()), lines
     assert set(rows) == {p["name"] for p in san_server.get("/pools")}
-    assert rows["tblpool"] == ["tblpool", "1.00M", "16.00M", "2.00M", "14.00M", "12.5%", "1.00G", "2"]
+    assert rows["tblpool"] == ["tblpool", "1.00M", "16.00M", "2.00M", "14.00M", "12.5%", "1.00G", "2", "online"]
 
     lines = san_server.ok("vdisk", "list").splitlines()
     assert lines[0].split() == ["NAME", "POOL", "SIZE", "ALLOCATED", "TYPE", "BLOCK", "STATE"]
@@ -531,7 +534,7 @@ def build_everything(server: SanServer, files: Path) -> None:
     existing = make_file(files / "persist-file.img", 16 * MIB)
     server.ok("pool", "create", "p-default", "--size", "64M")
     server.ok("pool", "create", "p-64k", "--size", "8M", "--segment-size", "64K")
-    server.ok("pool", "create", "p-file", "--path", str(existing), "--segment-size", "4M", "--warn-percent", "90")
+    server.ok("pool", "create", "p-file", "--path", str(existing), "--existing", "--segment-size", "4M", "--warn-percent", "90")
     server.ok("vdisk", "create", "v-thin", "--pool", "p-default", "--size", "1G")
     server.ok("vdisk", "create", "v-thick", "--pool", "p-default", "--size", "3M", "--thick")
     server.ok("vdisk", "create", "v-4k", "--pool", "p-default", "--size", "8M", "--block-size", "4096")
@@ -545,7 +548,7 @@ def build_everything(server: SanServer, files: Path) -> None:
 
 def test_state_survives_restart(tmp_path: Path) -> None:
     data, cwd = tmp_path / "data", tmp_path / "cwd"
-    with running_server(data, cwd) as server:
+    with running_server(data, cwd, "--allow-path", str(tmp_path)) as server:
         build_everything(server, tmp_path)
         pools, vdisks = server.json("pool", "list"), server.json("vdisk", "list")
         assert server.stop() == 0, server.log_text()

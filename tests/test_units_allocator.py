@@ -28,7 +28,7 @@ def test_format_size() -> None:
 
 
 def test_claims_prefer_one_long_run() -> None:
-    allocator = PoolAllocator([(1, 100)])
+    allocator = PoolAllocator([(1, 100)], label=0)
     allocator.mark_used([(1, 10), (1, 50)])
     assert allocator.claim_runs(30) == [(1, 11, 30)]
     assert allocator.used == 32
@@ -36,7 +36,7 @@ def test_claims_prefer_one_long_run() -> None:
 
 
 def test_claims_split_when_no_run_is_long_enough() -> None:
-    allocator = PoolAllocator([(1, 10), (2, 10)])
+    allocator = PoolAllocator([(1, 10), (2, 10)], label=0)
     allocator.mark_used([(1, 5), (2, 5)])
     runs = allocator.claim_runs(12)
     assert sum(length for _, _, length in runs) == 12
@@ -45,7 +45,7 @@ def test_claims_split_when_no_run_is_long_enough() -> None:
 
 
 def test_take_follows_the_hint_then_stays_contiguous() -> None:
-    allocator = PoolAllocator([(1, 64)])
+    allocator = PoolAllocator([(1, 64)], label=0)
     runs = allocator.plan_reserve(16)
     assert allocator.free == 64 and allocator.in_flight == runs
     allocator.add_reserve(runs)
@@ -58,7 +58,7 @@ def test_take_follows_the_hint_then_stays_contiguous() -> None:
 
 
 def test_a_thick_claim_may_take_the_reserve_back_but_not_runs_being_zeroed() -> None:
-    allocator = PoolAllocator([(1, 8)])
+    allocator = PoolAllocator([(1, 8)], label=0)
     allocator.add_reserve(allocator.plan_reserve(4))
     in_flight = allocator.plan_reserve(8)
     assert in_flight == [(1, 4, 2)], "a refill sets aside at most half of what is free"
@@ -68,3 +68,14 @@ def test_a_thick_claim_may_take_the_reserve_back_but_not_runs_being_zeroed() -> 
     allocator.add_reserve(in_flight)
     assert list(allocator.reserve) == [(1, 4), (1, 5)]
     assert allocator.free == 2 and allocator.used == 6
+
+
+def test_the_label_segment_is_never_handed_out() -> None:
+    allocator = PoolAllocator([(1, 8), (2, 4)])
+    assert allocator.capacity == 10 and allocator.free == 10
+    runs = allocator.claim_runs(10)
+    taken = {(c, p) for c, first, length in runs for p in range(first, first + length)}
+    assert (1, 0) not in taken and (2, 0) not in taken and len(taken) == 10
+    assert allocator.claim_runs(1) == []
+    allocator.release([(1, 0), (2, 0)])
+    assert allocator.free == 0, "releasing a label segment frees nothing"

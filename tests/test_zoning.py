@@ -9,6 +9,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import SanServer, assert_one_line, serving
@@ -31,7 +32,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
         san.ok("pool", "create", "p", "--size", "1G")
         for name in ("a0", "a1", "b0"):
             san.ok("vdisk", "create", name, "--pool", "p", "--size", "64M")
-        san.ok("host", "create", "alice", "--iqn", ALICE, "--chap-user", "alice", "--chap-secret", SECRET)
+        san.ok("host", "create", "alice", "--iqn", ALICE, "--chap-user", "alice", "--chap-secret-file", "-", input=SECRET + "\n")
         san.ok("host", "create", "bob", "--iqn", BOB)
         san.ok("zone", "add", "alice", "a0")
         san.ok("zone", "add", "alice", "a1", "--lun", "5")
@@ -119,7 +120,7 @@ def test_a_read_only_zone_refuses_writes(server: SanServer) -> None:
 def test_zoning_errors_are_one_clear_line(server: SanServer) -> None:
     cases = [
         (("host", "create", "x", "--iqn", "not-an-iqn"), "iSCSI name"),
-        (("host", "create", "x", "--iqn", "iqn.2024-01.org.example:x", "--chap-user", "u", "--chap-secret", "short"), "secret"),
+        (("host", "create", "x", "--iqn", "iqn.2024-01.org.example:x", "--chap-user", "u", "--chap-secret-file", "-"), "secret"),
         (("host", "create", "alice2", "--iqn", ALICE), "already"),
         (("zone", "add", "alice", "b0", "--lun", "5"), "LUN 5"),
         (("zone", "add", "nobody", "b0"), "no host"),
@@ -130,7 +131,7 @@ def test_zoning_errors_are_one_clear_line(server: SanServer) -> None:
     ]
     before = server.get("/zones"), server.get("/hosts")
     for args, message in cases:
-        result = server.run(*args)
+        result = server.run(*args, input="short\n")
         assert result.returncode != 0, args
         assert message in assert_one_line(result.stderr), (args, result.stderr)
     assert (server.get("/zones"), server.get("/hosts")) == before, "a refused command changes nothing"
@@ -203,8 +204,10 @@ def test_a_pool_past_its_warning_threshold_tells_each_nexus_once(server: SanServ
     server.ok("pool", "delete", "small")
 
 
-def test_mutual_chap_proves_both_sides(server: SanServer) -> None:
+def test_mutual_chap_proves_both_sides(server: SanServer, tmp_path: Path) -> None:
     carol = "iqn.2024-01.org.example:carol"
+    mutual_file = tmp_path / "mutual"
+    mutual_file.write_text("target-secret-2\n")
     server.ok(
         "host",
         "create",
@@ -213,12 +216,13 @@ def test_mutual_chap_proves_both_sides(server: SanServer) -> None:
         carol,
         "--chap-user",
         "carol",
-        "--chap-secret",
-        "carol-secret-1",
+        "--chap-secret-file",
+        "-",
         "--mutual-user",
         "target",
-        "--mutual-secret",
-        "target-secret-2",
+        "--mutual-secret-file",
+        str(mutual_file),
+        input="carol-secret-1\n",
     )
     try:
         initiator = RawInitiator(server.iscsi_port, carol)

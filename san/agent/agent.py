@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 from san._fastmap import INVALID, ZERO, MapFault, MapTable
 from san.agent._blockio import AGAIN, DONE, FAULT, read_blocks, write_blocks
 from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.protocol.transport import ControllerLink
 from san.storage.containers import ContainerError, ContainerSet
+from san.storage.label import LabelError, read_label
 
 log = logging.getLogger("san.agent")
 REPORT_DELAY = 0.2
+REPORT_RETRY = 1.0
 UNMAP_CHUNK = 65536
 ZERO_WRITE_BYTES = 1 << 20
 
@@ -50,6 +54,9 @@ class Agent:
         self.containers = ContainerSet()
         self.allocations_since_flush = 0
         self.report_scheduled = False
+        self.reporting = asyncio.Lock()
+        self.requests = itertools.count(1)
+        self.full: set[int] = set()
         self.tasks: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
@@ -72,7 +79,15 @@ class Agent:
     def _apply(self, command: Command) -> tuple[Response, Volume | None]:
         op = command.op
         if op is Op.ATTACH_CONTAINER:
-            self.containers.attach(command.container, command.path)
+            fd = self.containers.attach(command.container, command.path)
+            if command.uuid:
+                try:
+                    label = read_label(fd)
+                except (OSError, LabelError):
+                    label = None
+                if label is None or label.container_uuid != command.uuid:
+                    self.containers.detach(command.container)
+                    raise ContainerError(f"{command.path} does not carry the label of container {command.container}")
             return Response(), None
         if op is Op.DETACH_CONTAINER:
             self.containers.detach(command.container)
@@ -138,9 +153,7 @@ class Agent:
             table.io_end(slot)
         return buffer
 
-    def read_now(
-        self, vdisk: int, lba: int, nblocks: int, into: memoryview | None = None
-    ) -> bytearray | memoryview | None:
+    def read_now(self, vdisk: int, lba: int, nblocks: int, into: memoryview | None = None) -> bytearray | memoryview | None:
         """read() when no fault stands in the way, done in C without leaving the caller's thread of control; None
         otherwise (the caller then takes the asynchronous path, which resolves the fault). With into (large enough),
         the blocks land there and the part of it they fill is returned: no copy."""
@@ -173,8 +186,30 @@ class Agent:
             return write_blocks(volume.table, self.containers.fd_table, lba, view, self.containers.dirty)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise AgentIOError(Reason.NO_SPACE, f"the file system under a container is full: {exc}") from None
+                raise self._no_space(volume, lba, len(view) // volume.table.block_size) from None
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
+
+    def _no_space(self, volume: Volume, lba: int, nblocks: int) -> AgentIOError:
+        """A write met a full file system under a container: name the container once per episode (until a flush
+        finds room again)."""
+        extents = volume.table.translate(lba, nblocks, True) if nblocks else []
+        containers = {c for c, _, _ in extents} if isinstance(extents, list) else set()
+        for container in sorted(containers - self.full - {-1}):
+            path = self.containers.paths.get(container, "?")
+            self.full.add(container)
+            log.error("the file system under container %d (%s) is full: writes that need space there fail", container, path)
+        return AgentIOError(Reason.NO_SPACE, "the file system under a container is full")
+
+    def _check_full(self) -> None:
+        for container in sorted(self.full):
+            path = self.containers.paths.get(container)
+            try:
+                room = path is not None and os.statvfs(path).f_bavail > 0
+            except OSError:
+                room = False
+            if room or path is None:
+                self.full.discard(container)
+                log.info("the file system under container %d (%s) has room again", container, path)
 
     async def write(self, vdisk: int, lba: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         """Write whole blocks at lba; with fua, the data and any new mapping are durable on return."""
@@ -203,7 +238,7 @@ class Agent:
                 self.containers.flush(written)
         except (ContainerError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise AgentIOError(Reason.NO_SPACE, f"the file system under a container is full: {exc}") from None
+                raise self._no_space(volume, lba, nblocks) from None
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
         finally:
             table.io_end(slot)
@@ -264,9 +299,7 @@ class Agent:
                     self._map_from_grant(volume, fault.segment)
                     return pos
                 await self._report(vdisk, volume)
-        response = await self.link.send(Fault(vdisk, fault.segment, fault.state, write, zero_data))
-        if response.action is Action.FAIL:
-            raise AgentIOError(response.reason, response.message)
+        response = await self._ask(Fault(vdisk, fault.segment, fault.state, write, zero_data))
         volume.grant.extend(response.grant)
         if response.action is Action.COMPLETE:
             return seg_end
@@ -302,22 +335,41 @@ class Agent:
     def _reported(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("reporting allocations failed: %s", task.exception())
+            log.error("reporting allocations failed (kept, tried again in %s s): %s", REPORT_RETRY, task.exception())
+            if not self.report_scheduled:
+                self.report_scheduled = True
+                asyncio.get_running_loop().call_later(REPORT_RETRY, self._report_later)
 
     async def _report_all(self) -> None:
         self.report_scheduled = False
+        failure: AgentIOError | None = None
         for vdisk, volume in list(self.volumes.items()):
-            await self._report(vdisk, volume)
+            try:
+                await self._report(vdisk, volume)
+            except AgentIOError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     async def _report(self, vdisk: int, volume: Volume) -> None:
-        """Tell the controller which granted segments now hold which vdisk segments."""
-        if not volume.unreported:
-            return
-        entries = tuple(volume.unreported)
-        volume.unreported.clear()
-        response = await self.link.send(Allocated(vdisk, entries))
+        """Tell the controller which granted segments now hold which vdisk segments. The mappings are kept until
+        the controller has answered OK: one that is lost would leave acknowledged data pointing nowhere."""
+        async with self.reporting:
+            if not volume.unreported:
+                return
+            entries = tuple(volume.unreported)
+            await self._ask(Allocated(vdisk, entries))
+            del volume.unreported[: len(entries)]
+
+    async def _ask(self, message: Fault | Allocated | Release | Flush) -> Response:
+        """Send a message with a new request id; its answer, or AgentIOError when it failed."""
+        request = next(self.requests)
+        response = await self.link.send(replace(message, request=request))
+        if response.request not in (0, request):
+            raise AgentIOError(Reason.IO_ERROR, f"the controller answered request {response.request}, not {request}")
         if response.action is Action.FAIL:
             raise AgentIOError(response.reason, response.message)
+        return response
 
     async def unmap(self, vdisk: int, lba: int, nblocks: int) -> None:
         """Deallocate blocks [lba, lba+nblocks): they read as zeros afterwards. Whole segments go back to the pool;
@@ -342,12 +394,10 @@ class Agent:
             try:
                 table.set_entries(start, [(0, 0, ZERO)] * count)
                 await _drained(table)
-                response = await self.link.send(Release(vdisk, start, count))
+                await self._ask(Release(vdisk, start, count))
             finally:
                 volume.releasing.remove(entry)
                 released.set()
-            if response.action is Action.FAIL:
-                raise AgentIOError(response.reason, response.message)
 
     async def _write_zeros(self, vdisk: int, start: int, stop: int) -> None:
         block_size = self.volumes[vdisk].table.block_size
@@ -367,9 +417,7 @@ class Agent:
         while segment < last:
             _, _, state, alternate = table.get_entries(segment, 1)[0]
             if state & INVALID:
-                response = await self.link.send(Fault(vdisk, segment, state, False))
-                if response.action is Action.FAIL:
-                    raise AgentIOError(response.reason, response.message)
+                response = await self._ask(Fault(vdisk, segment, state, False))
                 table.fill_invalid(response.start, response.entries)
                 continue
             mapped = not state & ZERO or alternate is not None
@@ -388,14 +436,14 @@ class Agent:
             self.containers.flush()
         except OSError as exc:
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
+        if self.full:
+            self._check_full()
         await self._commit()
 
     async def _commit(self) -> None:
         self.allocations_since_flush = 0
         await self._report_all()
-        response = await self.link.send(Flush())
-        if response.action is Action.FAIL:
-            raise AgentIOError(response.reason, response.message)
+        await self._ask(Flush())
 
 
 async def _drained(table: MapTable) -> None:

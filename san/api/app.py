@@ -1,6 +1,7 @@
 """The management API: pools, vdisks, hosts, zones and status as HTTP/JSON resources, with /openapi.json generated.
 
-Bad input gets a 4xx answer {"error": "..."} that says what is wrong, and changes nothing."""
+Every request but /openapi.json needs the API token (auth.py); bodies are bounded (limits.py). Bad input gets a 4xx
+answer {"error": "..."} that says what is wrong, and changes nothing."""
 
 from __future__ import annotations
 
@@ -11,95 +12,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import san
-from san.errors import InvalidRequest, SanError
-from san.model import (
-    DEFAULT_ALLOCATE_AHEAD,
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_SEGMENT_SIZE,
-    DEFAULT_WARN_PERCENT,
-    Host,
-    Pool,
-    VDisk,
-    Zone,
-)
+from san.api.auth import BearerAuth
+from san.api.bodies import HostCreate, PoolCreate, VDiskCreate, VDiskGrow, ZoneCreate, size_of
+from san.api.limits import BodyLimit
+from san.errors import SanError
+from san.model import Host, Pool, VDisk, Zone
 from san.service import Service
-from san.units import parse_size
 
 
-def _size(value: int | str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise InvalidRequest(str(exc)) from None
-
-
-class PoolCreate(BaseModel):
-    """POST /pools: a pool on a new sparse file (size) or an existing file or block device (path)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
-    size: int | str | None = Field(None, description="bytes, or a size like 100G")
-    path: str | None = Field(None, description="file or block device; default: <data>/pools/<name>.img")
-    segment_size: int | str = Field(DEFAULT_SEGMENT_SIZE, description="power of two from 64K to 1G")
-    warn_percent: int = DEFAULT_WARN_PERCENT
-    allocate_ahead: int = DEFAULT_ALLOCATE_AHEAD
-
-
-class VDiskCreate(BaseModel):
-    """POST /vdisks: thin by default; thick allocates every segment (answer 202 while that runs)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
-    pool: str
-    size: int | str
-    thick: bool = False
-    block_size: int = DEFAULT_BLOCK_SIZE
-
-    @field_validator("block_size")
-    @classmethod
-    def _block_size(cls, value: int) -> int:
-        if value not in (512, 4096):
-            raise ValueError("must be 512 or 4096")
-        return value
-
-
-class VDiskGrow(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    size: int | str
-
-
-class HostCreate(BaseModel):
-    """POST /hosts: an initiator by iSCSI name; CHAP credentials make it prove who it is."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str
-    iqn: str
-    chap_user: str = ""
-    chap_secret: str = ""
-    mutual_user: str = ""
-    mutual_secret: str = ""
-
-
-class ZoneCreate(BaseModel):
-    """POST /zones: let a host see a vdisk, at a LUN (default the lowest free one), maybe read-only."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    host: str
-    vdisk: str
-    lun: int | None = None
-    read_only: bool = False
-
-
-def create_app(service: Service) -> FastAPI:
-    """The FastAPI application serving one Service."""
+def create_app(service: Service, token: str) -> FastAPI:
+    """The FastAPI application serving one Service; token is the bearer token every request must carry."""
     controller = service.controller
-    app = FastAPI(title="san management API", version=san.__version__)
+    app = FastAPI(title="san management API", version=san.__version__, docs_url=None, redoc_url=None)
     started = time.time()
 
     @app.middleware("http")
@@ -109,6 +36,9 @@ def create_app(service: Service) -> FastAPI:
         if request.method != "GET":
             await service.settled()
         return response
+
+    app.add_middleware(BodyLimit)
+    app.add_middleware(BearerAuth, token=token)  # added last: the outermost, before anything else looks at a request
 
     @app.exception_handler(SanError)
     async def san_error(_: Request, exc: SanError) -> JSONResponse:
@@ -124,24 +54,30 @@ def create_app(service: Service) -> FastAPI:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"] if part != "body")
             problems.append(f"{where}: {error['msg']}" if where else error["msg"])
-        return JSONResponse({"error": "; ".join(problems)}, status_code=400)
+        return JSONResponse({"error": "; ".join(problems)[:1000]}, status_code=400)
 
     def pool_json(pool: Pool) -> dict[str, Any]:
         usage = controller.usage(pool)
         return {
             **pool.to_dict(),
+            "state": "offline" if pool.id in controller.offline else "online",
+            "problem": controller.offline.get(pool.id, ""),
             "capacity_bytes": usage.capacity_bytes,
             "used_bytes": usage.used_bytes,
             "free_bytes": usage.free_bytes,
             "provisioned_bytes": usage.provisioned_bytes,
             "used_percent": usage.used_percent,
             "vdisks": sum(1 for v in controller.vdisks.values() if v.pool_id == pool.id),
-            "containers": [c.to_dict() for c in controller.pool_containers(pool)],
+            "containers": [
+                {**c.public(), "path": controller.containers.paths.get(c.id) or controller.pool_manager.resolve(c.path)}
+                for c in controller.pool_containers(pool)
+            ],
         }
 
     def vdisk_json(vdisk: VDisk) -> dict[str, Any]:
         return {
             **vdisk.to_dict(),
+            "state": controller.vdisk_state(vdisk),
             "pool": controller.pools[vdisk.pool_id].name,
             "allocated_bytes": controller.allocated_bytes(vdisk),
             "progress": controller.progress.get(vdisk.id, 1.0),
@@ -154,6 +90,7 @@ def create_app(service: Service) -> FastAPI:
             "data_dir": service.data_dir,
             "uptime_seconds": round(time.time() - started, 1),
             "pools": len(controller.pools),
+            "pools_offline": len(controller.offline),
             "vdisks": len(controller.vdisks),
             "agents": len(controller.agents),
         }
@@ -164,10 +101,14 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/pools", status_code=201)
     async def create_pool(body: PoolCreate) -> dict[str, Any]:
-        segment_size = _size(body.segment_size)
-        assert segment_size is not None
         pool = await controller.create_pool(
-            body.name, _size(body.size), body.path, segment_size, body.warn_percent, body.allocate_ahead
+            body.name,
+            size_of(body.size),
+            body.path,
+            size_of(body.segment_size),
+            body.warn_percent,
+            body.allocate_ahead,
+            body.existing,
         )
         return pool_json(pool)
 
@@ -185,7 +126,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/vdisks", status_code=201)
     async def create_vdisk(body: VDiskCreate) -> JSONResponse:
-        size = _size(body.size)
+        size = size_of(body.size)
         assert size is not None
         vdisk = await controller.create_vdisk(body.name, body.pool, size, not body.thick, body.block_size)
         if vdisk.state == "allocating":
@@ -199,7 +140,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/vdisks/{name}/grow")
     async def grow_vdisk(name: str, body: VDiskGrow) -> dict[str, Any]:
-        size = _size(body.size)
+        size = size_of(body.size)
         assert size is not None
         return vdisk_json(await controller.grow_vdisk(name, size))
 
@@ -229,7 +170,9 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/hosts", status_code=201)
     async def create_host(body: HostCreate) -> dict[str, Any]:
         chap, mutual = (body.chap_user, body.chap_secret), (body.mutual_user, body.mutual_secret)
-        return host_json(zoning.create_host(body.name, body.iqn, chap, mutual))
+        host = host_json(await zoning.create_host(body.name, body.iqn, chap, mutual))
+        warnings = [] if body.chap_user else ["this host has no CHAP: any initiator that claims its iSCSI name logs in as it"]
+        return {**host, "warnings": warnings}
 
     @app.get("/hosts/{name}")
     async def show_host(name: str) -> dict[str, Any]:
@@ -237,7 +180,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.delete("/hosts/{name}", status_code=204)
     async def delete_host(name: str) -> None:
-        zoning.delete_host(name)
+        await zoning.delete_host(name)
 
     @app.get("/zones")
     async def list_zones() -> list[dict[str, Any]]:
@@ -245,10 +188,10 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/zones", status_code=201)
     async def add_zone(body: ZoneCreate) -> dict[str, Any]:
-        return zone_json(zoning.add(body.host, controller.vdisk(body.vdisk), body.lun, body.read_only))
+        return zone_json(await zoning.add(body.host, body.vdisk, body.lun, body.read_only))
 
     @app.delete("/zones/{host}/{vdisk}", status_code=204)
     async def remove_zone(host: str, vdisk: str) -> None:
-        zoning.remove(host, controller.vdisk(vdisk))
+        await zoning.remove(host, vdisk)
 
     return app

@@ -1,11 +1,13 @@
 """The `san` command: `serve` and `check` work on a data directory; the rest are clients of the API.
 
-Every error prints one line on stderr and exits 1; --json prints the API's JSON unchanged."""
+Every error prints one line on stderr and exits 1; --json prints the API's JSON unchanged. Secrets are read from
+files, stdin or a prompt, never from the command line (where ps shows them)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -17,7 +19,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 from san.cli.client import DEFAULT_API, ApiError, Client
-from san.cli.output import fields, progress, table
+from san.cli.output import fields, plain, progress, table
 from san.units import format_size, parse_size
 
 
@@ -45,7 +47,18 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `san: <what is wrong>` and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
+        self.exit(2, f"{self.prog}: {plain(message)[:500]}\n")
+
+
+class SecretOnCommandLine(argparse.Action):
+    """--chap-secret and --mutual-secret are refused: ps shows every process's command line to every user."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        flag = self.option_strings[0]
+        parser.error(
+            f"{flag} is not accepted (every user can see a command line): use {flag}-file FILE, {flag}-file - for stdin,"
+            " or leave it out to be asked"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +66,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--api", default=os.environ.get("SAN_API", DEFAULT_API), help="management API URL (env SAN_API; default %(default)s)"
     )
+    parser.add_argument(
+        "--token-file",
+        default=os.environ.get("SAN_TOKEN_FILE"),
+        help="file holding the API token (env SAN_TOKEN_FILE; default: the one the server published for --api, readable by root)",
+    )
+    parser.add_argument(
+        "--ca-file", default=os.environ.get("SAN_CA_FILE"), help="CA certificate to verify an https API with (env SAN_CA_FILE)"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     client = Parser(add_help=False)
     client.add_argument("--api", default=argparse.SUPPRESS, help="management API URL (as before the command)")
+    client.add_argument("--token-file", default=argparse.SUPPRESS, help="file holding the API token (as before the command)")
+    client.add_argument("--ca-file", default=argparse.SUPPRESS, help="CA certificate for an https API (as before the command)")
 
     serve = commands.add_parser("serve", help="run the controller, an agent and the management API")
-    serve.add_argument("--data", required=True, help="data directory (store, default pool files)")
-    serve.add_argument("--api", dest="listen", type=_hostport, default=("127.0.0.1", 8080), help="HOST:PORT to serve the API on")
+    serve.add_argument("--data", required=True, help="data directory (store, default pool files; mode 0700)")
+    serve.add_argument(
+        "--api",
+        dest="listen",
+        type=_hostport,
+        default=("127.0.0.1", 8080),
+        help="HOST:PORT to serve the API on (default 127.0.0.1:8080; beyond loopback only with --api-cert/--api-key)",
+    )
+    serve.add_argument("--api-cert", help="TLS certificate (PEM) for the API")
+    serve.add_argument("--api-key", help="TLS private key (PEM) for the API")
+    serve.add_argument(
+        "--api-token-file", help="file (mode 0600) holding the API token (default: DATA/api-token, made at first start)"
+    )
+    serve.add_argument(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory under which existing regular files may be taken over as pools (pool create --existing); repeatable",
+    )
+    serve.add_argument("--max-connections", type=int, default=1024, help="iSCSI connections open at once (default 1024)")
+    serve.add_argument(
+        "--max-connections-per-address", type=int, default=64, help="iSCSI connections from one address (default 64)"
+    )
     serve.add_argument("--commit-interval", type=float, default=1.0, help="seconds between metadata commits")
     serve.add_argument(
         "--portal",
@@ -99,7 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     create = pool.add_parser("create", parents=[client], help="create a pool on a new sparse file or an existing file/device")
     create.add_argument("name")
     create.add_argument("--size", type=_size_arg, help="size, e.g. 100G (required for a new file)")
-    create.add_argument("--path", help="file or block device (default: DATA/pools/NAME.img)")
+    create.add_argument("--path", help="new file, unused block device, or existing file (default: DATA/pools/NAME.img)")
+    create.add_argument(
+        "--existing",
+        action="store_true",
+        help="take over an existing regular file under an --allow-path directory (its contents are overwritten)",
+    )
     create.add_argument("--segment-size", type=_size_arg, default="1M", help="power of two, 64K-1G (default 1M)")
     create.add_argument("--warn-percent", type=int, default=80, help="fullness that raises the threshold warning")
     create.add_argument("--allocate-ahead", type=int, default=4, help="extra segments allocated for sequential writers")
@@ -134,9 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--iqn", required=True, help="the initiator's iSCSI name")
     create.add_argument("--chap-user", default="", help="CHAP user the initiator logs in with")
-    create.add_argument("--chap-secret", default="", help="its CHAP secret (12-255 characters)")
+    create.add_argument(
+        "--chap-secret-file", metavar="FILE", help="file holding its CHAP secret (12-255 characters), - for stdin; default: ask"
+    )
     create.add_argument("--mutual-user", default="", help="user the target answers mutual CHAP with")
-    create.add_argument("--mutual-secret", default="", help="the target's mutual CHAP secret")
+    create.add_argument("--mutual-secret-file", metavar="FILE", help="file holding the target's mutual CHAP secret, - for stdin")
+    create.add_argument("--chap-secret", nargs="?", action=SecretOnCommandLine, help=argparse.SUPPRESS)
+    create.add_argument("--mutual-secret", nargs="?", action=SecretOnCommandLine, help=argparse.SUPPRESS)
     host.add_parser("list", parents=[client], help="list hosts").add_argument("--json", action="store_true")
     show = host.add_parser("show", parents=[client], help="show one host and its LUNs")
     show.add_argument("name")
@@ -164,7 +218,7 @@ def _print_json(value: Any) -> None:
 
 def _pool_rows(pools: list[dict[str, Any]]) -> str:
     return table(
-        ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "USED%", "PROVISIONED", "VDISKS"],
+        ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "USED%", "PROVISIONED", "VDISKS", "STATE"],
         [
             [
                 p["name"],
@@ -175,6 +229,7 @@ def _pool_rows(pools: list[dict[str, Any]]) -> str:
                 f"{p['used_percent']:.1f}%",
                 format_size(p["provisioned_bytes"]),
                 p["vdisks"],
+                p["state"],
             ]
             for p in pools
         ],
@@ -217,6 +272,7 @@ def _show_vdisk(v: dict[str, Any]) -> str:
 def _show_pool(p: dict[str, Any]) -> str:
     pairs = [
         ("name", p["name"]),
+        ("state", p["state"] + (f": {p['problem']}" if p["problem"] else "")),
         ("segment size", format_size(p["segment_size"])),
         ("capacity", f"{format_size(p['capacity_bytes'])} ({p['capacity_bytes']} bytes)"),
         ("used", f"{format_size(p['used_bytes'])} ({p['used_percent']:.1f}%)"),
@@ -226,7 +282,10 @@ def _show_pool(p: dict[str, Any]) -> str:
         ("allocate ahead", f"{p['allocate_ahead']} segments"),
         ("vdisks", p["vdisks"]),
     ]
-    pairs += [(f"container {c['id']}", f"{c['path']} ({c['kind']}, {format_size(c['size_bytes'])})") for c in p["containers"]]
+    pairs += [
+        (f"container {c['id']}", f"{c['path']} ({c['kind']}, {format_size(c['size_bytes'])}, uuid {c['uuid']})")
+        for c in p["containers"]
+    ]
     return fields(pairs)
 
 
@@ -262,12 +321,60 @@ def _show_host(h: dict[str, Any]) -> str:
     return fields(pairs)
 
 
+def _read_secret(path: str, what: str) -> str:
+    """A secret from a file, or from stdin for '-' (one line; the newline is not part of it)."""
+    try:
+        if path == "-":
+            text = sys.stdin.readline()
+        else:
+            with open(path) as f:
+                text = f.read()
+    except OSError as exc:
+        raise ApiError(f"cannot read the {what} from {path}: {exc.strerror}") from None
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ApiError(f"the {what} file {path} is empty")
+    return secret
+
+
+def _ask_secret(what: str) -> str:
+    if not sys.stdin.isatty():
+        raise ApiError(f"give the {what} with --{what.replace(' ', '-')}-file FILE (or - for stdin): no terminal to ask on")
+    try:
+        first = getpass.getpass(f"{what}: ")
+        again = getpass.getpass(f"{what} again: ")
+    except EOFError:
+        raise ApiError(f"no {what} given") from None
+    if again != first:
+        raise ApiError(f"the two {what}s differ")
+    return first
+
+
+def _secrets(args: argparse.Namespace) -> dict[str, str]:
+    """The CHAP secrets for host create: from their files, stdin, or a prompt when a user is given without one."""
+    if args.chap_secret_file == "-" and args.mutual_secret_file == "-":
+        raise ApiError("only one secret can come from stdin: give the other in a file")
+    found = {"chap_secret": "", "mutual_secret": ""}
+    for key, user, path, what in (
+        ("chap_secret", args.chap_user, args.chap_secret_file, "chap secret"),
+        ("mutual_secret", args.mutual_user, args.mutual_secret_file, "mutual secret"),
+    ):
+        if path is not None:
+            found[key] = _read_secret(path, what)
+        elif user:
+            found[key] = _ask_secret(what)
+    return found
+
+
 def _run_zoning(client: Client, args: argparse.Namespace) -> int:
     if args.command == "host":
         if args.action == "create":
-            keys = ("chap_user", "chap_secret", "mutual_user", "mutual_secret")
-            host = client.post("/hosts", {"name": args.name, "iqn": args.iqn, **{k: getattr(args, k) for k in keys}})
-            print(f"host {host['name']} created for {host['iqn']}")
+            secrets = _secrets(args)
+            body = {"name": args.name, "iqn": args.iqn, "chap_user": args.chap_user, "mutual_user": args.mutual_user, **secrets}
+            host = client.post("/hosts", body)
+            print(f"host {plain(host['name'])} created for {plain(host['iqn'])}")
+            for warning in host.get("warnings", []):
+                print(f"san: warning: {plain(warning)}", file=sys.stderr)
         elif args.action == "list":
             hosts = client.get("/hosts")
             _print_json(hosts) if args.json else print(_host_rows(hosts))
@@ -302,7 +409,7 @@ def _wait_thick(client: Client, vdisk: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    client = Client(args.api)
+    client = Client(args.api, args.token_file, args.ca_file)
     if args.command == "status":
         status = client.get("/status")
         if args.json:
@@ -316,6 +423,7 @@ def run_client(args: argparse.Namespace) -> int:
                 "name": args.name,
                 "size": args.size,
                 "path": os.path.abspath(args.path) if args.path else None,
+                "existing": args.existing,
                 "segment_size": args.segment_size,
                 "warn_percent": args.warn_percent,
                 "allocate_ahead": args.allocate_ahead,
@@ -387,14 +495,28 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from san.serve import serve
+    from san.iscsi.server import Limits
+    from san.serve import Options, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    host, port = args.listen
-    portals = [p for p in (args.portal or [("0.0.0.0", 3260)]) if p != ("", 0)]
-    return run_loop(
-        serve(args.data, host, port, args.commit_interval, portals, args.iqn, args.open_access, args.frontend)
+    if args.max_connections < 1 or args.max_connections_per_address < 1:
+        print("san: --max-connections and --max-connections-per-address must be at least 1", file=sys.stderr)
+        return 2
+    options = Options(
+        args.data,
+        args.listen,
+        args.commit_interval,
+        [p for p in (args.portal or [("0.0.0.0", 3260)]) if p != ("", 0)],
+        args.iqn,
+        args.open_access,
+        args.frontend,
+        tuple(args.allow_path),
+        args.api_cert,
+        args.api_key,
+        args.api_token_file,
+        Limits(args.max_connections, args.max_connections_per_address),
     )
+    return run_loop(serve(options))
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -415,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_check(args.data)
         return run_client(args)
     except ApiError as exc:
-        print(f"san: {exc}", file=sys.stderr)
+        print(f"san: {plain(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

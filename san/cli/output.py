@@ -1,6 +1,7 @@
 """Human output for the CLI: aligned tables like lvs, key/value listings, and a progress bar.
 
-JSON output bypasses all of this: --json prints the API's answer as it is."""
+Control characters in what the server sends are shown escaped, never sent to the terminal; --json prints the API's
+answer as it is (JSON escapes them)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from san.model import printable
+
+plain = printable
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Columns aligned: text left, numbers right."""
-    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    cells = [[plain(c) for c in headers]] + [[plain(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     numeric = [all(_numeric(row[i]) for row in cells[1:]) and len(cells) > 1 for i in range(len(headers))]
     lines = []
@@ -27,7 +32,7 @@ def _numeric(text: str) -> bool:
 
 def fields(pairs: Sequence[tuple[str, Any]]) -> str:
     width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
+    return "\n".join(f"{plain(k) + ':':<{width + 1}} {plain(v)}" for k, v in pairs)
 
 
 def progress(fraction: float, label: str, width: int = 40) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 FREE = 0
 USED = 1
 RESERVED = 2
+LABEL = 3
 _FREE_RUN = re.compile(b"\\x00+")
 
 Segment = tuple[int, int]
@@ -17,13 +18,16 @@ Run = tuple[int, int, int]
 
 
 class SegmentMap:
-    """One byte of state per physical segment of one container."""
+    """One byte of state per physical segment of one container; the first `label` segments hold its label."""
 
-    def __init__(self, container_id: int, nsegments: int) -> None:
+    def __init__(self, container_id: int, nsegments: int, label: int = 1) -> None:
         self.container_id = container_id
         self.state = bytearray(nsegments)
-        self.free = nsegments
-        self.cursor = 0
+        label = min(label, nsegments)
+        self.state[:label] = bytes([LABEL]) * label
+        self.capacity = nsegments - label
+        self.free = self.capacity
+        self.cursor = label
 
     def __len__(self) -> int:
         return len(self.state)
@@ -58,8 +62,8 @@ class SegmentMap:
 class PoolAllocator:
     """Free-space map of one pool's containers plus its reserve of zeroed segments ready to hand out."""
 
-    def __init__(self, containers: Iterable[tuple[int, int]], reserve_target: int = 64) -> None:
-        self.maps: dict[int, SegmentMap] = {cid: SegmentMap(cid, n) for cid, n in containers}
+    def __init__(self, containers: Iterable[tuple[int, int]], reserve_target: int = 64, label: int = 1) -> None:
+        self.maps: dict[int, SegmentMap] = {cid: SegmentMap(cid, n, label) for cid, n in containers}
         self.reserve: dict[Segment, None] = {}
         self.in_flight: list[Run] = []
         self.granted: set[Segment] = set()
@@ -67,7 +71,8 @@ class PoolAllocator:
 
     @property
     def capacity(self) -> int:
-        return sum(len(m) for m in self.maps.values())
+        """Segments that can hold vdisk data."""
+        return sum(m.capacity for m in self.maps.values())
 
     @property
     def used(self) -> int:
@@ -91,7 +96,9 @@ class PoolAllocator:
 
     def release(self, segments: Iterable[Segment]) -> None:
         for container_id, pseg in segments:
-            self.maps[container_id].set(pseg, FREE)
+            segment_map = self.maps[container_id]
+            if segment_map.state[pseg] != LABEL:
+                segment_map.set(pseg, FREE)
 
     def claim_runs(self, count: int, state: int = USED) -> list[Run]:
         """Take count free segments as few long runs, marking them state; [] if fewer are claimable.

@@ -1,20 +1,23 @@
 """Hosts and zoning: which initiator (by iSCSI name, with CHAP credentials) sees which vdisks, at which LUNs.
 
-Every change is checked first and committed before it returns; then the frontends are told to re-read it."""
+Every change is checked under its host's and vdisk's locks and committed before it returns; then the frontends are
+told to re-read it."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
-from typing import TypeVar
 
+from san.controller.locks import Locks
 from san.errors import Conflict, InvalidRequest, NotFound
-from san.model import Host, VDisk, Zone, check_name
-from san.store.sqlite import SQLiteStore
+from san.model import Host, VDisk, Zone, check_name, shown
+from san.store.metadata import Metadata
 
-T = TypeVar("T")
+log = logging.getLogger("san.zoning")
 MAX_LUN = 16383  # flat addressing
-IQN = re.compile(r"iqn\.\d{4}-\d{2}(\.[a-z0-9][a-z0-9-]*)+(:[^\s]+)?")
+# RFC 3722 names are stringprep'd UTF-8 without controls or spaces; san takes the printable ASCII that hosts use.
+IQN = re.compile(r"iqn\.\d{4}-\d{2}(\.[a-z0-9][a-z0-9-]*)+(:[!-~]+)?")
 EUI = re.compile(r"eui\.[0-9A-Fa-f]{16}")
 NAA = re.compile(r"naa\.([0-9A-Fa-f]{16}|[0-9A-Fa-f]{32})")
 CHAP_TEXT = re.compile(r"[!-~]{1,255}")  # printable ASCII, no spaces
@@ -24,7 +27,7 @@ MIN_SECRET = 12
 def check_iscsi_name(iqn: str) -> None:
     """An iSCSI name as RFC 7143 section 4.2.7 gives it: iqn., eui. or naa. form, at most 223 bytes."""
     if len(iqn.encode()) > 223 or not (IQN.fullmatch(iqn) or EUI.fullmatch(iqn) or NAA.fullmatch(iqn)):
-        raise InvalidRequest(f"{iqn!r} is not an iSCSI name (like iqn.2005-03.org.example:host1, lowercase)")
+        raise InvalidRequest(f"{shown(iqn)} is not an iSCSI name (like iqn.2005-03.org.example:host1, lowercase)")
 
 
 def check_chap(kind: str, user: str, secret: str) -> None:
@@ -37,20 +40,21 @@ def check_chap(kind: str, user: str, secret: str) -> None:
 
 
 class Zoning:
-    """The hosts and zones of one controller (its store, its vdisks)."""
+    """The hosts and zones of one controller (its metadata, its vdisks, its locks)."""
 
-    def __init__(self, store: SQLiteStore, vdisks: Callable[[], dict[int, VDisk]]) -> None:
-        self.store = store
+    def __init__(self, metadata: Metadata, vdisks: Callable[[], dict[int, VDisk]], locks: Locks) -> None:
+        self.metadata = metadata
         self.vdisks = vdisks
-        self.hosts: dict[int, Host] = {h.id: h for h in store.hosts()}
-        self.zones: list[Zone] = store.zones()
+        self.locks = locks
+        self.hosts: dict[int, Host] = {h.id: h for h in metadata.store.hosts()}
+        self.zones: list[Zone] = metadata.store.zones()
         self.on_change: Callable[[], None] | None = None
 
     def host(self, name: str) -> Host:
         for host in self.hosts.values():
             if host.name == name:
                 return host
-        raise NotFound(f"no host named {name!r}")
+        raise NotFound(f"no host named {shown(name)}")
 
     def by_iqn(self, iqn: str) -> Host | None:
         for host in self.hosts.values():
@@ -61,78 +65,87 @@ class Zoning:
     def zones_of(self, host: Host) -> list[Zone]:
         return [z for z in self.zones if z.host_id == host.id]
 
-    def create_host(self, name: str, iqn: str, chap: tuple[str, str] = ("", ""), mutual: tuple[str, str] = ("", "")) -> Host:
+    async def create_host(
+        self, name: str, iqn: str, chap: tuple[str, str] = ("", ""), mutual: tuple[str, str] = ("", "")
+    ) -> Host:
         check_name("host", name)
         check_iscsi_name(iqn)
         check_chap("CHAP", *chap)
         check_chap("mutual CHAP", *mutual)
         if mutual[0] and not chap[0]:
-            raise InvalidRequest("mutual CHAP needs one-way CHAP too (--chap-user and --chap-secret)")
+            raise InvalidRequest("mutual CHAP needs one-way CHAP too (--chap-user and a CHAP secret)")
         if chap[0] and chap[1] == mutual[1]:
             raise InvalidRequest("the mutual CHAP secret must differ from the host's CHAP secret")
-        if any(h.name == name for h in self.hosts.values()):
-            raise Conflict(f"host {name!r} already exists")
-        other = self.by_iqn(iqn)
-        if other is not None:
-            raise Conflict(f"{iqn} is already host {other.name!r}")
-        host = self._durably(lambda: self.store.add_host(name, iqn, (*chap, *mutual)))
-        self.hosts[host.id] = host
+        async with self.locks.hold(("host", name), ("iqn", iqn)):
+            if any(h.name == name for h in self.hosts.values()):
+                raise Conflict(f"host {name!r} already exists")
+            other = self.by_iqn(iqn)
+            if other is not None:
+                raise Conflict(f"{iqn} is already host {other.name!r}")
+            host = self.metadata.commit(lambda store: store.add_host(name, iqn, (*chap, *mutual)))
+            assert host is not None
+            self.hosts[host.id] = host
+        if not chap[0]:
+            log.warning("host %s (%s) has no CHAP: any initiator that claims its name logs in as it", name, iqn)
         self._changed()
         return host
 
-    def delete_host(self, name: str) -> None:
-        host = self.host(name)
-        zoned = self.zones_of(host)
-        if zoned:
-            names = ", ".join(sorted(self.vdisks()[z.vdisk_id].name for z in zoned))
-            raise Conflict(f"host {name!r} still sees {names}; remove its zones first")
-        self._durably(lambda: self.store.delete_host(host.id))
-        del self.hosts[host.id]
+    async def delete_host(self, name: str) -> None:
+        async with self.locks.hold(("host", name)):
+            host = self.host(name)
+            zoned = self.zones_of(host)
+            if zoned:
+                names = ", ".join(sorted(self.vdisks()[z.vdisk_id].name for z in zoned))
+                raise Conflict(f"host {name!r} still sees {names}; remove its zones first")
+            self.metadata.commit(lambda store: store.delete_host(host.id))
+            del self.hosts[host.id]
         self._changed()
 
-    def add(self, host_name: str, vdisk: VDisk, lun: int | None = None, read_only: bool = False) -> Zone:
+    async def add(self, host_name: str, vdisk_name: str, lun: int | None = None, read_only: bool = False) -> Zone:
         """Zone a vdisk to a host at lun (default: the lowest free LUN number)."""
-        host = self.host(host_name)
-        current = self.zones_of(host)
-        if any(z.vdisk_id == vdisk.id for z in current):
-            raise Conflict(f"{vdisk.name!r} is already zoned to host {host.name!r}")
-        used = {z.lun for z in current}
-        if lun is None:
-            lun = next(n for n in range(MAX_LUN + 1) if n not in used)
-        if not 0 <= lun <= MAX_LUN:
-            raise InvalidRequest(f"LUN {lun} must be 0-{MAX_LUN}")
-        if lun in used:
-            raise Conflict(f"host {host.name!r} already has LUN {lun}")
-        zone = Zone(host.id, vdisk.id, lun, read_only)
-        self._durably(lambda: self.store.add_zone(zone))
-        self.zones.append(zone)
+        async with self.locks.hold(("host", host_name), ("vdisk", vdisk_name)):
+            host = self.host(host_name)
+            vdisk = self._vdisk(vdisk_name)
+            if vdisk.state not in ("ready", "allocating"):
+                raise Conflict(f"vdisk {vdisk.name!r} is {vdisk.state}")
+            current = self.zones_of(host)
+            if any(z.vdisk_id == vdisk.id for z in current):
+                raise Conflict(f"{vdisk.name!r} is already zoned to host {host.name!r}")
+            used = {z.lun for z in current}
+            if lun is None:
+                lun = next(n for n in range(MAX_LUN + 1) if n not in used)
+            if not 0 <= lun <= MAX_LUN:
+                raise InvalidRequest(f"LUN {lun} must be 0-{MAX_LUN}")
+            if lun in used:
+                raise Conflict(f"host {host.name!r} already has LUN {lun}")
+            zone = Zone(host.id, vdisk.id, lun, read_only)
+            self.metadata.commit(lambda store: store.add_zone(zone))
+            self.zones.append(zone)
         self._changed()
         return zone
 
-    def remove(self, host_name: str, vdisk: VDisk) -> None:
-        host = self.host(host_name)
-        zone = next((z for z in self.zones if z.host_id == host.id and z.vdisk_id == vdisk.id), None)
-        if zone is None:
-            raise NotFound(f"{vdisk.name!r} is not zoned to host {host.name!r}")
-        self._durably(lambda: self.store.delete_zone(host.id, vdisk.id))
-        self.zones.remove(zone)
+    async def remove(self, host_name: str, vdisk_name: str) -> None:
+        async with self.locks.hold(("host", host_name), ("vdisk", vdisk_name)):
+            host = self.host(host_name)
+            vdisk = self._vdisk(vdisk_name)
+            zone = next((z for z in self.zones if z.host_id == host.id and z.vdisk_id == vdisk.id), None)
+            if zone is None:
+                raise NotFound(f"{vdisk.name!r} is not zoned to host {host.name!r}")
+            self.metadata.commit(lambda store: store.delete_zone(host.id, vdisk.id))
+            self.zones.remove(zone)
         self._changed()
+
+    def _vdisk(self, name: str) -> VDisk:
+        for vdisk in self.vdisks().values():
+            if vdisk.name == name:
+                return vdisk
+        raise NotFound(f"no vdisk named {shown(name)}")
 
     def check_unzoned(self, vdisk: VDisk) -> None:
         """A vdisk zoned to a host cannot be deleted from under it."""
         hosts = sorted(self.hosts[z.host_id].name for z in self.zones if z.vdisk_id == vdisk.id)
         if hosts:
             raise Conflict(f"vdisk {vdisk.name!r} is zoned to {', '.join(hosts)}; remove the zones first")
-
-    def _durably(self, change: Callable[[], T]) -> T:
-        """Make one store change and commit it; on any failure roll it back, so nothing changed."""
-        try:
-            result = change()
-            self.store.commit()
-        except BaseException:
-            self.store.rollback()
-            raise
-        return result
 
     def _changed(self) -> None:
         if self.on_change is not None:

@@ -36,6 +36,7 @@ from san.iscsi.pdu import (
 )
 from san.iscsi.session import QUEUE_DEPTH, Session, serial_add
 from san.iscsi.target import PORTAL_GROUP_TAG, Target
+from san.model import printable, shown
 from san.scsi.disk import Reply
 from san.scsi.luns import LunView
 from san.scsi.sense import Key, Status, fixed_sense, invalid_field
@@ -84,9 +85,10 @@ class Task:
 class Connection:
     """The target side of one TCP connection."""
 
-    def __init__(self, target: Target, local: tuple[str, int] | None = None) -> None:
+    def __init__(self, target: Target, local: tuple[str, int] | None = None, peer: str = "") -> None:
         self.target = target
         self.local = local
+        self.peer = peer
         self.state = State.LOGIN
         self.params = Parameters()
         self.session: Session | None = None
@@ -109,6 +111,7 @@ class Connection:
         self.discovery = False
         self.chap: ChapExchange | None = None
         self.authenticated = False
+        self.backing_off = False
         self.login_text = bytearray()
         self.sent_first_response = False
         self.text_pending = bytearray()
@@ -321,7 +324,7 @@ class Connection:
                     raise LoginFailed(0x0203, f"no target {target_name!r}")
             access = self.target.lookup(self.initiator)
             if access is None and not self.discovery:
-                raise LoginFailed(0x0202, f"{self.initiator} may not use this target")
+                raise LoginFailed(0x0202, "this initiator may not use this target")
             if self.tsih:
                 raise LoginFailed(0x020A, "adding a connection to a session is not supported (MaxConnections=1)")
         answers: list[tuple[str, str]] = []
@@ -352,7 +355,17 @@ class Connection:
                 raise ChapError("only CHAP_A=5 (MD5) is supported")
             return self.chap.offer()
         if self.chap is not None and "CHAP_N" in keys:
-            answers = self.chap.verify(keys)
+            guard = self.target.guard
+            wait = guard.wait(self.initiator, self.peer)
+            if wait > 0:
+                self.backing_off = True
+                raise ChapError(f"too many failed logins: the next is checked in {wait:.0f} s")
+            try:
+                answers = self.chap.verify(keys)
+            except ChapError:
+                guard.failed(self.initiator, self.peer)
+                raise
+            guard.succeeded(self.initiator, self.peer)
             self.authenticated = True
             return answers
         if transit:
@@ -411,7 +424,12 @@ class Connection:
             status & 0xFF,
         )
         self._send(bhs)
-        log.info("login from %s refused (status %04x): %s", self.initiator or "an unnamed initiator", status, message)
+        who = shown(self.initiator) if self.initiator else "an unnamed initiator"
+        if not self.backing_off or self.target.refusals.ready(self.peer):
+            held = self.target.refusals.since(self.peer) if self.backing_off else 0
+            more = f" ({held} more refused unchecked since the last line)" if held else ""
+            reason = printable(message[:200])
+            log.warning("login from %s at %s refused (status %04x): %s%s", who, self.peer or "?", status, reason, more)
         self.closing = True
 
     def _enter_full_feature(self) -> None:
@@ -427,6 +445,9 @@ class Connection:
         if not self.discovery:
             self.target.sessions[(self.initiator, self.isid)] = self.session
         self.state = State.FULL_FEATURE
+        how = "CHAP" if self.chap is not None else "no authentication"
+        kind = "discovery session" if self.discovery else f"session {self.tsih}"
+        log.info("login from %s at %s accepted: %s, %s", shown(self.initiator), self.peer or "?", kind, how)
 
     def close(self) -> None:
         """Drop this connection (reinstatement, reset, logout): tasks are abandoned, nothing more is sent."""

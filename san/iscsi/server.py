@@ -1,19 +1,26 @@
 """The asyncio shell around the iSCSI state machines: listens on the portals, feeds bytes in, writes bytes out.
 
-Each SCSI task runs as its own coroutine, so one slow command or session never holds up the others."""
+Each SCSI task runs as its own coroutine, so one slow command or session never holds up the others. Connections
+are limited in total and per source address; running out of descriptors pauses accepting and is logged."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import cast
 
 from san.iscsi.connection import Connection, Task
 from san.iscsi.target import Target
+from san.model import shown
 from san.scsi.disk import Reply
 from san.scsi.sense import Key, Status, fixed_sense
+from san.throttle import Throttle
 
 log = logging.getLogger("san.iscsi")
 PING_IDLE = 10.0
@@ -21,13 +28,26 @@ PING_TIMEOUT = 15.0
 LOGIN_TIMEOUT = 15.0
 MAX_TASKS_PER_CONNECTION = 256
 HIGH_WATER = 4 << 20
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE = 1.0
+STARVED_QUIET = 5.0
+OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How many iSCSI connections san keeps open at once: in all, and from one source address."""
+
+    total: int = 1024
+    per_address: int = 64
 
 
 class IscsiProtocol(asyncio.Protocol):
     """One TCP connection: reading pauses while too many tasks run or the peer reads too slowly."""
 
-    def __init__(self, server: IscsiServer) -> None:
+    def __init__(self, server: IscsiServer, peer: str) -> None:
         self.server = server
+        self.peer = peer
         self.connection: Connection | None = None
         self.transport: asyncio.Transport | None = None
         self.running: set[asyncio.Task[None]] = set()
@@ -42,7 +62,7 @@ class IscsiProtocol(asyncio.Protocol):
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio subclasses
         transport.set_write_buffer_limits(high=HIGH_WATER)
         local = transport.get_extra_info("sockname")
-        self.connection = Connection(self.server.target, (local[0], local[1]) if local else None)
+        self.connection = Connection(self.server.target, (local[0], local[1]) if local else None, self.peer)
         self.server.protocols.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -134,7 +154,7 @@ class IscsiProtocol(asyncio.Protocol):
                 self.transport.close()
             return
         if self.ping_sent is not None and now - self.ping_sent > PING_TIMEOUT:
-            log.warning("dropping %s: no answer to a NOP-In ping", connection.initiator)
+            log.warning("dropping %s at %s: no answer to a NOP-In ping", shown(connection.initiator), self.peer)
             connection.close()
             self.flush()
         elif self.ping_sent is None and now - self.last_heard > PING_IDLE:
@@ -146,28 +166,121 @@ class IscsiProtocol(asyncio.Protocol):
         if self.connection is not None:
             self.connection.close()
         self.server.protocols.discard(self)
+        self.server.release(self.peer)
 
 
 class IscsiServer:
-    """Listens on every portal of a target."""
+    """Listens on every portal of a target, accepting connections itself so that it can refuse those beyond the
+    limits before they cost anything but the accept."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, limits: Limits | None = None) -> None:
         self.target = target
-        self.servers: list[asyncio.Server] = []
+        self.limits = limits or Limits()
+        self.listeners: list[socket.socket] = []
         self.protocols: set[IscsiProtocol] = set()
+        self.open: Counter[str] = Counter()
         self.watchdog: asyncio.Task[None] | None = None
+        self.refusals = Throttle()
+        self.starving = False
+        self.starved_at = 0.0
+        self.connecting: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for host, port in self.target.portals:
-            server = await loop.create_server(lambda: IscsiProtocol(self), host or None, port, reuse_address=True)
-            self.servers.append(server)
+            for family, kind, proto, _, address in socket.getaddrinfo(
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            ):
+                listener = socket.socket(family, kind, proto)
+                try:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    listener.bind(address)
+                    listener.listen(1024)
+                    listener.setblocking(False)
+                except OSError:
+                    listener.close()
+                    self._close_listeners()
+                    raise
+                self.listeners.append(listener)
+                loop.add_reader(listener.fileno(), self._accept, listener)
         self.watchdog = asyncio.ensure_future(self._watch())
+
+    def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in OUT_OF_DESCRIPTORS:
+                    self._starved(listener, exc)
+                else:
+                    log.warning("accepting an iSCSI connection failed: %s", exc)
+                return
+            peer = str(address[0])
+            if sum(self.open.values()) >= self.limits.total or self.open[peer] >= self.limits.per_address:
+                conn.close()
+                if self.refusals.ready(peer):
+                    total = sum(self.open.values())
+                    log.warning(
+                        "refusing iSCSI connections from %s: %d open from it (limit %d), %d in all (limit %d)",
+                        peer, self.open[peer], self.limits.per_address, total, self.limits.total,
+                    )  # fmt: skip
+                continue
+            self.open[peer] += 1
+            conn.setblocking(False)
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.ensure_future(self._connect(loop, conn, peer))
+            self.connecting.add(task)
+            task.add_done_callback(self.connecting.discard)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, peer: str) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: IscsiProtocol(self, peer), conn)
+        except OSError as exc:
+            conn.close()
+            self.release(peer)
+            log.warning("could not set up an iSCSI connection from %s: %s", peer, exc)
+
+    def _starved(self, listener: socket.socket, exc: OSError) -> None:
+        """Out of descriptors: say so once an episode (it ends after STARVED_QUIET s without), stop accepting for a
+        moment (the kernel keeps the backlog)."""
+        loop = asyncio.get_running_loop()
+        self.starved_at = time.monotonic()
+        if not self.starving:
+            self.starving = True
+            log.error("cannot accept iSCSI connections: %s (%d open); pausing accepts", exc.strerror, sum(self.open.values()))
+        loop.remove_reader(listener.fileno())
+        loop.call_later(ACCEPT_PAUSE, self._resume, listener)
+
+    def _resume(self, listener: socket.socket) -> None:
+        if listener in self.listeners:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+
+    def release(self, peer: str) -> None:
+        if self.open.get(peer, 0) > 1:
+            self.open[peer] -= 1
+        else:
+            self.open.pop(peer, None)
+
+    def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            loop.remove_reader(listener.fileno())
+            listener.close()
+        self.listeners.clear()
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            if self.starving and now - self.starved_at > STARVED_QUIET:
+                self.starving = False
+                log.info("accepting iSCSI connections again (%d open)", sum(self.open.values()))
             for protocol in list(self.protocols):
                 protocol.check_alive(now)
 
@@ -176,10 +289,8 @@ class IscsiServer:
             self.watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.watchdog
-        for server in self.servers:
-            server.close()
+        self._close_listeners()
         for protocol in list(self.protocols):
             if protocol.transport is not None:
                 protocol.transport.close()
-        for server in self.servers:
-            await server.wait_closed()
+        await asyncio.sleep(0)

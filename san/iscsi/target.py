@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from san.iscsi.chap import Credentials
+from san.iscsi.guard import LoginGuard
 from san.scsi.luns import Zoned
+from san.throttle import Throttle
 
 if TYPE_CHECKING:
     from san.iscsi.session import Session
@@ -37,6 +39,8 @@ class Target:
     lookup: Lookup
     sessions: dict[tuple[str, bytes], Session] = field(default_factory=dict)
     next_tsih: int = 1
+    guard: LoginGuard = field(default_factory=LoginGuard)
+    refusals: Throttle = field(default_factory=Throttle)
 
     def allocate_tsih(self) -> int:
         used = {s.tsih for s in self.sessions.values()}

@@ -162,4 +162,3 @@ class TcmuDevice:
             self.completed = 0
             with contextlib.suppress(OSError):
                 os.write(self.fd, NOTIFY)
-

@@ -1,6 +1,7 @@
 """The messages between agents and the controller: Fault, Allocated, Release and Flush up, Command down, Response back.
 
-All are frozen dataclasses of plain values; encode()/decode() turn them into JSON-ready dicts and back."""
+All are frozen dataclasses of plain values; encode()/decode() turn them into JSON-ready dicts and back. An agent's
+messages carry a request id that the response echoes; each is idempotent, so a repeat after a lost answer is safe."""
 
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Fault:
     state: int
     write: bool
     zero_data: bool = False
+    request: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Allocated:
 
     vdisk: int
     entries: tuple[Entry, ...]
+    request: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,11 +76,14 @@ class Release:
     vdisk: int
     start: int
     count: int
+    request: int = 0
 
 
 @dataclass(frozen=True)
 class Flush:
     """Agent -> controller: make every metadata change so far durable before answering."""
+
+    request: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,7 @@ class Command:
     nblocks: int = 0
     container: int = 0
     path: str = ""
+    uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class Response:
     reason: Reason = Reason.NONE
     message: str = ""
     grant: tuple[tuple[int, int], ...] = ()
+    request: int = 0
 
 
 Message = Fault | Allocated | Release | Flush | Command | Response

@@ -24,6 +24,7 @@ from san.scsi.sense import (
     invalid_opcode,
     invalid_parameter,
     lba_out_of_range,
+    lun_not_supported,
     medium_error,
     miscompare,
     parameter_list_length_error,
@@ -34,6 +35,9 @@ from san.scsi.sense import (
 
 Data = bytes | bytearray | memoryview
 FAST_OPCODES = frozenset({Op.READ_10, Op.READ_16, Op.WRITE_10, Op.WRITE_16})
+# Commands whose medium errors are read errors (the rest fail writing or flushing).
+READING = frozenset({Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16, Op.VERIFY_10, Op.VERIFY_12, Op.VERIFY_16,
+                     Op.PRE_FETCH_10, Op.PRE_FETCH_16, Op.SERVICE_ACTION_IN_16})  # fmt: skip
 # Commands a nexus may send while it has a unit attention pending, without being told of it (SPC-4 5.14).
 UA_EXEMPT = frozenset({Op.INQUIRY, Op.REPORT_LUNS, Op.REQUEST_SENSE})
 # Commands allowed through an SPC-2 reservation held by another nexus.
@@ -161,7 +165,7 @@ class Disk:
         except CheckCondition as condition:
             return self._check_condition(nexus, condition)
         except AgentIOError as exc:
-            return self._check_condition(nexus, _agent_error(exc))
+            return self._check_condition(nexus, _agent_error(exc, cdb[0]))
         except (IndexError, struct.error):
             return self._check_condition(nexus, invalid_field(0))
 
@@ -192,7 +196,7 @@ class Disk:
         except CheckCondition as condition:
             return self._check_condition(nexus, condition)
         except AgentIOError as exc:
-            return self._check_condition(nexus, _agent_error(exc))
+            return self._check_condition(nexus, _agent_error(exc, cdb[0]))
         except struct.error:
             return None
 
@@ -692,13 +696,16 @@ def _first_difference(a: Data, b: Data) -> int:
     return min(len(left), len(right))
 
 
-def _agent_error(exc: AgentIOError) -> CheckCondition:
+def _agent_error(exc: AgentIOError, opcode: int) -> CheckCondition:
+    """The sense for an I/O the agent could not do: what happened, and for a medium error, which way it failed."""
     if exc.reason is Reason.NO_SPACE:
         return space_allocation_failed()
     if exc.reason is Reason.WRITE_PROTECTED:
         return write_protected()
     if exc.reason is Reason.OUT_OF_RANGE:
         return lba_out_of_range()
-    if exc.reason is Reason.IO_ERROR:
+    if exc.reason is Reason.NO_VDISK:
+        return lun_not_supported()
+    if exc.reason is Reason.IO_ERROR and opcode in READING:
         return medium_error(str(exc))
     return write_error(str(exc))

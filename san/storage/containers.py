@@ -1,4 +1,4 @@
-"""Container files and block devices: create, open, size, read/write extents, zero ranges, flush.
+"""Container files and block devices: create, claim (open exclusively), size, read/write extents, zero, flush.
 
 Zeroing uses fallocate(PUNCH_HOLE), then ZERO_RANGE, then plain zero writes, whichever the container supports."""
 
@@ -7,11 +7,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from san.storage.label import LABEL_BYTES, LabelError, read_label
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -78,12 +81,26 @@ def create_sparse_file(path: str, size: int) -> None:
         os.close(directory)
 
 
-def open_container(path: str) -> int:
-    """Open a container for reading and writing."""
+def open_container(path: str, claim: bool = False) -> int:
+    """Open a container for reading and writing. With claim, hold it exclusively for as long as it stays open: a
+    block device with O_EXCL (mkfs, mount and other claimants get EBUSY), a file with an exclusive lock."""
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        device = is_block_device(path)
+        fd = os.open(path, flags | (os.O_EXCL if claim and device else 0))
     except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise ContainerError(f"{path} is in use (mounted, or held by another program)") from None
+        if exc.errno == errno.ELOOP:
+            raise ContainerError(f"{path} is a symbolic link; give the path it points to") from None
         raise ContainerError(f"cannot open container {path}: {exc.strerror}") from None
+    if claim and not device:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ContainerError(f"{path} is in use by another program (it holds a lock on it)") from None
+    return fd
 
 
 def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
@@ -93,18 +110,78 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> int:
     return ctypes.get_errno()
 
 
-def zero_range(fd: int, offset: int, length: int) -> None:
-    """Make [offset, offset+length) read as zeros, freeing the space where the container can."""
+UNSUPPORTED = (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV)
+
+
+def zero_range(fd: int, offset: int, length: int, keep_allocated: bool = False) -> None:
+    """Make [offset, offset+length) read as zeros, freeing the space where the container can; with keep_allocated
+    the blocks stay allocated in the file system (a thick vdisk's space must exist, not merely be promised)."""
+    if keep_allocated:
+        error = _fallocate(fd, FALLOC_FL_ZERO_RANGE, offset, length)
+        if error in UNSUPPORTED:  # tmpfs and others: punch, then allocate again
+            zero_range(fd, offset, length)
+            allocate_range(fd, offset, length)
+        elif error:
+            raise OSError(error, os.strerror(error))
+        return
     for mode in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE):
         error = _fallocate(fd, mode, offset, length)
         if error == 0:
             return
-        if error not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
+        if error not in UNSUPPORTED:
             raise OSError(error, os.strerror(error))
+    _write_zeros(fd, offset, length)
+
+
+def allocate_range(fd: int, offset: int, length: int) -> None:
+    """Make the file system allocate [offset, offset+length) of a file now; OSError(ENOSPC) when it has no room.
+    Contents stay, except on a file system without fallocate, where the range is written with zeros. Block devices
+    have all their blocks already."""
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        return
+    error = _fallocate(fd, 0, offset, length)
+    if error == 0:
+        return
+    if error not in UNSUPPORTED:
+        raise OSError(error, os.strerror(error))
+    _write_zeros(fd, offset, length)
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
     zeros = bytes(min(length, ZERO_CHUNK))
     end = offset + length
     while offset < end:
         offset += os.pwrite(fd, zeros[: end - offset], offset)
+
+
+def wipe_label(fd: int) -> None:
+    """Zero a container's label (the storage is no longer a container of any store) and make that durable."""
+    os.pwrite(fd, bytes(LABEL_BYTES), 0)
+    os.fdatasync(fd)
+
+
+def find_labeled_device(container_uuid: str, store_id: str) -> str | None:
+    """The block device whose label names this container of this store, if any (containers are known by label, so
+    a device that moved, such as a loop device attached again under another number, is found where it is now)."""
+    try:
+        names = sorted(os.listdir("/sys/class/block"))
+    except OSError:
+        return None
+    for name in names:
+        path = os.path.join("/dev", name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            label = read_label(fd)
+        except (OSError, LabelError):
+            label = None
+        finally:
+            os.close(fd)
+        if label is not None and label.container_uuid == container_uuid and label.store_id == store_id:
+            return path
+    return None
 
 
 MAX_CONTAINER_ID = 0xFFFF
@@ -120,14 +197,17 @@ class ContainerSet:
     # The same fds as a C array indexed by container id (-1: not attached), for the agent's Cython I/O path.
     fd_table: array[int] = field(default_factory=lambda: array("i", [-1]) * (MAX_CONTAINER_ID + 1))
 
-    def attach(self, container_id: int, path: str) -> None:
+    def attach(self, container_id: int, path: str, claim: bool = False) -> int:
+        """Open a container under its id (claim: exclusively, see open_container); its fd."""
         if self.paths.get(container_id) == path:
-            return
+            return self.fds[container_id]
         if not 0 <= container_id <= MAX_CONTAINER_ID:
             raise ContainerError(f"container id {container_id} is out of range")
+        fd = open_container(path, claim)
         self.detach(container_id)
-        self.fds[container_id] = self.fd_table[container_id] = open_container(path)
+        self.fds[container_id] = self.fd_table[container_id] = fd
         self.paths[container_id] = path
+        return fd
 
     def detach(self, container_id: int) -> None:
         fd = self.fds.pop(container_id, None)
@@ -165,11 +245,18 @@ class ContainerSet:
             done += os.pwritev(fd, [buffer[done:]], offset + done)
         self.dirty.add(container_id)
 
-    def zero(self, container_id: int, runs: Iterable[tuple[int, int]]) -> None:
-        """Zero byte runs (offset, length) of a container; flush() makes it durable."""
+    def zero(self, container_id: int, runs: Iterable[tuple[int, int]], keep_allocated: bool = False) -> None:
+        """Zero byte runs (offset, length) of a container (see zero_range); flush() makes it durable."""
         fd = self.fd(container_id)
         for offset, length in runs:
-            zero_range(fd, offset, length)
+            zero_range(fd, offset, length, keep_allocated)
+        self.dirty.add(container_id)
+
+    def allocate(self, container_id: int, runs: Iterable[tuple[int, int]]) -> None:
+        """Have the file system allocate byte runs (offset, length) of a container now (see allocate_range)."""
+        fd = self.fd(container_id)
+        for offset, length in runs:
+            allocate_range(fd, offset, length)
         self.dirty.add(container_id)
 
     def flush(self, container_ids: Iterable[int] | None = None) -> None:

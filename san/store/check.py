@@ -1,35 +1,80 @@
 """Offline consistency check of a data directory's store, like thin_check: reads only, reports every problem.
 
-Checks reference counts, segment bounds, sharing across vdisks, container sizes and free + used = capacity."""
+The tables: reference counts, segment bounds, sharing across vdisks, free + used = capacity. The containers: present,
+long enough, and carrying this store's label for that container at the epoch the store last wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
+from san.model import LABEL_SEGMENTS
+from san.storage.label import LabelError, read_label
 from san.store.store import SCHEMA_VERSION
 
 
 def check_store(path: str) -> tuple[list[str], list[str]]:
-    """(problems, summary lines) for the store at path; no problems means clean."""
-    if not os.path.exists(path):
-        return [f"no store at {path}"], []
-    db = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+    """(problems, summary lines) for the store at path and its containers; no problems means clean."""
+    problems, summary = check_tables(path)
+    if problems and not summary:
+        return problems, summary
+    return problems + check_containers(path), summary
+
+
+def check_tables(path: str) -> tuple[list[str], list[str]]:
+    """(problems, summary lines) of the store's tables alone."""
     try:
-        return _check(db)
+        with _readonly(path) as db:
+            return _check_tables(db)
+    except _Unreadable as exc:
+        return [str(exc)], []
+
+
+def check_containers(path: str) -> list[str]:
+    """Problems of the containers a store lists (files, sizes, labels)."""
+    try:
+        with _readonly(path) as db:
+            return _check_containers(db, os.path.dirname(os.path.abspath(path)))
+    except _Unreadable as exc:
+        return [str(exc)]
+
+
+class _Unreadable(Exception):
+    """The store itself is missing or cannot be read."""
+
+
+@contextlib.contextmanager
+def _readonly(path: str) -> Iterator[sqlite3.Connection]:
+    if not os.path.exists(path):
+        raise _Unreadable(f"no store at {path}")
+    try:
+        db = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise _Unreadable(f"store {path} cannot be read: {exc}") from None
+    try:
+        yield db
     except sqlite3.DatabaseError as exc:
-        return [f"store {path} cannot be read: {exc}"], []
+        raise _Unreadable(f"store {path} cannot be read: {exc}") from None
     finally:
         db.close()
 
 
-def _check(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
-    problems: list[str] = []
+def _version_problem(db: sqlite3.Connection) -> str | None:
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if version is None or int(version[0]) not in (1, SCHEMA_VERSION):
-        return [f"schema version {version and version[0]} is not {SCHEMA_VERSION}"], []
+    if version is None or int(version[0]) not in (1, 2, SCHEMA_VERSION):
+        return f"schema version {version and version[0]} is not {SCHEMA_VERSION}"
+    return None
+
+
+def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
+    problem = _version_problem(db)
+    if problem is not None:
+        return [problem], []
+    problems: list[str] = []
     pools = {row[0]: (row[1], row[2]) for row in db.execute("SELECT id, name, segment_size FROM pool")}
     containers = {
         row[0]: {"pool": row[1], "path": row[2], "size": row[3], "nsegments": row[4]}
@@ -46,16 +91,6 @@ def _check(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
         segment_size = pools[c["pool"]][1]
         if c["nsegments"] * segment_size > c["size"]:
             problems.append(f"container {cid} claims {c['nsegments']} segments, more than its {c['size']} bytes hold")
-        try:
-            with open(c["path"], "rb") as f:
-                actual = f.seek(0, os.SEEK_END)
-        except FileNotFoundError:
-            problems.append(f"container {cid}: {c['path']} is missing")
-        except OSError as exc:
-            problems.append(f"container {cid}: {c['path']} cannot be read: {exc.strerror}")
-        else:
-            if actual < c["nsegments"] * segment_size:
-                problems.append(f"container {cid}: {c['path']} has {actual} bytes, segments need {c['nsegments'] * segment_size}")
 
     references: Counter[tuple[int, int]] = Counter()
     owners: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
@@ -80,6 +115,8 @@ def _check(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
                 f"vdisk {vdisk['name']} segment {vseg} points outside container {cid}"
                 f" (segment {pseg} of {container['nsegments']})"
             )
+        elif pseg < LABEL_SEGMENTS:
+            problems.append(f"vdisk {vdisk['name']} segment {vseg} points at the label of container {cid}")
         references[(cid, pseg)] += 1
         owners[(cid, pseg)].add(vdisk_id)
 
@@ -101,7 +138,7 @@ def _check(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
 
     summary: list[str] = []
     for pool_id, (name, _) in sorted(pools.items()):
-        capacity = sum(c["nsegments"] for c in containers.values() if c["pool"] == pool_id)
+        capacity = sum(max(c["nsegments"] - LABEL_SEGMENTS, 0) for c in containers.values() if c["pool"] == pool_id)
         used = sum(1 for (cid, _) in counted if containers.get(cid, {}).get("pool") == pool_id)
         free = capacity - used
         if free < 0:
@@ -116,3 +153,58 @@ def _check(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
             problems.append(f"thick vdisk {vdisk['name']} maps {mapped[vdisk_id]} of its {nsegments} segments")
     summary.append(f"{len(vdisks)} vdisks, {sum(mapped.values())} mapped segments")
     return problems, summary
+
+
+def _check_containers(db: sqlite3.Connection, data_dir: str) -> list[str]:
+    if _version_problem(db) is not None:
+        return []
+    labelled = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) >= 3
+    store_id = db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone() if labelled else None
+    sizes = dict(db.execute("SELECT id, segment_size FROM pool").fetchall())
+    columns = "id, pool_id, path, nsegments" + (", uuid, epoch, epoch_next" if labelled else "")
+    problems: list[str] = []
+    for row in db.execute(f"SELECT {columns} FROM container ORDER BY id"):
+        cid, pool_id, stored, nsegments = row[:4]
+        path = stored if os.path.isabs(stored) else os.path.join(data_dir, stored)
+        segment_size = sizes.get(pool_id)
+        if segment_size is None:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            problems.append(f"container {cid}: {path} is missing")
+            continue
+        except OSError as exc:
+            problems.append(f"container {cid}: {path} cannot be read: {exc.strerror}")
+            continue
+        try:
+            actual = os.lseek(fd, 0, os.SEEK_END)
+            if actual < nsegments * segment_size:
+                problems.append(f"container {cid}: {path} has {actual} bytes, segments need {nsegments * segment_size}")
+            if labelled and store_id is not None:
+                label_problem = _label_problem(fd, store_id[0], cid, row[4], (row[5], row[6]))
+                if label_problem is not None:
+                    problems.append(f"container {cid}: {path}: {label_problem}")
+        except OSError as exc:
+            problems.append(f"container {cid}: {path} cannot be read: {exc.strerror}")
+        finally:
+            os.close(fd)
+    return problems
+
+
+def _label_problem(fd: int, store_id: str, cid: int, uuid: str, epochs: tuple[str, str]) -> str | None:
+    try:
+        label = read_label(fd)
+    except LabelError as exc:
+        return str(exc)
+    if not uuid:
+        return None if label is None else "holds a san label the store does not know"
+    if label is None:
+        return "holds no san label (another disk or image is at its path?)"
+    if label.store_id != store_id:
+        return f"its label belongs to another san store ({label.store_id})"
+    if label.container_uuid != uuid or label.container_id != cid:
+        return f"its label is container {label.container_id} of pool {label.pool_name!r}"
+    if label.epoch not in epochs:
+        return "another copy of this store has used it since (a copied data directory or a restored backup?)"
+    return None

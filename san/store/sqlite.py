@@ -1,4 +1,4 @@
-"""The embedded store: SQLite in WAL mode, one connection, one long transaction committed on demand.
+"""The embedded store: SQLite in WAL mode, one connection; writes only inside a transaction the metadata object opens.
 
 SQL is kept portable (no SQLite-only statements outside open()), for a PostgreSQL store beside it later."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterable, Iterator
 
 from san.model import Container, Host, Pool, VDisk, Zone
@@ -68,69 +69,97 @@ SCHEMA_V2 = [
         PRIMARY KEY (host_id, vdisk_id),
         UNIQUE (host_id, lun))""",
 ]
+# Version 3: container labels (uuid, takeover epochs) and the store's own id.
+SCHEMA_V3 = [
+    "ALTER TABLE container ADD COLUMN uuid TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE container ADD COLUMN epoch TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE container ADD COLUMN epoch_next TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX segment_unreferenced ON segment (refcount) WHERE refcount <= 0",
+]
+UPGRADES = {1: SCHEMA_V2 + SCHEMA_V3, 2: SCHEMA_V3}
+_CONTAINER = "SELECT id, pool_id, path, kind, size_bytes, nsegments, owned, uuid, epoch, epoch_next FROM container"
 
 
 class SQLiteStore:
-    """Store on one SQLite file (`san.db` in the data directory)."""
+    """Store on one SQLite file (`san.db` in the data directory), created mode 0600.
+
+    begin(), commit() and rollback() belong to the metadata object (san/store/metadata.py); every write method
+    refuses to run outside the transaction it opened."""
 
     def __init__(self, path: str, create: bool = True) -> None:
         exists = os.path.exists(path)
         if not exists and not create:
             raise StoreError(f"no store at {path}")
+        if not exists:
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            except OSError as exc:
+                raise StoreError(f"cannot create store {path}: {exc.strerror}") from None
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
+            tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from None
         self.path = path
-        self._open = False
-        tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.in_transaction = False
         if "meta" not in tables:
             if tables:
                 raise StoreError(f"{path} is not a san store")
-            self._begin()
-            for statement in SCHEMA + SCHEMA_V2:
+            self.begin()
+            for statement in SCHEMA + SCHEMA_V2 + SCHEMA_V3:
                 self.db.execute(statement)
             self.db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (str(uuid.uuid4()),))
             self.commit()
         version = int(self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
-        if version == 1 and create:
-            self._begin()
-            for statement in SCHEMA_V2:
+        if version in UPGRADES and create:
+            self.begin()
+            for statement in UPGRADES[version]:
                 self.db.execute(statement)
             self.db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (str(uuid.uuid4()),))
             self.commit()
             version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             raise StoreError(f"{path} has schema version {version}; this san understands version {SCHEMA_VERSION}")
         self.schema_version = version
+        self.store_id: str = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
 
-    def _begin(self) -> None:
-        if not self._open:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._open = True
+    # -- the transaction (metadata.py only) ----------------------------------------------------------------
 
-    def _write(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
-        self._begin()
-        return self.db.execute(sql, params)
+    def begin(self) -> None:
+        if self.in_transaction:
+            raise StoreError("a metadata transaction is already open")
+        self.db.execute("BEGIN IMMEDIATE")
+        self.in_transaction = True
 
     def commit(self) -> None:
-        if self._open:
-            try:
-                self.db.execute("COMMIT")
-            finally:
-                self._open = self.db.in_transaction
+        try:
+            self.db.execute("COMMIT")
+        finally:
+            self.in_transaction = self.db.in_transaction
 
     def rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
-        self._open = False
+        self.in_transaction = False
 
     def close(self) -> None:
-        self.commit()
+        self.rollback()
         self.db.close()
+
+    def _write(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        self._writing()
+        return self.db.execute(sql, params)
+
+    def _writing(self) -> None:
+        if not self.in_transaction:
+            raise StoreError("store written outside a metadata transaction")
+
+    # -- pools and containers ------------------------------------------------------------------------------
 
     def add_pool(self, name: str, segment_size: int, warn_percent: int, allocate_ahead: int) -> Pool:
         cursor = self._write(
@@ -148,22 +177,46 @@ class SQLiteStore:
         self._write("DELETE FROM container WHERE pool_id = ?", (pool_id,))
         self._write("DELETE FROM pool WHERE id = ?", (pool_id,))
 
-    def add_container(self, pool_id: int, path: str, kind: str, size_bytes: int, nsegments: int, owned: bool) -> Container:
+    def add_container(self, container: Container) -> Container:
+        """Insert a container (its id is chosen here unless it is given, non-zero)."""
         cursor = self._write(
-            "INSERT INTO container (pool_id, path, kind, size_bytes, nsegments, owned) VALUES (?, ?, ?, ?, ?, ?)",
-            (pool_id, path, kind, size_bytes, nsegments, int(owned)),
+            "INSERT INTO container (id, pool_id, path, kind, size_bytes, nsegments, owned, uuid, epoch, epoch_next)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                container.id or None,
+                container.pool_id,
+                container.path,
+                container.kind,
+                container.size_bytes,
+                container.nsegments,
+                int(container.owned),
+                container.uuid,
+                container.epoch,
+                container.epoch_next,
+            ),
         )
         assert cursor.lastrowid is not None
-        return Container(cursor.lastrowid, pool_id, path, kind, size_bytes, nsegments, owned)
+        return Container(**{**container.to_dict(), "id": cursor.lastrowid})
+
+    def next_container_id(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM container").fetchone()[0])
+
+    def update_container(self, container: Container) -> None:
+        """Record a container's path, label uuid and epochs."""
+        self._write(
+            "UPDATE container SET path = ?, uuid = ?, epoch = ?, epoch_next = ? WHERE id = ?",
+            (container.path, container.uuid, container.epoch, container.epoch_next, container.id),
+        )
 
     def containers(self, pool_id: int | None = None) -> list[Container]:
-        sql = "SELECT id, pool_id, path, kind, size_bytes, nsegments, owned FROM container"
         rows = (
-            self.db.execute(sql + " ORDER BY id")
+            self.db.execute(_CONTAINER + " ORDER BY id")
             if pool_id is None
-            else self.db.execute(sql + " WHERE pool_id = ? ORDER BY id", (pool_id,))
+            else self.db.execute(_CONTAINER + " WHERE pool_id = ? ORDER BY id", (pool_id,))
         )
-        return [Container(row[0], row[1], row[2], row[3], row[4], row[5], bool(row[6])) for row in rows]
+        return [Container(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8], r[9]) for r in rows]
+
+    # -- vdisks and their mappings -------------------------------------------------------------------------
 
     def add_vdisk(self, name: str, pool_id: int, size_bytes: int, block_size: int, thin: bool, state: str) -> VDisk:
         serial = os.urandom(8).hex()
@@ -198,8 +251,9 @@ class SQLiteStore:
         return int(self.db.execute("SELECT COUNT(*) FROM mapping WHERE vdisk_id = ?", (vdisk_id,)).fetchone()[0])
 
     def add_mappings(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
+        """Map unmapped vdisk segments and take a reference on each physical segment."""
+        self._writing()
         rows = list(mappings)
-        self._begin()
         self.db.executemany(
             "INSERT INTO mapping (vdisk_id, vseg, container_id, pseg, state) VALUES (?, ?, ?, ?, ?)",
             [(vdisk_id, m.vseg, m.container_id, m.pseg, m.state) for m in rows],
@@ -211,12 +265,22 @@ class SQLiteStore:
         )
 
     def remove_mappings(self, vdisk_id: int, start: int, stop: int) -> list[tuple[int, int]]:
-        self._begin()
-        gone = self.db.execute(
-            "SELECT container_id, pseg FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?",
-            (vdisk_id, start, stop),
-        ).fetchall()
-        self.db.execute("DELETE FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", (vdisk_id, start, stop))
+        """Unmap vdisk segments [start, stop); the physical segments whose last reference went."""
+        return self.remove_mapping_ranges(vdisk_id, [(start, stop)])
+
+    def remove_mapping_ranges(self, vdisk_id: int, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Unmap the vdisk segments of each range [start, stop); the physical segments whose last reference went."""
+        self._writing()
+        gone: list[tuple[int, int]] = []
+        for start, stop in ranges:
+            where = (vdisk_id, start, stop)
+            gone += self.db.execute(
+                "SELECT container_id, pseg FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", where
+            ).fetchall()
+            self.db.execute("DELETE FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", where)
+        return self._unreference(gone)
+
+    def _unreference(self, gone: list[tuple[int, int]]) -> list[tuple[int, int]]:
         self.db.executemany("UPDATE segment SET refcount = refcount - 1 WHERE container_id = ? AND pseg = ?", gone)
         freed = self.db.execute(
             "SELECT container_id, pseg FROM segment WHERE refcount <= 0 ORDER BY container_id, pseg"
@@ -227,9 +291,15 @@ class SQLiteStore:
     def used_segments(self) -> Iterator[tuple[int, int]]:
         yield from self.db.execute("SELECT container_id, pseg FROM segment")
 
+    def segment_used(self, container_id: int, pseg: int) -> bool:
+        row = self.db.execute("SELECT 1 FROM segment WHERE container_id = ? AND pseg = ?", (container_id, pseg)).fetchone()
+        return row is not None
+
     def segment_counts(self) -> dict[int, int]:
         rows = self.db.execute("SELECT container_id, COUNT(*) FROM segment GROUP BY container_id")
         return {container_id: count for container_id, count in rows}
+
+    # -- hosts and zones -----------------------------------------------------------------------------------
 
     def add_host(self, name: str, iqn: str, chap: tuple[str, str, str, str]) -> Host:
         cursor = self._write(

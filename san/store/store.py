@@ -1,6 +1,6 @@
 """The interface of the persistent tables: pools, containers, vdisks, mappings, segment counts, hosts and zones.
 
-Changes accumulate in one open transaction and become durable, all together, at commit()."""
+Writes happen only inside a transaction that the metadata object (metadata.py) begins and commits or rolls back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import NamedTuple, Protocol
 
 from san.model import Container, Host, Pool, VDisk, Zone
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Mapping(NamedTuple):
@@ -28,8 +28,15 @@ class StoreError(Exception):
 class Store(Protocol):
     """Persistent tables behind one small interface; SQLite now, PostgreSQL for a standby controller later."""
 
+    store_id: str
+    in_transaction: bool
+
+    def begin(self) -> None: ...
+
     def commit(self) -> None:
-        """Make every change so far durable, atomically."""
+        """Make every change of the open transaction durable, atomically."""
+
+    def rollback(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -39,7 +46,11 @@ class Store(Protocol):
 
     def delete_pool(self, pool_id: int) -> None: ...
 
-    def add_container(self, pool_id: int, path: str, kind: str, size_bytes: int, nsegments: int, owned: bool) -> Container: ...
+    def add_container(self, container: Container) -> Container: ...
+
+    def next_container_id(self) -> int: ...
+
+    def update_container(self, container: Container) -> None: ...
 
     def containers(self, pool_id: int | None = None) -> list[Container]: ...
 
@@ -66,8 +77,12 @@ class Store(Protocol):
     def remove_mappings(self, vdisk_id: int, start: int, stop: int) -> list[tuple[int, int]]:
         """Unmap vdisk segments [start, stop); return the physical segments whose last reference went."""
 
+    def remove_mapping_ranges(self, vdisk_id: int, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]: ...
+
     def used_segments(self) -> Iterator[tuple[int, int]]:
         """Every referenced (container id, physical segment)."""
+
+    def segment_used(self, container_id: int, pseg: int) -> bool: ...
 
     def segment_counts(self) -> dict[int, int]:
         """Referenced segments per container id."""

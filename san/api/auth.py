@@ -1,0 +1,181 @@
+"""Who may use the management API: a bearer token that only root (the server's user) can read, checked on every
+request but the OpenAPI document; binding beyond loopback needs TLS.
+
+The server keeps its token in DATA/api-token and publishes it for local clients in the runtime directory
+(/run/san, or $SAN_RUNTIME_DIR), one file per API address; the CLI finds it there for the address it talks to."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import stat
+from urllib.parse import urlsplit
+
+from san.api.asgi import ASGIApp, Receive, Scope, Send, answer
+from san.throttle import Throttle
+
+log = logging.getLogger("san.api")
+TOKEN_NAME = "api-token"
+PUBLIC_PATHS = frozenset({"/openapi.json"})
+LOCAL_NAMES = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
+
+
+class AuthSetupError(Exception):
+    """The token or the listening address cannot be set up safely; the message is the one line to show."""
+
+
+def runtime_dir() -> str:
+    """Where servers publish their tokens: $SAN_RUNTIME_DIR, /run/san for root, else the user's runtime directory."""
+    if os.environ.get("SAN_RUNTIME_DIR"):
+        return os.environ["SAN_RUNTIME_DIR"]
+    if os.geteuid() == 0:
+        return "/run/san"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "san") if xdg else f"/tmp/san-{os.geteuid()}"
+
+
+def runtime_token_path(host: str, port: int) -> str:
+    """Where the token of the API at host:port is published for local clients."""
+    return os.path.join(runtime_dir(), f"api-{host}-{port}.token")
+
+
+def token_paths_for_url(url: str) -> list[str]:
+    """Where a server listening at an API URL (as the CLI is given it) would have published its token: the host as
+    given, and for this machine's own names every other name of this machine (a server on 0.0.0.0 serves 127.0.0.1)."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.hostname is None:
+        return []
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return []
+    hosts = [parts.hostname]
+    if parts.hostname in LOCAL_NAMES:
+        hosts += [name for name in LOCAL_NAMES if name != parts.hostname]
+    return [runtime_token_path(host, port) for host in hosts]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address host resolves to is a loopback address (an empty host means every interface)."""
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
+def check_listen(host: str, tls: bool) -> None:
+    """The API is served beyond loopback only with TLS (the token would cross the network in the clear)."""
+    if not tls and not is_loopback(host):
+        raise AuthSetupError(
+            f"refusing to serve the management API on {host or '*'} without TLS: give --api-cert and --api-key, "
+            "or bind it to 127.0.0.1"
+        )
+
+
+def _private(path: str) -> None:
+    """A secret file must be a regular file of ours that nobody else can read."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise AuthSetupError(f"{path} must be a regular file of uid {os.geteuid()} with mode 0600 (it holds the API token)")
+
+
+def load_token(data_dir: str, token_file: str | None = None) -> str:
+    """The API token: from token_file, else DATA/api-token (made on first start: 256 random bits, mode 0600)."""
+    path = token_file or os.path.join(data_dir, TOKEN_NAME)
+    if token_file is None and not os.path.exists(path):
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return token
+    try:
+        _private(path)
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise AuthSetupError(f"cannot read the API token {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise AuthSetupError(f"the API token in {path} is too short (at least 16 characters)")
+    return token
+
+
+def publish(token: str, host: str, port: int) -> str | None:
+    """Put the token where local clients of host:port find it; its path (None when the runtime directory is not
+    safe to write: then clients need --token-file)."""
+    directory = runtime_dir()
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            log.warning("not publishing the API token: %s is not a private directory of uid %d", directory, os.geteuid())
+            return None
+        path = runtime_token_path(host, port)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        os.replace(temporary, path)
+        return path
+    except OSError as exc:
+        log.warning("not publishing the API token in %s: %s", directory, exc.strerror)
+        return None
+
+
+def unpublish(path: str | None, token: str) -> None:
+    """Remove a published token file, if it still holds this server's token."""
+    if path is None:
+        return
+    try:
+        with open(path) as f:
+            if f.read().strip() == token:
+                os.unlink(path)
+    except OSError:
+        pass
+
+
+def read_client_token(path: str) -> str | None:
+    """A token for the CLI from a file (None when it cannot be read, as for a user who is not root)."""
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request but the public paths needs `Authorization: Bearer <token>`. Refusals
+    are logged once a minute per client address."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+        self.throttle = Throttle()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" or (scope["type"] == "http" and scope["path"] in PUBLIC_PATHS):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            await self.app(scope, receive, send)
+            return
+        client = scope.get("client")
+        self._log(client[0] if client else "a Unix socket")
+        message = "authentication required: this API needs its token (run as root on the server, or give --token-file)"
+        await answer(send, 401, message, [(b"www-authenticate", b'Bearer realm="san"')])
+
+    def _log(self, address: str) -> None:
+        if self.throttle.ready(address):
+            log.warning("refused API requests from %s without a valid token", address)

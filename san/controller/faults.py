@@ -1,0 +1,203 @@
+"""Fault policy: the controller's answers to agents (faults, allocation reports, releases, flushes).
+
+What to allocate and when lives here; the mappings go through the metadata object, segments through the allocator."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
+from san.controller.allocator import PoolAllocator, Segment
+from san.errors import StoreFailure
+from san.model import Pool, VDisk
+from san.protocol.messages import Action, Allocated, Entry, Fault, Flush, Reason, Release, Response
+from san.store.store import Mapping
+
+if TYPE_CHECKING:
+    from san.controller.controller import Controller
+
+log = logging.getLogger("san.controller")
+LOAD_CHUNK = 1024
+MAX_RESERVE_BYTES = 8 << 30
+
+AgentMessage = Fault | Allocated | Release | Flush
+
+
+class FaultPolicy:
+    """Answers every message an agent sends; never raises (a failure is a FAIL response with its reason)."""
+
+    def __init__(self, controller: Controller, grant_segments: int = 8) -> None:
+        self.controller = controller
+        self.grant_segments = grant_segments
+        self.grants: dict[int, dict[Segment, None]] = {}
+
+    def handle(self, message: AgentMessage) -> Response:
+        try:
+            if isinstance(message, Flush):
+                self.controller.commit()
+                response = Response()
+            elif isinstance(message, Allocated):
+                response = self.record_allocated(message)
+            elif isinstance(message, Release):
+                response = self.release(message)
+            else:
+                response = self.handle_fault(message)
+        except StoreFailure as exc:
+            response = Response(Action.FAIL, reason=self.controller.store_reason(exc), message=str(exc))
+        except OSError as exc:
+            log.error("cannot answer %s: %s", type(message).__name__, exc)
+            response = Response(Action.FAIL, reason=Reason.IO_ERROR, message=str(exc))
+        return replace(response, request=message.request) if message.request else response
+
+    def _ready(self, vdisk_id: int) -> VDisk | None:
+        vdisk = self.controller.vdisks.get(vdisk_id)
+        return vdisk if vdisk is not None and vdisk.state == "ready" and self.controller.online(vdisk.pool_id) else None
+
+    def handle_fault(self, fault: Fault) -> Response:
+        controller = self.controller
+        vdisk = self._ready(fault.vdisk)
+        if vdisk is None:
+            return Response(Action.FAIL, reason=Reason.NO_VDISK, message=f"no vdisk {fault.vdisk}")
+        pool = controller.pools[vdisk.pool_id]
+        nsegments = vdisk.nsegments(pool.segment_size)
+        if not 0 <= fault.segment < nsegments:
+            return Response(Action.FAIL, reason=Reason.OUT_OF_RANGE, message=f"segment {fault.segment}")
+        if fault.state & INVALID:
+            start = fault.segment - fault.segment % LOAD_CHUNK
+            return Response(Action.RETRY, start, self.entries(vdisk, start, min(start + LOAD_CHUNK, nsegments)))
+        if fault.state & ERROR:
+            return Response(Action.FAIL, reason=Reason.IO_ERROR, message=f"segment {fault.segment} is in error")
+        near = {
+            m.vseg: m for m in controller.mappings(vdisk.id, max(fault.segment - 1, 0), fault.segment + pool.allocate_ahead + 2)
+        }
+        current = near.get(fault.segment)
+        state = current.state if current else ZERO
+        if not fault.write or not state & (NOWRITE | ZERO):
+            return Response(Action.RETRY, fault.segment, self.entries(vdisk, fault.segment, fault.segment + 1))
+        if state & NOWRITE:
+            return Response(Action.FAIL, reason=Reason.WRITE_PROTECTED, message=f"segment {fault.segment} is read-only")
+        if fault.zero_data:
+            return Response(Action.COMPLETE)
+        return self._allocate(vdisk, pool, fault.segment, nsegments, near)
+
+    def record_allocated(self, report: Allocated) -> Response:
+        """Record the mappings an agent made from its grant; all or nothing. A report repeated (its answer was lost)
+        matches what is recorded and answers OK again."""
+        controller = self.controller
+        vdisk = self._ready(report.vdisk)
+        if vdisk is None:
+            return Response(Action.FAIL, reason=Reason.NO_VDISK, message=f"no vdisk {report.vdisk}")
+        grant = self.grants.get(report.vdisk, {})
+        nsegments = vdisk.nsegments(controller.pools[vdisk.pool_id].segment_size)
+        seen: set[int] = set()
+        taken: set[Segment] = set()
+        new: list[Mapping] = []
+        for vseg, container_id, pseg in report.entries:
+            segment = (container_id, pseg)
+            recorded = controller.mappings(vdisk.id, vseg, vseg + 1) if 0 <= vseg < nsegments else []
+            repeated = bool(recorded) and (recorded[0].container_id, recorded[0].pseg) == segment
+            if (
+                not 0 <= vseg < nsegments
+                or vseg in seen
+                or segment in taken
+                or (not repeated and (recorded or segment not in grant))
+            ):
+                return Response(
+                    Action.FAIL,
+                    reason=Reason.BAD_COMMAND,
+                    message=f"segment {container_id}:{pseg} is not granted for vdisk segment {vseg}",
+                )
+            seen.add(vseg)
+            taken.add(segment)
+            if not repeated:
+                new.append(Mapping(vseg, container_id, pseg, 0))
+        allocator = controller.allocators[vdisk.pool_id]
+        for mapping in new:
+            del grant[(mapping.container_id, mapping.pseg)]
+            allocator.granted.discard((mapping.container_id, mapping.pseg))
+        controller.metadata.insert(vdisk.id, new)
+        controller.check_threshold(vdisk.pool_id)
+        return Response()
+
+    def release(self, message: Release) -> Response:
+        """Unmap whole vdisk segments (UNMAP, WRITE SAME with UNMAP); the segments are free once that is durable. A
+        release of segments already unmapped answers OK."""
+        controller = self.controller
+        vdisk = self._ready(message.vdisk)
+        if vdisk is None:
+            return Response(Action.FAIL, reason=Reason.NO_VDISK, message=f"no vdisk {message.vdisk}")
+        nsegments = vdisk.nsegments(controller.pools[vdisk.pool_id].segment_size)
+        start, stop = message.start, message.start + message.count
+        if not 0 <= start <= stop <= nsegments:
+            return Response(Action.FAIL, reason=Reason.OUT_OF_RANGE, message=f"segments {start}-{stop} of {nsegments}")
+        if not vdisk.thin:
+            return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"vdisk {vdisk.name!r} is thick")
+        controller.metadata.remove(vdisk.id, start, stop)
+        return Response()
+
+    def _grant(self, vdisk: VDisk, allocator: PoolAllocator, after: Segment) -> tuple[Segment, ...]:
+        """Top up the vdisk's grant from the reserve, when one agent serves it (so no two agents map a segment twice)."""
+        grant = self.grants.setdefault(vdisk.id, {})
+        want = self.grant_segments - len(grant)
+        if len(self.controller.agents) != 1 or want < self.grant_segments // 2:
+            return ()
+        extra = allocator.take(min(want, len(allocator.reserve)), (after[0], after[1] + 1))
+        allocator.granted.update(extra)
+        grant.update(dict.fromkeys(extra))
+        return tuple(extra)
+
+    def return_grant(self, vdisk: VDisk) -> list[Segment]:
+        """Take back what a vdisk was granted (it is being deleted); the segments, for the allocator."""
+        granted = list(self.grants.pop(vdisk.id, {}))
+        self.controller.allocators[vdisk.pool_id].granted.difference_update(granted)
+        return granted
+
+    def entries(self, vdisk: VDisk, start: int, stop: int) -> tuple[Entry, ...]:
+        entries: list[Entry] = [(0, 0, ZERO)] * (stop - start)
+        for m in self.controller.mappings(vdisk.id, start, stop):
+            entries[m.vseg - start] = (m.container_id, m.pseg, m.state)
+        return tuple(entries)
+
+    def _allocate(self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int, mapped: dict[int, Mapping]) -> Response:
+        """Map vseg (and, for a sequential writer, the next unmapped segments) onto reserved segments."""
+        controller = self.controller
+        hint: Segment | None = None
+        count = 1
+        if vseg - 1 in mapped:
+            before = mapped[vseg - 1]
+            hint = (before.container_id, before.pseg + 1)
+            while count <= pool.allocate_ahead and vseg + count < nsegments and vseg + count not in mapped:
+                count += 1
+        elif vseg + 1 in mapped:
+            after = mapped[vseg + 1]
+            hint = (after.container_id, after.pseg - 1)
+        allocator = controller.allocators[pool.id]
+        if not allocator.reserve:
+            self._refill(pool, count)
+            if allocator.reserve:
+                ceiling = max(min(MAX_RESERVE_BYTES // pool.segment_size, allocator.capacity // 8), 1)
+                allocator.reserve_target = min(allocator.reserve_target * 2, ceiling)
+        taken = allocator.take(count, hint)
+        if len(allocator.reserve) < allocator.reserve_target // 2:
+            controller.low_reserve(pool.id)
+        if not taken:
+            controller.space_exhausted(pool)
+            return Response(Action.FAIL, reason=Reason.NO_SPACE, message=f"pool {pool.name!r} has no free segment")
+        controller.metadata.insert(vdisk.id, [Mapping(vseg + i, c, p, 0) for i, (c, p) in enumerate(taken)])
+        grant = self._grant(vdisk, allocator, taken[-1])
+        controller.check_threshold(pool.id)
+        return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken), grant=grant)
+
+    def _refill(self, pool: Pool, target: int) -> None:
+        """Top up the reserve in line (the slow path: only when it ran dry before a background refill)."""
+        controller = self.controller
+        allocator = controller.allocators[pool.id]
+        runs = allocator.plan_reserve(target)
+        try:
+            controller.zero_runs(pool.id, runs)
+        except OSError:
+            allocator.cancel_reserve(runs)
+            raise
+        allocator.add_reserve(runs)

@@ -1,0 +1,196 @@
+"""The one owner of the metadata transaction, after dm-thin-metadata: find/insert/remove mappings, commit, abort.
+
+Agents' mapping changes wait in memory until a commit writes them with any management change, all or nothing; the
+segments they free and every other after-commit action run only once that commit is durable."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from san.errors import StoreFailure
+from san.store.sqlite import SQLiteStore
+from san.store.store import Mapping, StoreError
+
+log = logging.getLogger("san.metadata")
+T = TypeVar("T")
+Segment = tuple[int, int]
+CHUNK = 1024
+CACHE_CHUNKS = 256
+
+
+class Metadata:
+    """The persistent tables as the controller sees them: committed rows plus the changes not yet committed.
+
+    insert() and remove() are the agents' changes: visible to find() at once, durable at the next commit().
+    commit(change) also runs one management change in the same transaction; if anything fails, the transaction is
+    aborted (rolled back), the change is lost and raises, and the agents' changes stay pending for the next commit.
+    Nothing else begins, commits or rolls back a transaction on the store."""
+
+    def __init__(self, store: SQLiteStore, on_freed: Callable[[list[Segment]], None]) -> None:
+        self.store = store
+        self.on_freed = on_freed
+        self.changed: dict[int, dict[int, Mapping | None]] = {}  # vdisk -> vseg -> new mapping, None: unmapped
+        self.orphans: list[Segment] = []  # uncommitted mappings removed again: free once a commit is durable
+        self.actions: list[Callable[[], None]] = []
+        self.cache: OrderedDict[tuple[int, int], list[Mapping | None]] = OrderedDict()
+        self.counts: dict[int, int] = {}
+        self.failures = 0
+
+    # -- reads ---------------------------------------------------------------------------------------------
+
+    def find(self, vdisk_id: int, start: int, stop: int) -> list[Mapping]:
+        """Mappings of vdisk segments [start, stop), committed or not, in segment order."""
+        found: list[Mapping] = []
+        for index in range(start // CHUNK, (stop - 1) // CHUNK + 1 if stop > start else 0):
+            base = index * CHUNK
+            found.extend(m for m in self._chunk(vdisk_id, index)[max(start - base, 0) : stop - base] if m is not None)
+        return found
+
+    def count(self, vdisk_id: int) -> int:
+        """How many segments of a vdisk are mapped, committed or not."""
+        if vdisk_id not in self.counts:
+            with _reading():
+                committed = self.store.count_mappings(vdisk_id)
+                for vseg, mapping in self.changed.get(vdisk_id, {}).items():
+                    had = bool(self.store.mappings(vdisk_id, vseg, vseg + 1))
+                    committed += (mapping is not None) - had
+            self.counts[vdisk_id] = committed
+        return self.counts[vdisk_id]
+
+    @property
+    def pending(self) -> int:
+        """Uncommitted mapping changes."""
+        return sum(len(v) for v in self.changed.values())
+
+    # -- the agents' changes -------------------------------------------------------------------------------
+
+    def insert(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
+        """Map unmapped vdisk segments (durable at the next commit)."""
+        changed = self.changed.setdefault(vdisk_id, {})
+        for mapping in mappings:
+            changed[mapping.vseg] = mapping
+            self._view(vdisk_id, mapping.vseg, mapping)
+            if vdisk_id in self.counts:
+                self.counts[vdisk_id] += 1
+
+    def remove(self, vdisk_id: int, start: int, stop: int) -> None:
+        """Unmap vdisk segments [start, stop). Their physical segments go back only after the commit that makes the
+        removal durable, so a crash can never leave this vdisk pointing at a segment someone else was given."""
+        changed = self.changed.setdefault(vdisk_id, {})
+        for mapping in self.find(vdisk_id, start, stop):
+            if changed.get(mapping.vseg) is not None:
+                self.orphans.append((mapping.container_id, mapping.pseg))  # never committed: nothing to unreference
+            changed[mapping.vseg] = None
+            self._view(vdisk_id, mapping.vseg, None)
+            if vdisk_id in self.counts:
+                self.counts[vdisk_id] -= 1
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run action once the next commit is durable."""
+        self.actions.append(action)
+
+    # -- the transaction -----------------------------------------------------------------------------------
+
+    def commit(self, change: Callable[[SQLiteStore], T] | None = None) -> T | None:
+        """Write the pending changes and change(store) in one transaction and make it durable; then free what it
+        freed and run the after-commit actions. On failure, abort: nothing of change stays, the pending changes wait
+        for the next commit, and the error propagates (a store error as StoreFailure)."""
+        changed, orphans, actions = self.changed, self.orphans, self.actions
+        if change is None and not changed and not orphans and not actions:
+            return None
+        store = self.store
+        freed: list[Segment] = []
+        try:
+            store.begin()
+            for vdisk_id, entries in changed.items():
+                freed += store.remove_mapping_ranges(vdisk_id, _ranges(entries))
+                store.add_mappings(vdisk_id, sorted(m for m in entries.values() if m is not None))
+            result = change(store) if change is not None else None
+            store.commit()
+        except (sqlite3.Error, StoreError, OSError) as exc:
+            self.abort()
+            self.failures += 1
+            log.error("metadata commit failed (%d uncommitted mapping changes kept for the next one): %s", self.pending, exc)
+            raise StoreFailure(f"metadata commit failed: {exc}") from exc
+        except BaseException:
+            self.abort()
+            raise
+        self.changed, self.orphans, self.actions = {}, [], []
+        self.on_freed(freed + orphans)
+        for action in actions:
+            action()
+        return result
+
+    def abort(self) -> None:
+        """Roll back the open transaction, if any: the store is as the last commit left it."""
+        try:
+            self.store.rollback()
+        except sqlite3.Error as exc:
+            log.error("metadata rollback failed: %s", exc)
+
+    def reload(self, vdisk_id: int) -> None:
+        """A committed change touched this vdisk's mappings: read them from the store again."""
+        for key in [k for k in self.cache if k[0] == vdisk_id]:
+            del self.cache[key]
+        self.counts.pop(vdisk_id, None)
+
+    def forget(self, vdisk_id: int) -> None:
+        """The vdisk is gone (its deletion committed): drop what was pending for it."""
+        for mapping in self.changed.pop(vdisk_id, {}).values():
+            if mapping is not None:
+                self.orphans.append((mapping.container_id, mapping.pseg))
+        self.reload(vdisk_id)
+
+    # -- the view ------------------------------------------------------------------------------------------
+
+    def _chunk(self, vdisk_id: int, index: int) -> list[Mapping | None]:
+        """One CHUNK-entry slice of a vdisk's table: the store's rows with the uncommitted changes on top."""
+        key = (vdisk_id, index)
+        chunk = self.cache.get(key)
+        if chunk is not None:
+            self.cache.move_to_end(key)
+            return chunk
+        base = index * CHUNK
+        chunk = [None] * CHUNK
+        with _reading():
+            rows = self.store.mappings(vdisk_id, base, base + CHUNK)
+        for m in rows:
+            chunk[m.vseg - base] = m
+        for vseg, change in self.changed.get(vdisk_id, {}).items():
+            if base <= vseg < base + CHUNK:
+                chunk[vseg - base] = change
+        self.cache[key] = chunk
+        if len(self.cache) > CACHE_CHUNKS:
+            self.cache.popitem(last=False)
+        return chunk
+
+    def _view(self, vdisk_id: int, vseg: int, mapping: Mapping | None) -> None:
+        chunk = self.cache.get((vdisk_id, vseg // CHUNK))
+        if chunk is not None:
+            chunk[vseg % CHUNK] = mapping
+
+
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """A read of the store that fails (an I/O error, a damaged page) is a StoreFailure like a failed commit."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        log.error("metadata read failed: %s", exc)
+        raise StoreFailure(f"metadata read failed: {exc}") from exc
+
+
+def _ranges(vsegs: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted vdisk segments folded into [start, stop) ranges."""
+    ranges: list[tuple[int, int]] = []
+    for vseg in sorted(vsegs):
+        if ranges and ranges[-1][1] == vseg:
+            ranges[-1] = (ranges[-1][0], vseg + 1)
+        else:
+            ranges.append((vseg, vseg + 1))
+    return ranges

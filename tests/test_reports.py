@@ -1,0 +1,121 @@
+"""Reports that survive loss: an agent keeps the mappings it made from a grant until the controller has said OK,
+and agent messages are idempotent, so one transient store error never turns an acknowledged write into zeros.
+
+The crash is real: a child process does the writes and flushes and ends with os._exit (nothing more is committed,
+as after kill -9); the parent opens the data directory again and reads the blocks back."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from san.protocol.messages import Action, Allocated, Flush, Reason, Release
+from san.service import Service
+from san.store.check import check_store
+
+MIB = 1 << 20
+FAR = 2000  # a vdisk segment whose chunk of the persistent table is not cached when its report arrives
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, os, sqlite3, sys
+    from san.agent.agent import AgentIOError
+    from san.service import Service
+
+    MIB = 1 << 20
+
+    async def main(data):
+        service = Service(data, commit_interval=3600)
+        await service.start()
+        c = service.controller
+        await c.create_pool("p", 64 * MIB)
+        v = await c.create_vdisk("v", "p", 4096 * MIB)
+        await asyncio.sleep(0.2)                      # the reserve fills: the first allocation brings a grant
+        await service.agent.write(v.id, 0, b"first".ljust(512, b"."))
+        await service.agent.flush()
+        await service.agent.write(v.id, {far} * 2048, b"acknowledged".ljust(512, b"."))
+        assert service.agent.volumes[v.id].unreported, "mapped from the grant, not yet reported"
+        store = c.store
+        real = store.mappings
+        calls = []
+
+        def transient(*args):                         # one store error, where the report is looked up
+            if not calls:
+                calls.append(args)
+                raise sqlite3.OperationalError("disk I/O error")
+            return real(*args)
+
+        store.mappings = transient
+        c.metadata.cache.clear()                      # as on a busy store: the report's chunk is read from disk
+        try:
+            await service.agent.flush()
+            print("first flush succeeded")
+        except AgentIOError as exc:
+            print("first flush failed:", exc.reason.value)
+        store.mappings = real
+        print("kept:", len(service.agent.volumes[v.id].unreported))
+        await service.agent.flush()
+        print("second flush succeeded", flush=True)
+        os._exit(0)                                   # as if killed: no clean stop, no further commit
+
+    asyncio.run(main(sys.argv[1]))
+    """
+).format(far=FAR)
+
+
+def test_an_acknowledged_write_survives_a_failed_report(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    child = subprocess.run([sys.executable, "-c", CHILD, str(data)], capture_output=True, text=True, timeout=120, check=False)
+    assert child.returncode == 0, child.stdout + child.stderr
+    lines = child.stdout.splitlines()
+    assert lines == ["first flush failed: io_error", "kept: 1", "second flush succeeded"], child.stdout + child.stderr
+
+    async def after_crash() -> None:
+        service = Service(str(data))
+        await service.start()
+        try:
+            vdisk = service.controller.vdisk("v")
+            assert bytes(await service.agent.read(vdisk.id, 0, 1)) == b"first".ljust(512, b".")
+            data_read = bytes(await service.agent.read(vdisk.id, FAR * 2048, 1))
+            assert data_read == b"acknowledged".ljust(512, b"."), data_read[:16]
+        finally:
+            await service.stop()
+
+    assert check_store(str(data / "san.db"))[0] == []
+    asyncio.run(after_crash())
+
+
+def test_repeated_reports_and_releases_answer_ok(tmp_path: Path) -> None:
+    async def body() -> None:
+        service = Service(str(tmp_path / "data"))
+        await service.start()
+        try:
+            c = service.controller
+            await c.create_pool("p", 64 * MIB)
+            v = await c.create_vdisk("v", "p", 32 * MIB)
+            await asyncio.sleep(0.1)
+            await service.agent.write(v.id, 0, b"a".ljust(512, b"."))
+            granted = next(iter(c.policy.grants[v.id]))
+            report = Allocated(v.id, ((3, *granted),), request=41)
+            first = c.handle(report)
+            assert first.action is Action.OK and first.request == 41
+            again = c.handle(report)
+            assert again.action is Action.OK and again.request == 41, "the same report again (its answer was lost)"
+            mapped = c.mappings(v.id, 3, 4)[0]
+            assert (mapped.container_id, mapped.pseg) == granted
+            other = c.mappings(v.id, 0, 1)[0]
+            conflict = c.handle(Allocated(v.id, ((3, other.container_id, other.pseg),)))
+            assert conflict.action is Action.FAIL and conflict.reason is Reason.BAD_COMMAND
+            release = Release(v.id, 3, 1, request=42)
+            assert c.handle(release).action is Action.OK
+            assert c.handle(release).action is Action.OK, "a release repeated answers OK"
+            assert c.mappings(v.id, 3, 4) == []
+            assert c.handle(Flush(request=43)).request == 43
+        finally:
+            await service.stop()
+
+    asyncio.run(body())
+    assert check_store(str(tmp_path / "data" / "san.db"))[0] == []
