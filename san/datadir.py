@@ -24,6 +24,27 @@ class DataDirLocked(Exception):
     """Another san process serves this data directory."""
 
 
+class DataDirUnsafe(Exception):
+    """The data directory (or something in it) could have been prepared by another user."""
+
+
+def check_private_path(path: str) -> None:
+    """path is a real directory of ours, and every directory above it is root's or ours and not writable by others
+    (unless sticky, as /tmp is: then others cannot replace what is in it)."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        what = "not a directory" if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}"
+        raise DataDirUnsafe(f"{path} is {what}: refusing a data directory that someone else could have prepared")
+    parent = os.path.dirname(path)
+    while True:
+        st = os.stat(parent)
+        if st.st_uid not in (0, os.geteuid()) or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+            raise DataDirUnsafe(f"{parent} can be changed by other users: put the data directory {path} elsewhere")
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
 class StoreRefused(Exception):
     """The store is damaged or missing beside pool files; the message is the one line to show."""
 
@@ -34,6 +55,7 @@ class DataDir:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         os.makedirs(self.path, mode=0o700, exist_ok=True)
+        check_private_path(self.path)
         self._tighten(self.path, 0o700)
         fd = os.open(os.path.join(self.path, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         self.lock: IO[str] = os.fdopen(fd, "w")
@@ -42,13 +64,19 @@ class DataDir:
         except BlockingIOError:
             self.lock.close()
             raise DataDirLocked(f"{self.path} is in use by another san process") from None
-        for name in sorted(os.listdir(self.path)):
-            full = os.path.join(self.path, name)
-            self._tighten(full, 0o700 if os.path.isdir(full) else 0o600)
-        pools = os.path.join(self.path, POOLS_DIR)
-        if os.path.isdir(pools):
-            for name in sorted(os.listdir(pools)):
-                self._tighten(os.path.join(pools, name), 0o600)
+        try:
+            for name in sorted(os.listdir(self.path)):
+                full = os.path.join(self.path, name)
+                self._own(full)
+                self._tighten(full, 0o700 if os.path.isdir(full) else 0o600)
+            pools = os.path.join(self.path, POOLS_DIR)
+            if os.path.isdir(pools):
+                for name in sorted(os.listdir(pools)):
+                    self._own(os.path.join(pools, name))
+                    self._tighten(os.path.join(pools, name), 0o600)
+        except BaseException:
+            self.lock.close()
+            raise
 
     @property
     def store_path(self) -> str:
@@ -82,6 +110,15 @@ class DataDir:
         return sorted(os.listdir(pools)) if os.path.isdir(pools) else []
 
     @staticmethod
+    def _own(path: str) -> None:
+        """Everything san keeps in its data directory is its own: a planted store or a symlink would make root
+        write wherever it points."""
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+            what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else f"owned by uid {st.st_uid}"
+            raise DataDirUnsafe(f"{path} is {what}: refusing a data directory that someone else could have prepared")
+
+    @staticmethod
     def _tighten(path: str, mode: int) -> None:
         """No group or other access to what san keeps here (the store holds CHAP secrets)."""
         try:
@@ -90,13 +127,9 @@ class DataDir:
             return
         if stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid() or not st.st_mode & 0o077:
             return
-        os.chmod(path, stat.S_IMODE(st.st_mode) & mode & ~0o077)
-        log.info(
-            "%s was readable by others (mode %o); now %o",
-            path,
-            stat.S_IMODE(st.st_mode),
-            stat.S_IMODE(st.st_mode) & mode & ~0o077,
-        )
+        tightened = stat.S_IMODE(st.st_mode) & mode & ~0o077
+        os.chmod(path, tightened)
+        log.info("%s was readable by others (mode %o); now %o", path, stat.S_IMODE(st.st_mode), tightened)
 
     def close(self) -> None:
         self.lock.close()

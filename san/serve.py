@@ -19,7 +19,8 @@ from san.api.app import create_app
 from san.api.auth import AuthSetupError, check_listen, load_token, publish, unpublish
 from san.api.limits import MAX_CONNECTIONS, GuardedH11Protocol
 from san.iscsi.server import Limits
-from san.service import DataDirLocked, FrontendUnavailable, Service, StoreRefused
+from san.service import DataDirLocked, DataDirUnsafe, FrontendUnavailable, Service, StoreRefused
+from san.storage.paths import check_trusted
 
 log = logging.getLogger("san")
 API_FDS = MAX_CONNECTIONS + 256  # descriptors kept for the API, the store and the containers, whatever iSCSI does
@@ -84,6 +85,12 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
     except AuthSetupError as exc:
         log.error("%s", exc)
         return 1
+    for allowed in options.allow_paths:
+        try:
+            check_trusted(allowed, allowed)
+        except OSError as exc:
+            log.error("--allow-path %s: %s", allowed, exc.strerror or exc)
+            return 1
     limits = raise_fd_limit(options.limits)
     try:
         service = Service(
@@ -96,7 +103,7 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
             allow_paths=options.allow_paths,
             limits=limits,
         )
-    except (DataDirLocked, FrontendUnavailable, StoreRefused, OSError) as exc:
+    except (DataDirLocked, DataDirUnsafe, FrontendUnavailable, StoreRefused, OSError) as exc:
         log.error("%s", exc)
         return 1
     try:
@@ -133,6 +140,7 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
         log_level="warning",
         lifespan="off",
         http=GuardedH11Protocol,
+        proxy_headers=False,  # no X-Forwarded-For: the peer address is the socket's, for logs and limits
         ssl_certfile=options.api_cert,
         ssl_keyfile=options.api_key,
         ssl_version=ssl.PROTOCOL_TLS_SERVER,

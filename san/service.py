@@ -16,7 +16,7 @@ from typing import Any
 from san.agent.agent import Agent, AgentIOError
 from san.controller.allocator import PoolAllocator
 from san.controller.controller import Controller
-from san.datadir import DB_NAME, DataDir, DataDirLocked, StoreRefused
+from san.datadir import DB_NAME, DataDir, DataDirLocked, DataDirUnsafe, StoreRefused
 from san.errors import StoreFailure
 from san.iscsi.chap import Credentials
 from san.iscsi.server import IscsiServer, Limits
@@ -32,7 +32,7 @@ from san.scsi.sense import UnitAttention
 
 log = logging.getLogger("san")
 FRONTENDS = ("iscsi", "lio", "auto")
-__all__ = ["DB_NAME", "DataDirLocked", "FrontendUnavailable", "Service", "StoreRefused"]
+__all__ = ["DB_NAME", "DataDirLocked", "DataDirUnsafe", "FrontendUnavailable", "Service", "StoreRefused"]
 
 
 def lio_present() -> bool:

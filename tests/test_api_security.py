@@ -365,3 +365,41 @@ def test_slow_clients_are_dropped(server: SanServer) -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_the_token_goes_only_to_the_servers_own_listener(server: SanServer, tmp_path: Path) -> None:
+    """After a crash another user may listen on the API port; the CLI must not hand them root's token."""
+    port = free_port()
+    squatter = subprocess.Popen(
+        [*NOBODY, "/usr/bin/python3", "-c",
+         f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True);"
+         " time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd="/",
+    )  # fmt: skip
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline().strip() == "up"
+        stale = Path(os.environ["SAN_RUNTIME_DIR"]) / f"api-127.0.0.1-{port}.token"
+        stale.write_text((server.token or "") + "\n")
+        os.chmod(stale, 0o600)
+        result = run_san(
+            "--api", f"http://127.0.0.1:{port}", "status", env={k: v for k, v in os.environ.items() if k != "SAN_API"}
+        )
+        assert result.returncode == 1 and "held by uid 65534" in assert_one_line(result.stderr)
+        stale.unlink()
+    finally:
+        squatter.kill()
+
+
+def test_the_cli_never_sends_the_token_through_a_proxy(server: SanServer) -> None:
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen()
+    proxy.settimeout(0.5)
+    try:
+        env = {**server.env(), "http_proxy": f"http://127.0.0.1:{proxy.getsockname()[1]}", "no_proxy": ""}
+        env["HTTP_PROXY"] = env["http_proxy"]
+        assert run_san("status", env=env).returncode == 0, "straight to the server"
+        with pytest.raises(TimeoutError):
+            proxy.accept()
+    finally:
+        proxy.close()

@@ -7,6 +7,7 @@ Each round runs a random mix from a seeded generator, so a failure can be replay
 
 from __future__ import annotations
 
+import http.client
 import random
 import threading
 from pathlib import Path
@@ -73,8 +74,8 @@ class Client:
             while True:
                 n += 1
                 self.step(n)
-        except (OSError, AssertionError):
-            return n
+        except (OSError, AssertionError, http.client.HTTPException):
+            return n  # the server was killed, perhaps in the middle of an answer
 
 
 def agreed(server: SanServer, done: list[tuple[str, str, int]]) -> None:

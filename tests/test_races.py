@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from san.agent.agent import AgentIOError
 from san.errors import NotFound
 from san.service import Service
 from san.store.check import check_store
@@ -101,6 +103,51 @@ def test_a_vdisk_cannot_be_created_in_a_pool_being_deleted(tmp_path: Path) -> No
             with pytest.raises(NotFound):
                 await create
             assert c.pools == {} and c.vdisks == {}
+        finally:
+            await s.stop()
+
+    asyncio.run(body())
+    assert check_store(str(tmp_path / "data" / "san.db"))[0] == []
+
+
+def test_a_deleted_vdisks_segments_are_punched_before_anyone_gets_them(tmp_path: Path) -> None:
+    """Punching a deleted vdisk's space takes time; a segment handed to another vdisk meanwhile must not be zeroed
+    under it, after that vdisk wrote and flushed it."""
+
+    async def body() -> None:
+        s = await started(tmp_path / "data")
+        try:
+            c = s.controller
+            manager = c.vdisk_manager
+            punch = manager._punch
+
+            def slow_punch(*args: Any) -> None:
+                time.sleep(0.5)
+                punch(*args)
+
+            manager._punch = slow_punch  # type: ignore[method-assign,assignment]
+            await c.create_pool("p", 8 * MIB)
+            a = await c.create_vdisk("a", "p", 8 * MIB)
+            b = await c.create_vdisk("b", "p", 8 * MIB)
+            for seg in range(6):
+                await s.agent.write(a.id, seg * 2048, b"a" * 512)
+            await s.agent.flush()
+            delete = asyncio.ensure_future(c.delete_vdisk("a"))
+            written: set[int] = set()
+            while len(written) < 6:
+                for seg in range(6):
+                    if seg not in written:
+                        try:
+                            await s.agent.write(b.id, seg * 2048, f"b{seg}".encode().ljust(512, b"."))
+                            written.add(seg)
+                        except AgentIOError:
+                            pass  # no space until the delete gives its segments back
+                await s.agent.flush()
+                await asyncio.sleep(0.05)
+            await delete
+            await asyncio.sleep(0.6)
+            for seg in range(6):
+                assert bytes(await s.agent.read(b.id, seg * 2048, 1)) == f"b{seg}".encode().ljust(512, b".")
         finally:
             await s.stop()
 

@@ -155,3 +155,32 @@ def test_a_secret_can_be_typed_at_a_prompt(server: SanServer) -> None:
     assert b"host dave created" in screen
     assert server.get("/hosts/dave")["chap_user"] == "dave"
     server.ok("host", "delete", "dave")
+
+
+def test_a_data_directory_someone_else_could_have_prepared_is_refused(tmp_path: Path) -> None:
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    os.chown(planted, 65534, 65534)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    (theirs / "san.db").write_bytes(b"")
+    os.chown(theirs / "san.db", 65534, 65534)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # writable by everyone, not sticky: anyone may replace what is in it
+    linked = tmp_path / "linked"
+    linked.mkdir(mode=0o700)
+    (linked / "san.db").symlink_to("/etc/passwd")
+    for data, words in (
+        (planted, "owned by uid 65534"),
+        (theirs, "owned by uid 65534"),
+        (shared / "data", "can be changed by other users"),
+        (linked, "symbolic link"),
+    ):
+        result = subprocess.run(
+            [*san_command(), "serve", "--data", str(data), "--portal", "none", "--api", "127.0.0.1:1"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 1, (data, result.stderr)
+        assert words in assert_one_line(result.stderr), (data, result.stderr)
+    assert Path("/etc/passwd").read_text().startswith("root:")

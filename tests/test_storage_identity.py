@@ -243,3 +243,60 @@ def test_a_thick_vdisk_on_a_sparse_pool_file_has_real_space(tmp_path: Path) -> N
 
         run(tmp_path / "data", body, allow_paths=(str(small),))
         assert check_store(str(tmp_path / "data" / "san.db"))[0] == []
+
+
+def test_only_files_an_interrupted_create_left_are_removed(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+
+    async def make(s: Service) -> None:
+        await s.controller.create_pool("p", 16 * MIB)
+
+    run(data, make)
+    pools = data / "pools"
+    shutil.copy(pools / "p.img", pools / "p.img.bak")  # an admin's copy: it names a container the store knows
+    label = bytearray((pools / "p.img").read_bytes()[:4096])
+    (pools / "orphan.img").write_bytes(bytes(2 * MIB))
+    empty = pools / "empty.img"
+    empty.touch()
+    os.truncate(empty, 2 * MIB)  # created, never labelled nor written
+
+    async def orphaned(s: Service) -> None:
+        await s.controller.create_pool("q", 16 * MIB)
+
+    # A label of this store for a container it never recorded: what a create killed before its commit leaves.
+    run(data, orphaned)
+    q_label = (pools / "q.img").read_bytes()[:4096]
+    (pools / "interrupted.img").write_bytes(q_label + bytes(MIB))
+
+    async def interrupted(s: Service) -> None:
+        await s.controller.delete_pool("q")  # q's id is no longer in the store; interrupted.img still names it
+
+    run(data, interrupted)
+    run(data, lambda s: asyncio.sleep(0))
+    left = sorted(os.listdir(pools))
+    assert left == ["orphan.img", "p.img", "p.img.bak"], left
+    assert (pools / "p.img").read_bytes()[:4096][:8] == bytes(label[:8])
+
+
+def test_a_label_on_two_devices_is_taken_from_neither(tmp_path: Path, loops: Loops) -> None:
+    image = tmp_path / "one.img"
+    image.write_bytes(bytes(32 * MIB))
+    device = loops.attach(image)
+    data = tmp_path / "data"
+
+    async def make(s: Service) -> None:
+        await s.controller.create_pool("dev", path=device)
+
+    run(data, make)
+    loops.detach(device)
+    clone = tmp_path / "clone.img"
+    shutil.copy(image, clone)
+    loops.attach(image)
+    loops.attach(clone)
+
+    async def twice(s: Service) -> None:
+        pool = s.controller.pool("dev")
+        assert "all carry its label" in s.controller.offline.get(pool.id, ""), s.controller.offline
+
+    # The original and its clone both attached, one of them under its old name: the label is on two devices.
+    run(data, twice)

@@ -65,7 +65,11 @@ class Agent:
         self.containers.close()
 
     async def handle(self, command: Command) -> Response:
-        """Carry out a controller command; with the blocking flag, answer once earlier I/O has ended."""
+        """Carry out a controller command; with the blocking flag, answer once earlier I/O has ended. A table is
+        dropped only after what was mapped from its grant is reported (before, and after the I/O drained)."""
+        dropped = self.volumes.get(command.vdisk) if command.op is Op.DELETE_TABLE else None
+        if dropped is not None:
+            await self._report_quietly(command.vdisk, dropped)
         try:
             response, volume = self._apply(command)
         except (ValueError, KeyError, ContainerError) as exc:
@@ -74,7 +78,15 @@ class Agent:
             return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"no memory to carry out {command.op.value}")
         if command.blocking and volume is not None:
             await _drained(volume.table)
+        if dropped is not None:
+            await self._report_quietly(command.vdisk, dropped)
         return response
+
+    async def _report_quietly(self, vdisk: int, volume: Volume) -> None:
+        try:
+            await self._report(vdisk, volume)
+        except AgentIOError as exc:
+            log.error("could not report vdisk %d's mappings before dropping its table: %s", vdisk, exc)
 
     def _apply(self, command: Command) -> tuple[Response, Volume | None]:
         op = command.op
@@ -358,7 +370,16 @@ class Agent:
             if not volume.unreported:
                 return
             entries = tuple(volume.unreported)
-            await self._ask(Allocated(vdisk, entries))
+            try:
+                await self._ask(Allocated(vdisk, entries))
+            except AgentIOError as exc:
+                if exc.reason is not Reason.BAD_COMMAND:
+                    raise  # a store error: kept, and sent again
+                # Refused for good (the controller maps these segments otherwise): sending them again would fail
+                # every later flush too. Dropped, loudly; this flush fails.
+                log.error("the controller refused vdisk %d's report of %d mappings (dropped): %s", vdisk, len(entries), exc)
+                del volume.unreported[: len(entries)]
+                raise
             del volume.unreported[: len(entries)]
 
     async def _ask(self, message: Fault | Allocated | Release | Flush) -> Response:
@@ -394,6 +415,7 @@ class Agent:
             try:
                 table.set_entries(start, [(0, 0, ZERO)] * count)
                 await _drained(table)
+                await self._report(vdisk, volume)  # mappings made from the grant meanwhile: recorded, then released
                 await self._ask(Release(vdisk, start, count))
             finally:
                 volume.releasing.remove(entry)

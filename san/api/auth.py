@@ -16,12 +16,12 @@ import stat
 from urllib.parse import urlsplit
 
 from san.api.asgi import ASGIApp, Receive, Scope, Send, answer
+from san.model import printable
 from san.throttle import Throttle
 
 log = logging.getLogger("san.api")
 TOKEN_NAME = "api-token"
 PUBLIC_PATHS = frozenset({"/openapi.json"})
-LOCAL_NAMES = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
 
 
 class AuthSetupError(Exception):
@@ -43,20 +43,54 @@ def runtime_token_path(host: str, port: int) -> str:
     return os.path.join(runtime_dir(), f"api-{host}-{port}.token")
 
 
-def token_paths_for_url(url: str) -> list[str]:
-    """Where a server listening at an API URL (as the CLI is given it) would have published its token: the host as
-    given, and for this machine's own names every other name of this machine (a server on 0.0.0.0 serves 127.0.0.1)."""
+def token_path_for_url(url: str) -> str | None:
+    """Where a server listening at the host and port of an API URL (as the CLI is given it) published its token."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.hostname is None:
-        return []
+        return None
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
-        return []
-    hosts = [parts.hostname]
-    if parts.hostname in LOCAL_NAMES:
-        hosts += [name for name in LOCAL_NAMES if name != parts.hostname]
-    return [runtime_token_path(host, port) for host in hosts]
+        return None
+    return runtime_token_path(parts.hostname, port)
+
+
+def published_names(host: str) -> list[str]:
+    """The hosts a server bound to host publishes its token under: the host, and for a wildcard the loopback
+    address a local client uses to reach it."""
+    return {"0.0.0.0": ["0.0.0.0", "127.0.0.1"], "::": ["::", "::1"]}.get(host, [host])
+
+
+def listener_uid(address: str, port: int) -> int | None:
+    """The uid owning the TCP socket that accepts connections to address:port on this machine (an exact bind wins
+    over a wildcard one), from /proc/net/tcp and tcp6; None when there is none."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    table = "/proc/net/tcp6" if ip.version == 6 else "/proc/net/tcp"
+    exact: int | None = None
+    wildcard: int | None = None
+    try:
+        with open(table) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8 or fields[3] != "0A":  # LISTEN
+            continue
+        local, _, hex_port = fields[1].partition(":")
+        if int(hex_port, 16) != port:
+            continue
+        raw = bytes.fromhex(local)
+        words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+        bound = ipaddress.ip_address(words)
+        if bound == ip:
+            exact = int(fields[7])
+        elif bound.is_unspecified:
+            wildcard = int(fields[7])
+    return exact if exact is not None else wildcard
 
 
 def is_loopback(host: str) -> bool:
@@ -79,17 +113,10 @@ def check_listen(host: str, tls: bool) -> None:
         )
 
 
-def _private(path: str) -> None:
-    """A secret file must be a regular file of ours that nobody else can read."""
-    st = os.lstat(path)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise AuthSetupError(f"{path} must be a regular file of uid {os.geteuid()} with mode 0600 (it holds the API token)")
-
-
 def load_token(data_dir: str, token_file: str | None = None) -> str:
     """The API token: from token_file, else DATA/api-token (made on first start: 256 random bits, mode 0600)."""
     path = token_file or os.path.join(data_dir, TOKEN_NAME)
-    if token_file is None and not os.path.exists(path):
+    if token_file is None and not os.path.lexists(path):
         token = secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -98,57 +125,71 @@ def load_token(data_dir: str, token_file: str | None = None) -> str:
             os.fsync(f.fileno())
         return token
     try:
-        _private(path)
-        with open(path) as f:
-            token = f.read().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise AuthSetupError(f"cannot read the API token {path}: {exc.strerror}") from None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise AuthSetupError(f"{path} must be a regular file of uid {os.geteuid()} with mode 0600 (it holds the API token)")
+        token = f.read(4096).strip()
     if len(token) < 16:
         raise AuthSetupError(f"the API token in {path} is too short (at least 16 characters)")
     return token
 
 
-def publish(token: str, host: str, port: int) -> str | None:
-    """Put the token where local clients of host:port find it; its path (None when the runtime directory is not
-    safe to write: then clients need --token-file)."""
+def publish(token: str, host: str, port: int) -> list[str]:
+    """Put the token where local clients of host:port find it; the files written (none when the runtime directory
+    is not safe to write: then clients need --token-file)."""
     directory = runtime_dir()
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         st = os.lstat(directory)
         if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
             log.warning("not publishing the API token: %s is not a private directory of uid %d", directory, os.geteuid())
-            return None
-        path = runtime_token_path(host, port)
-        temporary = f"{path}.{os.getpid()}.tmp"
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        os.replace(temporary, path)
-        return path
+            return []
+        written = []
+        for name in published_names(host):
+            path = runtime_token_path(name, port)
+            temporary = f"{path}.{os.getpid()}.tmp"
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(token + "\n")
+            os.replace(temporary, path)
+            written.append(path)
+        return written
     except OSError as exc:
         log.warning("not publishing the API token in %s: %s", directory, exc.strerror)
-        return None
+        return []
 
 
-def unpublish(path: str | None, token: str) -> None:
-    """Remove a published token file, if it still holds this server's token."""
-    if path is None:
-        return
+def unpublish(paths: list[str], token: str) -> None:
+    """Remove published token files that still hold this server's token."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                if f.read().strip() == token:
+                    os.unlink(path)
+        except OSError:
+            pass
+
+
+def read_client_token(path: str) -> tuple[str, int] | None:
+    """A token for the CLI from a file, and the uid that owns the file (None when it cannot be read, as for a user
+    who is not root)."""
     try:
-        with open(path) as f:
-            if f.read().strip() == token:
-                os.unlink(path)
-    except OSError:
-        pass
-
-
-def read_client_token(path: str) -> str | None:
-    """A token for the CLI from a file (None when it cannot be read, as for a user who is not root)."""
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        try:
+            token = f.read(4096).strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+    return (token, st.st_uid) if token else None
 
 
 class BearerAuth:
@@ -178,4 +219,4 @@ class BearerAuth:
 
     def _log(self, address: str) -> None:
         if self.throttle.ready(address):
-            log.warning("refused API requests from %s without a valid token", address)
+            log.warning("refused API requests from %s without a valid token", printable(address))

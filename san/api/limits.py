@@ -78,7 +78,7 @@ class GuardedH11Protocol(H11Protocol):
             self.transport = transport
             if _refusals.ready("full"):
                 log.warning("refusing API connections: %d are open, all busy", len(self.connections))
-            transport.close()
+            transport.abort()
             return
         super().connection_made(transport)
         self._arm()
@@ -94,7 +94,7 @@ class GuardedH11Protocol(H11Protocol):
                 "API connections at the limit (%d): dropping the ones that wait longest for a request", len(self.connections)
             )
         oldest._disarm()
-        oldest.transport.close()
+        oldest.transport.abort()
         self.connections.discard(oldest)
         return True
 
@@ -129,4 +129,4 @@ class GuardedH11Protocol(H11Protocol):
     def _too_slow(self) -> None:
         self.deadline = None
         if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE) and not self.transport.is_closing():
-            self.transport.close()
+            self.transport.abort()  # at once: a TLS close would wait for the slow peer

@@ -1,17 +1,21 @@
 """A small HTTP/JSON client for the management API, for the CLI (stdlib only: it must start fast).
 
-It sends the API token (from --token-file, SAN_TOKEN_FILE, or the file the server published for that address) and
-verifies TLS against --ca-file; errors come back as ApiError with the server's one-line message."""
+It sends the API token (from --token-file, SAN_TOKEN_FILE, or the file the server published for that address),
+never through a proxy or a redirect, and on this machine only to a listener owned by the token file's owner;
+it verifies TLS against --ca-file. Errors come back as ApiError with the server's one-line message."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import ssl
 import urllib.error
 import urllib.request
 from typing import Any
+from urllib.parse import urlsplit
 
-from san.api.auth import read_client_token, token_paths_for_url
+from san.api.auth import listener_uid, read_client_token, token_path_for_url
 
 DEFAULT_API = "http://127.0.0.1:8080"
 
@@ -20,29 +24,57 @@ class ApiError(Exception):
     """The API refused a request, or could not be reached; str() is the line to show."""
 
 
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect would carry the token elsewhere: refuse it."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        raise urllib.error.URLError("the API answered with a redirect; not following it")
+
+
 class Client:
     def __init__(self, base: str, token_file: str | None = None, ca_file: str | None = None) -> None:
         self.base = base if "://" in base else f"http://{base}"
         self.base = self.base.rstrip("/")
-        self.token = self._token(token_file)
         self.context: ssl.SSLContext | None = None
         if self.base.startswith("https://"):
             try:
                 self.context = ssl.create_default_context(cafile=ca_file)
             except (OSError, ssl.SSLError) as exc:
                 raise ApiError(f"cannot load the CA certificate {ca_file}: {exc}") from None
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({}), NoRedirects()]
+        if self.context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=self.context))
+        self.opener = urllib.request.build_opener(*handlers)
+        self.token = self._token(token_file)
 
     def _token(self, token_file: str | None) -> str | None:
-        if token_file is not None:
-            token = read_client_token(token_file)
-            if token is None:
+        path = token_file if token_file is not None else token_path_for_url(self.base)
+        found = read_client_token(path) if path is not None else None
+        if found is None:
+            if token_file is not None:
                 raise ApiError(f"cannot read the API token file {token_file}")
-            return token
-        for path in token_paths_for_url(self.base):
-            token = read_client_token(path)
-            if token is not None:
-                return token
-        return None
+            return None
+        token, owner = found
+        self._check_listener(owner)
+        return token
+
+    def _check_listener(self, owner: int) -> None:
+        """On this machine, the port the token goes to must be held by the user who owns the token file: after a
+        crash another user could listen there to collect it."""
+        parts = urlsplit(self.base)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            addresses = {info[4][0] for info in socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)}
+        except (OSError, ValueError):
+            return
+        for address in addresses:
+            if not ipaddress.ip_address(str(address).split("%")[0]).is_loopback:
+                continue
+            uid = listener_uid(str(address), port)
+            if uid is not None and uid != owner:
+                raise ApiError(
+                    f"{address}:{port} is held by uid {uid}, not by the san server (uid {owner}): not sending it the token"
+                )
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -51,7 +83,7 @@ class Client:
         if self.token is not None:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=600, context=self.context) as response:
+            with self.opener.open(request, timeout=600) as response:
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             try:

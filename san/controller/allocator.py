@@ -92,7 +92,9 @@ class PoolAllocator:
 
     def mark_used(self, segments: Iterable[Segment]) -> None:
         for container_id, pseg in segments:
-            self.maps[container_id].set(pseg, USED)
+            segment_map = self.maps[container_id]
+            if segment_map.state[pseg] != LABEL:
+                segment_map.set(pseg, USED)
 
     def release(self, segments: Iterable[Segment]) -> None:
         for container_id, pseg in segments:

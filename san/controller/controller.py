@@ -79,6 +79,7 @@ class Controller:
             self.commit()
         except StoreFailure as exc:
             log.error("the last metadata commit failed: %s", exc)
+        self.pool_manager.close()
         self.containers.close()
         self.store.close()
 

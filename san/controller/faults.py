@@ -86,8 +86,10 @@ class FaultPolicy:
         """Record the mappings an agent made from its grant; all or nothing. A report repeated (its answer was lost)
         matches what is recorded and answers OK again."""
         controller = self.controller
-        vdisk = self._ready(report.vdisk)
-        if vdisk is None:
+        vdisk = controller.vdisks.get(report.vdisk)
+        # A vdisk being deleted still takes reports: its agents report before dropping its table, so that a delete
+        # whose commit fails loses nothing they mapped.
+        if vdisk is None or vdisk.state not in ("ready", "deleting") or not controller.online(vdisk.pool_id):
             return Response(Action.FAIL, reason=Reason.NO_VDISK, message=f"no vdisk {report.vdisk}")
         grant = self.grants.get(report.vdisk, {})
         nsegments = vdisk.nsegments(controller.pools[vdisk.pool_id].segment_size)

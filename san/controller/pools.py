@@ -6,13 +6,15 @@ store, this container and the epoch it last wrote, and holds the container exclu
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import stat
 from typing import TYPE_CHECKING
 
 from san.controller.allocator import PoolAllocator
-from san.errors import Conflict, InvalidRequest
+from san.errors import Conflict, InvalidRequest, StoreFailure
 from san.model import (
     DEFAULT_ALLOCATE_AHEAD,
     DEFAULT_SEGMENT_SIZE,
@@ -30,12 +32,12 @@ from san.storage.containers import (
     ContainerError,
     check_unused_device,
     create_sparse_file,
-    device_size,
-    find_labeled_device,
-    is_block_device,
+    find_labeled_devices,
+    inspect,
     wipe_label,
 )
 from san.storage.label import LABEL_BYTES, Label, LabelError, new_id, read_label, write_label
+from san.storage.paths import UnsafePath, check_trusted, identity, unlink_nofollow
 from san.store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -103,27 +105,37 @@ class PoolManager:
         for container_id, pseg in store.used_segments():
             c.allocators[owner[container_id]].mark_used([(container_id, pseg)])
         c.vdisks = {vdisk.id: vdisk for vdisk in store.vdisks()}
-        self._remove_interrupted({self.resolve(k.path) for k in containers})
+        self._remove_interrupted({k.id for k in containers})
 
-    def _remove_interrupted(self, known: set[str]) -> None:
-        """Pool files in DATA/pools that this store labelled but never recorded are left by a pool create that was
-        interrupted (killed between writing the label and committing): remove them. Others are left alone."""
+    def _remove_interrupted(self, known_ids: set[int]) -> None:
+        """Pool files in DATA/pools that this store labelled for a container it never recorded are left by a pool
+        create that was interrupted (killed between writing the label and committing): remove them. A file that
+        is, or may be, a container of this store (same file as an open one, a known container id, locked) stays."""
         directory = os.path.join(self.data_dir, POOLS_DIR)
         if not os.path.isdir(directory):
             return
+        open_files = {(st.st_dev, st.st_ino) for st in (os.fstat(fd) for fd in self.controller.containers.fds.values())}
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
-            if path in known or not os.path.isfile(path):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
                 continue
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in open_files:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # someone holds it
                 try:
                     label = read_label(fd)
-                finally:
-                    os.close(fd)
-            except (OSError, LabelError):
-                label = None
-            if label is not None and label.store_id == self.controller.store.store_id:
+                except (OSError, LabelError):
+                    label = None
+            finally:
+                os.close(fd)
+            if label is not None and label.store_id == self.controller.store.store_id and label.container_id not in known_ids:
                 os.unlink(path)
                 log.info("removed %s: its pool %r was being created when san stopped", path, label.pool_name)
             elif label is None and os.stat(path).st_blocks == 0:
@@ -145,9 +157,13 @@ class PoolManager:
             problem = str(exc)
         except (OSError, LabelError) as exc:
             problem = f"cannot read its label: {exc}"
+        carriers = find_labeled_devices(container.uuid, c.store.store_id) if container.kind == "device" and container.uuid else []
+        if len(carriers) > 1:
+            c.containers.detach(container.id)
+            return f"{' and '.join(carriers)} all carry its label (a clone or a snapshot?): san takes none of them"
         if problem is not None and container.kind == "device" and container.uuid:
             c.containers.detach(container.id)
-            found = find_labeled_device(container.uuid, c.store.store_id)
+            found = carriers[0] if carriers else None
             if found is None or found == path:
                 return f"{problem}; no other block device carries its label"
             log.warning("container %d of pool %s moved: %s holds its label now (was %s)", container.id, pool.name, found, path)
@@ -158,7 +174,7 @@ class PoolManager:
                 problem = str(exc)
             if problem is None:
                 container.path = found
-        if problem is None and not container.uuid:
+        if problem is None and (not container.uuid or not container.epoch):
             problem = self._upgrade(container, pool)
         if problem is None:
             problem = self._size_problem(container, pool, fd)
@@ -170,7 +186,8 @@ class PoolManager:
 
     def _check(self, container: Container, fd: int) -> str | None:
         label = read_label(fd)
-        if not container.uuid:
+        if not container.uuid or (not container.epoch and label is None):
+            # From before labels (or its labelling was interrupted before the label was written): _upgrade labels it.
             return None if label is None else "it holds a san label the store does not know; it is not this store's"
         if label is None:
             return "it holds no san label: it is not this container (another disk or image is at its path?)"
@@ -196,10 +213,12 @@ class PoolManager:
         if any(c.store.segment_used(container.id, pseg) for pseg in range(LABEL_SEGMENTS)):
             return "it has no label and its first segment holds data (it was made by an older san): move that vdisk first"
         fd = c.containers.fd(container.id)
-        container.uuid = new_id()
-        container.epoch = new_id()
+        container.uuid = container.uuid or new_id()
+        container.epoch, container.epoch_next = "", new_id()
         container.path = self.stored(self.resolve(container.path))
-        write_label(fd, self._label(container, pool))
+        c.metadata.commit(lambda store: store.update_container(container))  # recorded before the label is written
+        write_label(fd, self._label(container, pool).with_epoch(container.epoch_next))
+        container.epoch, container.epoch_next = container.epoch_next, ""
         c.metadata.commit(lambda store: store.update_container(container))
         log.info("container %d of pool %s labelled", container.id, pool.name)
         return None
@@ -227,6 +246,19 @@ class PoolManager:
         write_label(fd, self._label(container, pool).with_epoch(container.epoch_next))
         container.epoch, container.epoch_next = container.epoch_next, ""
         c.metadata.commit(lambda store: store.update_container(container))
+
+    def close(self) -> None:
+        """At a clean stop every online container gets a new epoch too, so a copy of the store taken while san ran
+        (a backup of a live data directory) is refused when it is restored, rather than serving stale mappings."""
+        c = self.controller
+        for container in c.store.containers():
+            fd = c.containers.fds.get(container.id)
+            if fd is None or not c.online(container.pool_id):
+                continue
+            try:
+                self._take_over(container, fd)
+            except (OSError, StoreFailure) as exc:
+                log.error("could not renew the epoch of container %d: %s", container.id, exc)
 
     # -- create and delete ---------------------------------------------------------------------------------
 
@@ -261,9 +293,9 @@ class PoolManager:
             if len(c.store.containers()) >= MAX_CONTAINERS:
                 raise Conflict(f"san serves at most {MAX_CONTAINERS} containers")
             real = self._container_path(path or os.path.join(self.data_dir, POOLS_DIR, f"{name}.img"))
-            kind, owned, size_bytes, nsegments = self._plan(real, size, segment_size, existing)
+            kind, owned, size_bytes, nsegments, checked = self._plan(real, size, segment_size, existing)
             pool, container = self._make(
-                name, real, kind, owned, size_bytes, nsegments, segment_size, warn_percent, allocate_ahead
+                name, real, kind, owned, size_bytes, nsegments, segment_size, warn_percent, allocate_ahead, checked
             )
         c.pools[pool.id] = pool
         c.allocators[pool.id] = PoolAllocator([(container.id, nsegments)], c.reserve_segments, LABEL_SEGMENTS)
@@ -282,9 +314,11 @@ class PoolManager:
         segment_size: int,
         warn_percent: int,
         allocate_ahead: int,
+        checked: tuple[int, int] | None,
     ) -> tuple[Pool, Container]:
         """Claim (or create) the container, label it, record pool and container in one commit; on any failure
-        nothing stays: a new file is removed, a label written on existing storage is wiped."""
+        nothing stays: a new file is removed, a label written on existing storage is wiped. The claimed container
+        must be the very file or device _plan checked (checked: its identity), not one swapped in since."""
         c = self.controller
         container_id = c.store.next_container_id()
         labelled = False
@@ -299,22 +333,26 @@ class PoolManager:
             write_label(fd, self._label(container, pool))
             return pool, store.add_container(container)
 
-        created = False
+        created: tuple[int, int] | None = None
         try:
             if owned:
-                create_sparse_file(real, nsegments * segment_size)
-                created = True
+                created = checked = create_sparse_file(real, nsegments * segment_size)
             fd = c.containers.attach(container_id, real, claim=True)
+            if kind == "file" and identity(fd) != checked:
+                raise InvalidRequest(f"{real} was replaced while san was taking it; nothing was taken")
+            if kind == "file" and not owned:
+                os.fchmod(fd, 0o600)
             self._refuse_labelled(fd, real)
             made = c.metadata.commit(change)
             assert made is not None
             return made
         except BaseException as exc:
-            if labelled and not created and container_id in c.containers.fds:
+            if labelled and created is None and container_id in c.containers.fds:
                 wipe_label(c.containers.fds[container_id])
             c.containers.detach(container_id)
-            if created:
-                os.unlink(real)
+            if created is not None:
+                with contextlib.suppress(OSError):
+                    unlink_nofollow(real, created)
             if isinstance(exc, ContainerError | LabelError):
                 raise InvalidRequest(str(exc)) from None
             if isinstance(exc, OSError):
@@ -332,23 +370,26 @@ class PoolManager:
         if label is None:
             return
         if label.store_id == self.controller.store.store_id:
+            if all(k.id != label.container_id for k in self.controller.store.containers()):
+                log.info("%s holds the label of a pool create of this store that never completed: taking it", path)
+                return
             raise Conflict(f"{path} already holds container {label.container_id} of pool {label.pool_name!r} of this store")
         raise Conflict(
             f"{path} belongs to another san store ({label.store_id}, pool {label.pool_name!r}); "
             f"wipe its first {LABEL_BYTES} bytes to reuse it"
         )
 
-    def _plan(self, real: str, size: int | None, segment_size: int, existing: bool) -> tuple[str, bool, int, int]:
-        """(kind, owned, size in bytes, segments) for a new container at real, or the reason it is refused."""
+    def _plan(
+        self, real: str, size: int | None, segment_size: int, existing: bool
+    ) -> tuple[str, bool, int, int, tuple[int, int] | None]:
+        """(kind, owned, size in bytes, segments, identity of what was checked) for a new container at real, or the
+        reason it is refused."""
+        directory = os.path.dirname(real)
+        pools_dir = os.path.join(self.data_dir, POOLS_DIR)
         if not os.path.lexists(real):
-            directory = os.path.dirname(real)
-            pools_dir = os.path.join(self.data_dir, POOLS_DIR)
             if size is None:
                 raise InvalidRequest(f"{real} does not exist: give --size to create it")
-            if directory != pools_dir and not any(_inside(directory, allowed) for allowed in self.allow_paths):
-                raise InvalidRequest(
-                    f"{real} is not under a directory allowed for pool files ({pools_dir}, or san serve --allow-path DIR)"
-                )
+            self._trusted(real, "new pool files")
             if not os.path.isdir(directory):
                 if directory != pools_dir:
                     raise InvalidRequest(f"directory {directory} does not exist")
@@ -357,25 +398,46 @@ class PoolManager:
             fs = os.statvfs(directory)
             if nsegments * segment_size > fs.f_blocks * fs.f_frsize:
                 raise InvalidRequest(f"{size} bytes is more than the whole file system under {directory}")
-            return "file", True, nsegments * segment_size, self._segments(nsegments, size)
-        if is_block_device(real):
+            return "file", True, nsegments * segment_size, self._segments(nsegments, size), None
+        try:
+            st, actual = inspect(real)
+        except ContainerError as exc:
+            raise InvalidRequest(str(exc)) from None
+        if stat.S_ISBLK(st.st_mode):
             try:
                 check_unused_device(real)
             except ContainerError as exc:
                 raise Conflict(str(exc)) from None
             kind = "device"
-        elif os.path.isfile(real):
-            self._check_existing_file(real, existing)
+        elif stat.S_ISREG(st.st_mode):
+            self._check_existing_file(real, st, existing)
             kind = "file"
         else:
             raise InvalidRequest(f"{real} is neither a regular file nor a block device")
-        actual = device_size(real)
         if size is None:
             size = actual
         elif size > actual:
             raise InvalidRequest(f"{real} has {actual} bytes, less than the {size} asked for")
         nsegments = size // segment_size
-        return kind, False, size, self._segments(nsegments, size)
+        return kind, False, size, self._segments(nsegments, size), (st.st_dev, st.st_ino)
+
+    def _trusted(self, real: str, what: str) -> None:
+        """A pool file goes in DATA/pools or under an allowed directory, in directories nobody else can change."""
+        directory = os.path.dirname(real)
+        pools_dir = os.path.join(self.data_dir, POOLS_DIR)
+        if directory == pools_dir:
+            return
+        top = next((allowed for allowed in self.allow_paths if _inside(directory, allowed)), None)
+        if top is None:
+            allowed = ", ".join(self.allow_paths) or "none"
+            raise InvalidRequest(
+                f"{real} is not under a directory allowed for {what} ({pools_dir}, or san serve --allow-path DIR;"
+                f" allowed: {allowed})"
+            )
+        try:
+            check_trusted(directory, top)
+        except (UnsafePath, OSError) as exc:
+            raise InvalidRequest(str(exc)) from None
 
     @staticmethod
     def _segments(nsegments: int, size: int) -> int:
@@ -385,12 +447,11 @@ class PoolManager:
             )
         return nsegments
 
-    def _check_existing_file(self, real: str, existing: bool) -> None:
+    def _check_existing_file(self, real: str, st: os.stat_result, existing: bool) -> None:
         """An existing regular file is taken over only when asked for, never a program, never one that is not ours
         or has other names, and only under a directory the admin allowed."""
         if not existing:
             raise Conflict(f"{real} already exists; to take it over and overwrite its contents, give --existing")
-        st = os.stat(real)
         if st.st_mode & (stat.S_ISUID | stat.S_ISGID):
             raise InvalidRequest(f"{real} is setuid or setgid: san never takes over a program")
         if st.st_mode & 0o111:
@@ -399,11 +460,7 @@ class PoolManager:
             raise InvalidRequest(f"{real} has {st.st_nlink} hard links: other names would still reach its data")
         if st.st_uid != os.geteuid():
             raise InvalidRequest(f"{real} belongs to uid {st.st_uid}, not to the user san runs as")
-        if not any(_inside(real, allowed) for allowed in self.allow_paths):
-            allowed = ", ".join(self.allow_paths) or "none"
-            raise InvalidRequest(
-                f"{real} is not under a directory allowed for existing files (san serve --allow-path DIR; allowed: {allowed})"
-            )
+        self._trusted(real, "existing files")
 
     def _container_path(self, path: str) -> str:
         """The real path of a new container, refused if it is another container under another name or in the data
@@ -443,11 +500,12 @@ class PoolManager:
                 fd = c.containers.fds.get(container.id)
                 if online and fd is not None and not container.owned:
                     wipe_label(fd)  # the storage is no longer this store's: it may be taken again
+                if online and container.owned and fd is not None:
+                    try:
+                        unlink_nofollow(c.containers.paths[container.id], identity(fd))
+                    except OSError as exc:
+                        log.warning("pool %s deleted; its file stays: %s", name, exc)
                 c.containers.detach(container.id)
-                if online and container.owned:
-                    path = self.resolve(container.path)
-                    if os.path.exists(path):
-                        os.unlink(path)
             del c.pools[pool.id]
             del c.allocators[pool.id]
             c.offline.pop(pool.id, None)

@@ -233,15 +233,20 @@ class VDiskManager:
                 freed = c.metadata.commit(change)
             except BaseException:
                 vdisk.state = "ready"
+                # The agents dropped their tables and grants (having reported what they mapped): grants go back.
+                c.allocators[pool.id].release(c.policy.return_grant(vdisk))
                 await c.export(vdisk)
                 raise
             assert freed is not None
             del c.vdisks[vdisk.id]
             c.metadata.forget(vdisk.id)
             allocator = c.allocators[pool.id]
-            allocator.release(freed + c.policy.return_grant(vdisk))
-            c.check_threshold(pool.id)
+            granted = c.policy.return_grant(vdisk)
+            # Punch before the segments are free: once released, a refill may hand one to another vdisk, and a
+            # punch still running would then zero that vdisk's data.
             await asyncio.to_thread(self._punch, pool, runs_of(freed))
+            allocator.release(freed + granted)
+            c.check_threshold(pool.id)
 
     def _punch(self, pool: Pool, runs: list[Run]) -> None:
         """Give a deleted vdisk's space back to the file system (it is zeroed again before anyone is handed it)."""

@@ -358,8 +358,8 @@ class Connection:
             guard = self.target.guard
             wait = guard.wait(self.initiator, self.peer)
             if wait > 0:
-                self.backing_off = True
-                raise ChapError(f"too many failed logins: the next is checked in {wait:.0f} s")
+                self.backing_off = True  # refused unchecked, as retryable (0301): a host in the way comes back later
+                raise LoginFailed(0x0301, f"too many failed logins: the next is checked in {wait:.0f} s")
             try:
                 answers = self.chap.verify(keys)
             except ChapError:

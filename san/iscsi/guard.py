@@ -1,7 +1,9 @@
 """Backoff for failed CHAP logins, per initiator name and per source address (sans-I/O: the clock is injected).
 
 After a few failures, the next secret is checked only once a delay has passed, doubling up to a minute; a login
-that arrives sooner is refused unchecked, so guessing a secret takes hours instead of seconds."""
+that arrives sooner is refused unchecked, so guessing a secret takes hours instead of seconds. A name's own room is
+kept per address, so that nobody locks a host out by failing under its name from elsewhere; a name failing from
+many addresses at once (a distributed guess) is held back by its own, larger, count."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-FREE_FAILURES = {"iqn": 3, "address": 10}  # an address may carry several hosts (NAT): it is given more room
+# An address may carry several hosts (NAT); a name from many addresses is a distributed guess or a lockout attempt.
+FREE_FAILURES = {"iqn@address": 3, "address": 10, "iqn": 30}
 FIRST_DELAY = 1.0
 MAX_DELAY = 60.0
 FORGET_AFTER = 600.0
@@ -25,14 +28,15 @@ class _Record:
 
 
 class LoginGuard:
-    """Counts failed logins by ("iqn", name) and ("address", peer); wait() says how long until the next is checked."""
+    """Counts failed logins by name at address, by address and by name; wait() says how long until the next one
+    from that name at that address is checked."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
 
     def _keys(self, initiator: str, peer: str) -> list[tuple[str, str]]:
-        return [("iqn", initiator), ("address", peer)] if peer else [("iqn", initiator)]
+        return [("iqn@address", f"{initiator}@{peer}"), ("address", peer), ("iqn", initiator)]
 
     def wait(self, initiator: str, peer: str) -> float:
         """Seconds until a login of this initiator from this address may be checked (0: now)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import socket
 import time
@@ -26,12 +27,26 @@ log = logging.getLogger("san.iscsi")
 PING_IDLE = 10.0
 PING_TIMEOUT = 15.0
 LOGIN_TIMEOUT = 15.0
+DISCOVERY_LIFETIME = 60.0  # SendTargets takes a moment; an unauthenticated session is not kept for long
 MAX_TASKS_PER_CONNECTION = 256
 HIGH_WATER = 4 << 20
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 1.0
 STARVED_QUIET = 5.0
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def source(address: str) -> str:
+    """Whom a connection counts against: its IPv4 address, or the /64 of its IPv6 address (one host's share)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,11 @@ class IscsiProtocol(asyncio.Protocol):
         connection = self.connection
         if connection is None or self.transport is None:
             return
+        if connection.session is not None and connection.session.discovery and now - self.opened > DISCOVERY_LIFETIME:
+            log.info("dropping a discovery session from %s after %s s", self.peer, DISCOVERY_LIFETIME)
+            connection.close()
+            self.transport.close()
+            return
         if connection.session is None:
             if now - self.opened > LOGIN_TIMEOUT:
                 log.warning("dropping a connection that did not log in within %s s", LOGIN_TIMEOUT)
@@ -220,7 +240,7 @@ class IscsiServer:
                 else:
                     log.warning("accepting an iSCSI connection failed: %s", exc)
                 return
-            peer = str(address[0])
+            peer = source(str(address[0]))
             if sum(self.open.values()) >= self.limits.total or self.open[peer] >= self.limits.per_address:
                 conn.close()
                 if self.refusals.ready(peer):

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from san.storage.label import LABEL_BYTES, LabelError, read_label
+from san.storage.paths import identity, open_nofollow, unlink_nofollow
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -38,11 +39,15 @@ def is_block_device(path: str) -> bool:
         return False
 
 
-def device_size(path: str) -> int:
-    """Size in bytes of a file or block device."""
-    fd = os.open(path, os.O_RDONLY)
+def inspect(path: str) -> tuple[os.stat_result, int]:
+    """(stat, size in bytes) of an existing file or block device, opened without following links or blocking (a
+    FIFO put in its place cannot hang san)."""
     try:
-        return os.lseek(fd, 0, os.SEEK_END)
+        fd = open_nofollow(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ContainerError(f"cannot open {path}: {exc.strerror or exc}") from None
+    try:
+        return os.fstat(fd), os.lseek(fd, 0, os.SEEK_END)
     finally:
         os.close(fd)
 
@@ -50,51 +55,56 @@ def device_size(path: str) -> int:
 def check_unused_device(path: str) -> None:
     """Refuse a block device that is mounted or held by another user (an exclusive open fails with EBUSY)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_EXCL)
+        fd = open_nofollow(path, os.O_RDONLY | os.O_EXCL | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise ContainerError(f"{path} is in use (mounted, or held by another program)") from None
-        raise ContainerError(f"cannot open {path}: {exc.strerror}") from None
+        raise ContainerError(f"cannot open {path}: {exc.strerror or exc}") from None
     os.close(fd)
 
 
-def create_sparse_file(path: str, size: int) -> None:
-    """Create a new sparse file of the given size; refuse to overwrite an existing one."""
+def create_sparse_file(path: str, size: int) -> tuple[int, int]:
+    """Create a new sparse file of the given size, mode 0600; refuse to overwrite an existing one or to follow a
+    link. Its (st_dev, st_ino), so that the caller can tell it is still the same file when it opens it again."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise ContainerError(f"{path} already exists") from None
     except OSError as exc:
-        raise ContainerError(f"cannot create {path}: {exc.strerror}") from None
+        raise ContainerError(f"cannot create {path}: {exc.strerror or exc}") from None
+    made = identity(fd)
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
     except OSError as exc:
         os.close(fd)
-        os.unlink(path)
+        unlink_nofollow(path, made)
         raise ContainerError(f"cannot size {path} to {size} bytes: {exc.strerror}") from None
     os.close(fd)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
+    return made
 
 
 def open_container(path: str, claim: bool = False) -> int:
-    """Open a container for reading and writing. With claim, hold it exclusively for as long as it stays open: a
-    block device with O_EXCL (mkfs, mount and other claimants get EBUSY), a file with an exclusive lock."""
-    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    """Open a container (a regular file or a block device) for reading and writing, following no link. With
+    claim, hold it exclusively for as long as it stays open: a block device with O_EXCL (mkfs, mount and other
+    claimants get EBUSY), a file with an exclusive lock."""
     try:
-        device = is_block_device(path)
-        fd = os.open(path, flags | (os.O_EXCL if claim and device else 0))
+        fd = open_nofollow(path, os.O_RDWR | os.O_NONBLOCK | (os.O_EXCL if claim else 0))
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise ContainerError(f"{path} is in use (mounted, or held by another program)") from None
-        if exc.errno == errno.ELOOP:
-            raise ContainerError(f"{path} is a symbolic link; give the path it points to") from None
-        raise ContainerError(f"cannot open container {path}: {exc.strerror}") from None
-    if claim and not device:
+        raise ContainerError(f"cannot open container {path}: {exc.strerror or exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        raise ContainerError(f"{path} is neither a regular file nor a block device")
+    os.set_blocking(fd, True)
+    if claim and stat.S_ISREG(mode):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -160,13 +170,15 @@ def wipe_label(fd: int) -> None:
     os.fdatasync(fd)
 
 
-def find_labeled_device(container_uuid: str, store_id: str) -> str | None:
-    """The block device whose label names this container of this store, if any (containers are known by label, so
-    a device that moved, such as a loop device attached again under another number, is found where it is now)."""
+def find_labeled_devices(container_uuid: str, store_id: str) -> list[str]:
+    """The block devices whose label names this container of this store (containers are known by label, so a
+    device that moved, such as a loop device attached again under another number, is found where it is now; more
+    than one means a clone or snapshot, and the caller takes none)."""
     try:
         names = sorted(os.listdir("/sys/class/block"))
     except OSError:
-        return None
+        return []
+    found = []
     for name in names:
         path = os.path.join("/dev", name)
         try:
@@ -180,8 +192,8 @@ def find_labeled_device(container_uuid: str, store_id: str) -> str | None:
         finally:
             os.close(fd)
         if label is not None and label.container_uuid == container_uuid and label.store_id == store_id:
-            return path
-    return None
+            found.append(path)
+    return found
 
 
 MAX_CONTAINER_ID = 0xFFFF
