@@ -31,6 +31,7 @@ class DataDirUnsafe(Exception):
 def check_private_path(path: str) -> None:
     """path is a real directory of ours, and every directory above it is root's or ours and not writable by others
     (unless sticky, as /tmp is: then others cannot replace what is in it)."""
+    path = os.path.realpath(path)
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         what = "not a directory" if not stat.S_ISDIR(st.st_mode) else f"owned by uid {st.st_uid}"

@@ -87,7 +87,7 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
         return 1
     for allowed in options.allow_paths:
         try:
-            check_trusted(allowed, allowed)
+            check_trusted(allowed, "/")
         except OSError as exc:
             log.error("--allow-path %s: %s", allowed, exc.strerror or exc)
             return 1

@@ -367,15 +367,21 @@ def test_slow_clients_are_dropped(server: SanServer) -> None:
             sock.close()
 
 
-def test_the_token_goes_only_to_the_servers_own_listener(server: SanServer, tmp_path: Path) -> None:
-    """After a crash another user may listen on the API port; the CLI must not hand them root's token."""
+SQUATTERS = {
+    "ipv4": "s = socket.socket(); s.bind(('127.0.0.1', {port}))",
+    "dual-stack": "s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0);"
+    " s.bind(('::', {port}))",
+    "mapped": "s = socket.socket(socket.AF_INET6); s.bind(('::ffff:127.0.0.1', {port}))",
+}
+
+
+@pytest.mark.parametrize("how", sorted(SQUATTERS))
+def test_the_token_goes_only_to_the_servers_own_listener(server: SanServer, how: str) -> None:
+    """After a crash another user may listen on the API port (on IPv4, or on IPv6 where IPv4 still reaches it);
+    the CLI must not hand them root's token."""
     port = free_port()
-    squatter = subprocess.Popen(
-        [*NOBODY, "/usr/bin/python3", "-c",
-         f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True);"
-         " time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, cwd="/",
-    )  # fmt: skip
+    script = f"import socket, time; {SQUATTERS[how].format(port=port)}; s.listen(); print('up', flush=True); time.sleep(60)"
+    squatter = subprocess.Popen([*NOBODY, "/usr/bin/python3", "-c", script], stdout=subprocess.PIPE, text=True, cwd="/")
     try:
         assert squatter.stdout is not None and squatter.stdout.readline().strip() == "up"
         stale = Path(os.environ["SAN_RUNTIME_DIR"]) / f"api-127.0.0.1-{port}.token"
@@ -384,7 +390,7 @@ def test_the_token_goes_only_to_the_servers_own_listener(server: SanServer, tmp_
         result = run_san(
             "--api", f"http://127.0.0.1:{port}", "status", env={k: v for k, v in os.environ.items() if k != "SAN_API"}
         )
-        assert result.returncode == 1 and "held by uid 65534" in assert_one_line(result.stderr)
+        assert result.returncode == 1 and "held by uid 65534" in assert_one_line(result.stderr), result.stderr
         stale.unlink()
     finally:
         squatter.kill()

@@ -291,6 +291,9 @@ def test_a_label_on_two_devices_is_taken_from_neither(tmp_path: Path, loops: Loo
     loops.detach(device)
     clone = tmp_path / "clone.img"
     shutil.copy(image, clone)
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(bytes(32 * MIB))
+    loops.attach(blank, device)  # another disk under the old name: san looks for its label elsewhere
     loops.attach(image)
     loops.attach(clone)
 
@@ -298,5 +301,5 @@ def test_a_label_on_two_devices_is_taken_from_neither(tmp_path: Path, loops: Loo
         pool = s.controller.pool("dev")
         assert "all carry its label" in s.controller.offline.get(pool.id, ""), s.controller.offline
 
-    # The original and its clone both attached, one of them under its old name: the label is on two devices.
+    # The original and its clone are both attached elsewhere: the label is on two devices.
     run(data, twice)

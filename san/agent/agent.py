@@ -9,7 +9,7 @@ import errno
 import itertools
 import logging
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from san._fastmap import INVALID, ZERO, MapFault, MapTable
 from san.agent._blockio import AGAIN, DONE, FAULT, read_blocks, write_blocks
@@ -69,7 +69,10 @@ class Agent:
         dropped only after what was mapped from its grant is reported (before, and after the I/O drained)."""
         dropped = self.volumes.get(command.vdisk) if command.op is Op.DELETE_TABLE else None
         if dropped is not None:
-            await self._report_quietly(command.vdisk, dropped)
+            try:
+                await self._report(command.vdisk, dropped)
+            except AgentIOError as exc:
+                return Response(Action.FAIL, reason=exc.reason, message=f"could not report before dropping the table: {exc}")
         try:
             response, volume = self._apply(command)
         except (ValueError, KeyError, ContainerError) as exc:
@@ -105,6 +108,11 @@ class Agent:
             self.containers.detach(command.container)
             return Response(), None
         if op is Op.CREATE_TABLE:
+            current = self.volumes.get(command.vdisk)
+            if current is not None and (current.table.nsegments, current.table.segment_blocks, current.table.block_size,
+                                        current.nblocks) == (command.nsegments, command.segment_blocks,
+                                                             command.block_size, command.nblocks):  # fmt: skip
+                return Response(), None  # already here (a delete that failed exports again): keep what it holds
             table = MapTable(command.nsegments, command.segment_blocks, command.block_size)
             self.volumes[command.vdisk] = Volume(table, command.nblocks)
             return Response(), None
@@ -311,7 +319,7 @@ class Agent:
                     self._map_from_grant(volume, fault.segment)
                     return pos
                 await self._report(vdisk, volume)
-        response = await self._ask(Fault(vdisk, fault.segment, fault.state, write, zero_data))
+        response = await self._ask(Fault(vdisk, fault.segment, fault.state, write, zero_data, next(self.requests)))
         volume.grant.extend(response.grant)
         if response.action is Action.COMPLETE:
             return seg_end
@@ -371,7 +379,7 @@ class Agent:
                 return
             entries = tuple(volume.unreported)
             try:
-                await self._ask(Allocated(vdisk, entries))
+                await self._ask(Allocated(vdisk, entries, next(self.requests)))
             except AgentIOError as exc:
                 if exc.reason is not Reason.BAD_COMMAND:
                     raise  # a store error: kept, and sent again
@@ -379,15 +387,16 @@ class Agent:
                 # every later flush too. Dropped, loudly; this flush fails.
                 log.error("the controller refused vdisk %d's report of %d mappings (dropped): %s", vdisk, len(entries), exc)
                 del volume.unreported[: len(entries)]
+                for vseg, _, _ in entries:  # never write there again: fault, and take the controller's word for it
+                    volume.table.set_entries(vseg, [(0, 0, INVALID)])
                 raise
             del volume.unreported[: len(entries)]
 
     async def _ask(self, message: Fault | Allocated | Release | Flush) -> Response:
-        """Send a message with a new request id; its answer, or AgentIOError when it failed."""
-        request = next(self.requests)
-        response = await self.link.send(replace(message, request=request))
-        if response.request not in (0, request):
-            raise AgentIOError(Reason.IO_ERROR, f"the controller answered request {response.request}, not {request}")
+        """Send a message (made with a new request id); its answer, or AgentIOError when it failed."""
+        response = await self.link.send(message)
+        if response.request not in (0, message.request):
+            raise AgentIOError(Reason.IO_ERROR, f"the controller answered request {response.request}, not {message.request}")
         if response.action is Action.FAIL:
             raise AgentIOError(response.reason, response.message)
         return response
@@ -416,7 +425,7 @@ class Agent:
                 table.set_entries(start, [(0, 0, ZERO)] * count)
                 await _drained(table)
                 await self._report(vdisk, volume)  # mappings made from the grant meanwhile: recorded, then released
-                await self._ask(Release(vdisk, start, count))
+                await self._ask(Release(vdisk, start, count, next(self.requests)))
             finally:
                 volume.releasing.remove(entry)
                 released.set()
@@ -439,7 +448,7 @@ class Agent:
         while segment < last:
             _, _, state, alternate = table.get_entries(segment, 1)[0]
             if state & INVALID:
-                response = await self._ask(Fault(vdisk, segment, state, False))
+                response = await self._ask(Fault(vdisk, segment, state, False, request=next(self.requests)))
                 table.fill_invalid(response.start, response.entries)
                 continue
             mapped = not state & ZERO or alternate is not None
@@ -465,7 +474,7 @@ class Agent:
     async def _commit(self) -> None:
         self.allocations_since_flush = 0
         await self._report_all()
-        await self._ask(Flush())
+        await self._ask(Flush(next(self.requests)))
 
 
 async def _drained(table: MapTable) -> None:

@@ -13,6 +13,7 @@ import os
 import secrets
 import socket
 import stat
+import sys
 from urllib.parse import urlsplit
 
 from san.api.asgi import ASGIApp, Receive, Scope, Send, answer
@@ -58,39 +59,51 @@ def token_path_for_url(url: str) -> str | None:
 def published_names(host: str) -> list[str]:
     """The hosts a server bound to host publishes its token under: the host, and for a wildcard the loopback
     address a local client uses to reach it."""
-    return {"0.0.0.0": ["0.0.0.0", "127.0.0.1"], "::": ["::", "::1"]}.get(host, [host])
+    names = {"0.0.0.0": ["0.0.0.0", "127.0.0.1"], "::": ["::", "::1", "127.0.0.1"]}.get(host, [host])
+    local = {"127.0.0.1", "::1", "0.0.0.0", "::"}
+    return [*names, "localhost"] if host in local else names
 
 
-def listener_uid(address: str, port: int) -> int | None:
-    """The uid owning the TCP socket that accepts connections to address:port on this machine (an exact bind wins
-    over a wildcard one), from /proc/net/tcp and tcp6; None when there is none."""
+def listener_uids(address: str, port: int) -> set[int]:
+    """The uids owning the TCP sockets that may accept connections to address:port on this machine, from
+    /proc/net/tcp and tcp6 (sockets bound to the address itself, else the wildcard ones; an IPv4 address is also
+    reached by a dual-stack [::] socket or one bound to its ::ffff: form); empty when there is none."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        return None
-    table = "/proc/net/tcp6" if ip.version == 6 else "/proc/net/tcp"
-    exact: int | None = None
-    wildcard: int | None = None
-    try:
-        with open(table) as f:
-            lines = f.read().splitlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 8 or fields[3] != "0A":  # LISTEN
+        return set()
+    forms: set[ipaddress.IPv4Address | ipaddress.IPv6Address] = {ip}
+    if isinstance(ip, ipaddress.IPv4Address):
+        forms.add(ipaddress.IPv6Address(f"::ffff:{ip}"))
+    exact: set[int] = set()
+    wildcard: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
             continue
-        local, _, hex_port = fields[1].partition(":")
-        if int(hex_port, 16) != port:
-            continue
-        raw = bytes.fromhex(local)
-        words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-        bound = ipaddress.ip_address(words)
-        if bound == ip:
-            exact = int(fields[7])
-        elif bound.is_unspecified:
-            wildcard = int(fields[7])
-    return exact if exact is not None else wildcard
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 8 or fields[3] != "0A":  # LISTEN
+                continue
+            local, _, hex_port = fields[1].partition(":")
+            if int(hex_port, 16) != port:
+                continue
+            bound = _proc_address(local)
+            if bound in forms:
+                exact.add(int(fields[7]))
+            elif bound.is_unspecified and (bound.version == ip.version or table.endswith("6")):
+                wildcard.add(int(fields[7]))
+    return exact or wildcard
+
+
+def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp* prints it: 32-bit words in the machine's byte order."""
+    raw = bytes.fromhex(text)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(raw)
 
 
 def is_loopback(host: str) -> bool:
@@ -125,7 +138,7 @@ def load_token(data_dir: str, token_file: str | None = None) -> str:
             os.fsync(f.fileno())
         return token
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (os.O_NOFOLLOW if token_file is None else 0))
     except OSError as exc:
         raise AuthSetupError(f"cannot read the API token {path}: {exc.strerror}") from None
     with os.fdopen(fd) as f:
@@ -174,11 +187,11 @@ def unpublish(paths: list[str], token: str) -> None:
             pass
 
 
-def read_client_token(path: str) -> tuple[str, int] | None:
+def read_client_token(path: str, follow: bool = False) -> tuple[str, int] | None:
     """A token for the CLI from a file, and the uid that owns the file (None when it cannot be read, as for a user
-    who is not root)."""
+    who is not root). A published file is never a link; one the user names may be (a mounted secret)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     except OSError:
         return None
     with os.fdopen(fd) as f:

@@ -15,7 +15,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
-from san.api.auth import listener_uid, read_client_token, token_path_for_url
+from san.api.auth import listener_uids, read_client_token, token_path_for_url
 
 DEFAULT_API = "http://127.0.0.1:8080"
 
@@ -49,7 +49,7 @@ class Client:
 
     def _token(self, token_file: str | None) -> str | None:
         path = token_file if token_file is not None else token_path_for_url(self.base)
-        found = read_client_token(path) if path is not None else None
+        found = read_client_token(path, follow=token_file is not None) if path is not None else None
         if found is None:
             if token_file is not None:
                 raise ApiError(f"cannot read the API token file {token_file}")
@@ -59,8 +59,8 @@ class Client:
         return token
 
     def _check_listener(self, owner: int) -> None:
-        """On this machine, the port the token goes to must be held by the user who owns the token file: after a
-        crash another user could listen there to collect it."""
+        """On this machine, the port the token goes to must be held by root or by the user who owns the token file:
+        after a crash another user could listen there to collect it."""
         parts = urlsplit(self.base)
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -70,10 +70,10 @@ class Client:
         for address in addresses:
             if not ipaddress.ip_address(str(address).split("%")[0]).is_loopback:
                 continue
-            uid = listener_uid(str(address), port)
-            if uid is not None and uid != owner:
+            strangers = listener_uids(str(address), port) - {owner, 0}
+            if strangers:
                 raise ApiError(
-                    f"{address}:{port} is held by uid {uid}, not by the san server (uid {owner}): not sending it the token"
+                    f"{address}:{port} is held by uid {min(strangers)}, not by the san server: not sending it the token"
                 )
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

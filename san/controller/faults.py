@@ -5,7 +5,6 @@ What to allocate and when lives here; the mappings go through the metadata objec
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
@@ -49,7 +48,7 @@ class FaultPolicy:
         except OSError as exc:
             log.error("cannot answer %s: %s", type(message).__name__, exc)
             response = Response(Action.FAIL, reason=Reason.IO_ERROR, message=str(exc))
-        return replace(response, request=message.request) if message.request else response
+        return response.answering(message.request) if message.request else response
 
     def _ready(self, vdisk_id: int) -> VDisk | None:
         vdisk = self.controller.vdisks.get(vdisk_id)

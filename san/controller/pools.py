@@ -114,7 +114,11 @@ class PoolManager:
         directory = os.path.join(self.data_dir, POOLS_DIR)
         if not os.path.isdir(directory):
             return
-        open_files = {(st.st_dev, st.st_ino) for st in (os.fstat(fd) for fd in self.controller.containers.fds.values())}
+        known = {identity(fd) for fd in self.controller.containers.fds.values()}
+        for container in self.controller.store.containers():
+            with contextlib.suppress(OSError):
+                st = os.stat(self.resolve(container.path))
+                known.add((st.st_dev, st.st_ino))
         for name in sorted(os.listdir(directory)):
             path = os.path.join(directory, name)
             try:
@@ -123,26 +127,27 @@ class PoolManager:
                 continue
             try:
                 st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in open_files:
+                if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in known:
                     continue
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # someone holds it
-                try:
                     label = read_label(fd)
                 except (OSError, LabelError):
-                    label = None
+                    continue  # held by someone, or unreadable: not ours to judge
+                ours = label is not None and label.store_id == self.controller.store.store_id
+                if ours and label is not None and label.container_id not in known_ids:
+                    why = f"its pool {label.pool_name!r} was being created when san stopped"
+                elif label is None and st.st_blocks == 0:
+                    why = "an empty pool file left when san stopped while creating it"  # never labelled nor written
+                else:
+                    log.warning("%s is not a container of this store; left alone", path)
+                    continue
+                unlink_nofollow(path, (st.st_dev, st.st_ino))  # this very file, while its lock is held
+                log.info("removed %s: %s", path, why)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", path, exc)
             finally:
                 os.close(fd)
-            if label is not None and label.store_id == self.controller.store.store_id and label.container_id not in known_ids:
-                os.unlink(path)
-                log.info("removed %s: its pool %r was being created when san stopped", path, label.pool_name)
-            elif label is None and os.stat(path).st_blocks == 0:
-                os.unlink(path)  # created, not yet labelled, never written: it holds nothing
-                log.info("removed %s: an empty pool file left when san stopped while creating it", path)
-            else:
-                log.warning("%s is not a container of this store; left alone", path)
 
     def _open(self, container: Container) -> str | None:
         """Claim a container and check its label (finding a block device by label when its path moved); take it
@@ -157,12 +162,11 @@ class PoolManager:
             problem = str(exc)
         except (OSError, LabelError) as exc:
             problem = f"cannot read its label: {exc}"
-        carriers = find_labeled_devices(container.uuid, c.store.store_id) if container.kind == "device" and container.uuid else []
-        if len(carriers) > 1:
-            c.containers.detach(container.id)
-            return f"{' and '.join(carriers)} all carry its label (a clone or a snapshot?): san takes none of them"
         if problem is not None and container.kind == "device" and container.uuid:
             c.containers.detach(container.id)
+            carriers = find_labeled_devices(container.uuid, c.store.store_id)
+            if len(carriers) > 1:
+                return f"{problem}; {' and '.join(carriers)} all carry its label (a clone or a snapshot?): san takes none"
             found = carriers[0] if carriers else None
             if found is None or found == path:
                 return f"{problem}; no other block device carries its label"

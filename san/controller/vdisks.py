@@ -221,9 +221,11 @@ class VDiskManager:
                 raise Conflict(f"vdisk {name!r} is {vdisk.state}")
             c.zoning.check_unzoned(vdisk)
             vdisk.state = "deleting"  # faults fail from now on, and zoning refuses it
+            dropped = False
             try:
                 c.changed("deleted", vdisk)
                 await c.agents.broadcast(Command(Op.DELETE_TABLE, vdisk=vdisk.id, blocking=True))
+                dropped = True
 
                 def change(store: SQLiteStore) -> list[Segment]:
                     freed = store.remove_mappings(vdisk.id, 0, vdisk.nsegments(pool.segment_size))
@@ -233,8 +235,8 @@ class VDiskManager:
                 freed = c.metadata.commit(change)
             except BaseException:
                 vdisk.state = "ready"
-                # The agents dropped their tables and grants (having reported what they mapped): grants go back.
-                c.allocators[pool.id].release(c.policy.return_grant(vdisk))
+                if dropped:  # every agent reported what it mapped, then dropped its table and grant: it goes back
+                    c.allocators[pool.id].release(c.policy.return_grant(vdisk))
                 await c.export(vdisk)
                 raise
             assert freed is not None

@@ -1,9 +1,9 @@
 """Backoff for failed CHAP logins, per initiator name and per source address (sans-I/O: the clock is injected).
 
 After a few failures, the next secret is checked only once a delay has passed, doubling up to a minute; a login
-that arrives sooner is refused unchecked, so guessing a secret takes hours instead of seconds. A name's own room is
-kept per address, so that nobody locks a host out by failing under its name from elsewhere; a name failing from
-many addresses at once (a distributed guess) is held back by its own, larger, count."""
+that arrives sooner is refused unchecked, so guessing a secret takes hours instead of seconds. A name's room is
+kept per address, so that nobody locks a host out by failing under its name from elsewhere (a guess spread over
+many addresses is slowed by each address's own count and by the connection limits, not by the name's)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# An address may carry several hosts (NAT); a name from many addresses is a distributed guess or a lockout attempt.
-FREE_FAILURES = {"iqn@address": 3, "address": 10, "iqn": 30}
+# An address may carry several hosts (NAT): it is given more room than one name at it.
+FREE_FAILURES = {"iqn@address": 3, "address": 10}
 FIRST_DELAY = 1.0
 MAX_DELAY = 60.0
 FORGET_AFTER = 600.0
@@ -28,15 +28,15 @@ class _Record:
 
 
 class LoginGuard:
-    """Counts failed logins by name at address, by address and by name; wait() says how long until the next one
-    from that name at that address is checked."""
+    """Counts failed logins by name at address and by address; wait() says how long until the next one from that
+    name at that address is checked."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.records: OrderedDict[tuple[str, str], _Record] = OrderedDict()
 
     def _keys(self, initiator: str, peer: str) -> list[tuple[str, str]]:
-        return [("iqn@address", f"{initiator}@{peer}"), ("address", peer), ("iqn", initiator)]
+        return [("iqn@address", f"{initiator}@{peer}"), ("address", peer)]
 
     def wait(self, initiator: str, peer: str) -> float:
         """Seconds until a login of this initiator from this address may be checked (0: now)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import socket
 import time
@@ -34,19 +33,6 @@ ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 1.0
 STARVED_QUIET = 5.0
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def source(address: str) -> str:
-    """Whom a connection counts against: its IPv4 address, or the /64 of its IPv6 address (one host's share)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 @dataclass(frozen=True)
@@ -240,7 +226,7 @@ class IscsiServer:
                 else:
                     log.warning("accepting an iSCSI connection failed: %s", exc)
                 return
-            peer = source(str(address[0]))
+            peer = str(address[0])
             if sum(self.open.values()) >= self.limits.total or self.open[peer] >= self.limits.per_address:
                 conn.close()
                 if self.refusals.ready(peer):

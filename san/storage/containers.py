@@ -193,7 +193,22 @@ def find_labeled_devices(container_uuid: str, store_id: str) -> list[str]:
             os.close(fd)
         if label is not None and label.container_uuid == container_uuid and label.store_id == store_id:
             found.append(path)
-    return found
+    return _outermost(found)
+
+
+def _outermost(devices: list[str]) -> list[str]:
+    """Of devices showing the same bytes, those no other one of them is built on: a multipath map over its paths,
+    an md mirror over its disks show the label on each; only the device on top is the container."""
+    names = {os.path.basename(d) for d in devices}
+
+    def held(device: str) -> bool:
+        try:
+            holders = os.listdir(os.path.join("/sys/class/block", os.path.basename(device), "holders"))
+        except OSError:
+            return False
+        return any(holder in names for holder in holders)
+
+    return [d for d in devices if not held(d)]
 
 
 MAX_CONTAINER_ID = 0xFFFF
