@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -303,3 +304,57 @@ def test_a_label_on_two_devices_is_taken_from_neither(tmp_path: Path, loops: Loo
 
     # The original and its clone are both attached elsewhere: the label is on two devices.
     run(data, twice)
+
+
+def _version2_store(data: Path, first_pseg: int) -> Path:
+    """A data directory as san made it before labels (schema 2): one pool file, one vdisk with one mapped segment
+    at physical segment first_pseg, holding 'old data'."""
+    from san.store.sqlite import SCHEMA, SCHEMA_V2
+
+    (data / "pools").mkdir(parents=True, mode=0o700)
+    image = data / "pools" / "old.img"
+    with open(image, "wb") as f:
+        f.truncate(16 * MIB)
+        f.seek(first_pseg * MIB)
+        f.write(block("old data"))
+    db = sqlite3.connect(data / "san.db", isolation_level=None)
+    for statement in SCHEMA + SCHEMA_V2:
+        db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.execute("INSERT INTO pool VALUES (1, 'old', ?, 80, 4)", (MIB,))
+    db.execute("INSERT INTO container VALUES (1, 1, ?, 'file', ?, 16, 1)", (str(image), 16 * MIB))
+    db.execute("INSERT INTO vdisk VALUES (1, 'v', 1, ?, 512, 1, 'abcdef0123456789', 'ready')", (8 * MIB,))
+    db.execute("INSERT INTO mapping VALUES (1, 0, 1, ?, 0)", (first_pseg,))
+    db.execute("INSERT INTO segment VALUES (1, ?, 1)", (first_pseg,))
+    db.close()
+    return image
+
+
+def test_a_store_from_before_labels_is_labelled(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    image = _version2_store(data, 3)
+
+    async def upgraded(s: Service) -> None:
+        c = s.controller
+        assert c.offline == {}
+        (container,) = c.pool_containers(c.pool("old"))
+        assert container.uuid and container.epoch and container.path == "pools/old.img"
+        assert bytes(await s.agent.read(c.vdisk("v").id, 0, 1)) == block("old data")
+        assert c.usage(c.pool("old")).capacity_bytes == 15 * MIB, "its first segment holds the label now"
+
+    run(data, upgraded)
+    assert image.read_bytes()[:8] == b"SANLABEL"
+    assert check_store(str(data / "san.db"))[0] == []
+
+
+def test_a_store_from_before_labels_whose_first_segment_holds_data_stays_offline(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    image = _version2_store(data, 0)
+    before = sha(image)
+
+    async def refused(s: Service) -> None:
+        c = s.controller
+        assert "its first segment holds data" in c.offline.get(c.pool("old").id, ""), c.offline
+
+    run(data, refused)
+    assert sha(image) == before, "nothing was written into it"

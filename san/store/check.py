@@ -76,9 +76,11 @@ def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
         return [problem], []
     problems: list[str] = []
     pools = {row[0]: (row[1], row[2]) for row in db.execute("SELECT id, name, segment_size FROM pool")}
+    labelled = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) >= 3
+    uuid = "uuid" if labelled else "''"
     containers = {
-        row[0]: {"pool": row[1], "path": row[2], "size": row[3], "nsegments": row[4]}
-        for row in db.execute("SELECT id, pool_id, path, size_bytes, nsegments FROM container")
+        row[0]: {"pool": row[1], "path": row[2], "size": row[3], "nsegments": row[4], "label": LABEL_SEGMENTS if row[5] else 0}
+        for row in db.execute(f"SELECT id, pool_id, path, size_bytes, nsegments, {uuid} FROM container")
     }
     vdisks = {
         row[0]: {"name": row[1], "pool": row[2], "size": row[3], "thin": bool(row[4]), "state": row[5]}
@@ -115,7 +117,7 @@ def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
                 f"vdisk {vdisk['name']} segment {vseg} points outside container {cid}"
                 f" (segment {pseg} of {container['nsegments']})"
             )
-        elif pseg < LABEL_SEGMENTS:
+        elif pseg < container["label"]:
             problems.append(f"vdisk {vdisk['name']} segment {vseg} points at the label of container {cid}")
         references[(cid, pseg)] += 1
         owners[(cid, pseg)].add(vdisk_id)
@@ -138,7 +140,7 @@ def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
 
     summary: list[str] = []
     for pool_id, (name, _) in sorted(pools.items()):
-        capacity = sum(max(c["nsegments"] - LABEL_SEGMENTS, 0) for c in containers.values() if c["pool"] == pool_id)
+        capacity = sum(max(c["nsegments"] - c["label"], 0) for c in containers.values() if c["pool"] == pool_id)
         used = sum(1 for (cid, _) in counted if containers.get(cid, {}).get("pool") == pool_id)
         free = capacity - used
         if free < 0:
