@@ -235,7 +235,7 @@ class Service:
         while True:
             await asyncio.sleep(self.commit_interval)
             try:
-                self.controller.maintain()
+                await self.controller.flush()
             except StoreFailure:
                 pass  # the metadata object logged it; its changes stay pending for the next commit
             except Exception:

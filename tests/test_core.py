@@ -403,9 +403,9 @@ def test_allocated_reports_outside_the_grant_are_refused(tmp_path: Path) -> None
             ((0, container, pseg),),  # a vdisk segment already mapped
             ((32, container, pseg),),  # past the end of the vdisk
         ):
-            response = c.handle(Allocated(v.id, entries))
+            response = await c.handle(Allocated(v.id, entries))
             assert response.action is Action.FAIL and response.reason is Reason.BAD_COMMAND, entries
-        assert c.handle(Allocated(999, ((1, container, pseg),))).reason is Reason.NO_VDISK
+        assert (await c.handle(Allocated(999, ((1, container, pseg),)))).reason is Reason.NO_VDISK
         assert [m.vseg for m in c.mappings(v.id, 0, 32)] == [0], "a refused report changes nothing"
         assert (container, pseg) in c.policy.grants[v.id]
 

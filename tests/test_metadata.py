@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -99,6 +100,98 @@ def test_a_mapping_removed_before_its_commit_is_freed_after_the_next(metadata: t
     assert freed == [] and meta.find(1, 0, 64) == []
     meta.commit()
     assert freed == [(1, 20)] and meta.store.count_mappings(1) == 0
+
+
+class Gate:
+    """Holds the store's COMMIT (the fsync) in the metadata thread until opened: a slow disk, at the one call that
+    waits for it. With error, the commit fails once opened."""
+
+    def __init__(self, meta: Metadata, error: Exception | None = None) -> None:
+        self.store = meta.store
+        self.real = meta.store.commit
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        self.error = error
+        self.thread = ""
+        meta.store.commit = self.commit  # type: ignore[method-assign]
+
+    def commit(self) -> None:
+        self.thread = threading.current_thread().name
+        self.entered.set()
+        self.opened.wait(10)
+        self.store.commit = self.real  # type: ignore[method-assign]
+        if self.error is not None:
+            raise self.error
+        self.real()
+
+    async def wait(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 10), "the commit never started"
+
+
+def test_a_flush_commits_in_a_thread_while_the_loop_goes_on(metadata: tuple[Metadata, list[tuple[int, int]]]) -> None:
+    meta, freed = metadata
+
+    async def body() -> None:
+        meta.insert(1, [Mapping(0, 1, 10, 0), Mapping(1, 1, 11, 0)])
+        gate = Gate(meta)
+        flushing = asyncio.ensure_future(meta.flush())
+        await gate.wait()
+        assert gate.thread.startswith("metadata"), "the commit runs in the metadata thread, not on the loop"
+        # The loop serves on while the commit waits for its fsync: the mappings in flight are seen, new changes made.
+        assert [m.pseg for m in meta.find(1, 0, 64)] == [10, 11] and meta.count(1) == 2
+        assert meta.store.count_mappings(1) == 0, "a read on the loop sees the last commit, without waiting"
+        meta.remove(1, 1, 2)
+        meta.insert(1, [Mapping(2, 1, 12, 0)])
+        assert [m.vseg for m in meta.find(1, 0, 64)] == [0, 2] and meta.count(1) == 2
+        assert not flushing.done()
+        gate.opened.set()
+        await flushing
+        assert [m.vseg for m in meta.store.mappings(1, 0, 64)] == [0, 1] and meta.pending == 2 and freed == []
+        await meta.flush()
+        assert [m.vseg for m in meta.store.mappings(1, 0, 64)] == [0, 2] and freed == [(1, 11)]
+
+    asyncio.run(body())
+
+
+def test_a_failed_flush_keeps_its_changes_under_the_later_ones(metadata: tuple[Metadata, list[tuple[int, int]]]) -> None:
+    meta, freed = metadata
+
+    async def body() -> None:
+        meta.insert(1, [Mapping(0, 1, 10, 0), Mapping(1, 1, 11, 0)])
+        gate = Gate(meta, sqlite3.OperationalError("disk I/O error"))
+        flushing = asyncio.ensure_future(meta.flush())
+        await gate.wait()
+        meta.remove(1, 1, 2)  # a mapping in flight, unmapped meanwhile: it never reaches the store
+        meta.insert(1, [Mapping(2, 1, 12, 0)])
+        gate.opened.set()
+        with pytest.raises(StoreFailure):
+            await flushing
+        assert meta.store.count_mappings(1) == 0 and meta.failures == 1
+        assert [m.vseg for m in meta.find(1, 0, 64)] == [0, 2], "the view is what the agents did, in order"
+        assert freed == [], "nothing is free before a commit"
+        await meta.flush()
+        assert [(m.vseg, m.pseg) for m in meta.store.mappings(1, 0, 64)] == [(0, 10), (2, 12)]
+        assert freed == [(1, 11)], "the segment mapped in flight and unmapped meanwhile goes back once"
+
+    asyncio.run(body())
+
+
+def test_a_management_commit_lands_the_flush_in_flight_first(metadata: tuple[Metadata, list[tuple[int, int]]]) -> None:
+    meta, _ = metadata
+
+    async def body() -> None:
+        meta.insert(1, [Mapping(0, 1, 10, 0)])
+        gate = Gate(meta)
+        flushing = asyncio.ensure_future(meta.flush())
+        await gate.wait()
+        meta.insert(1, [Mapping(4, 1, 14, 0)])
+        threading.Timer(0.2, gate.opened.set).start()
+        meta.commit(lambda store: store.add_host("h", "iqn.2024-01.org.example:h", ("", "", "", "")))
+        assert [m.vseg for m in meta.store.mappings(1, 0, 64)] == [0, 4] and [h.name for h in meta.store.hosts()] == ["h"]
+        await flushing
+        assert meta.pending == 0 and meta.flight is None
+
+    asyncio.run(body())
 
 
 def test_the_store_refuses_writes_outside_the_transaction(metadata: tuple[Metadata, list[tuple[int, int]]]) -> None:

@@ -75,6 +75,7 @@ class Controller:
         self.pool_manager.load()
 
     def close(self) -> None:
+        self.metadata.close()
         try:
             self.commit()
         except StoreFailure as exc:
@@ -190,10 +191,10 @@ class Controller:
 
     # -- answers to agents (faults.py) ---------------------------------------------------------------------
 
-    def handle(self, message: AgentMessage) -> Response:
+    async def handle(self, message: AgentMessage) -> Response:
         """Answer an agent: a Flush commits metadata, Allocated records mappings, Release unmaps segments, a Fault
         gets entries or failure."""
-        return self.policy.handle(message)
+        return await self.policy.handle(message)
 
     def store_reason(self, exc: StoreFailure) -> Reason:
         """Why a metadata failure fails I/O: no space when the metadata's file system is full."""
@@ -204,13 +205,13 @@ class Controller:
     # -- metadata ------------------------------------------------------------------------------------------
 
     def commit(self) -> None:
-        """Make every mapping change so far durable, atomically (a metadata commit, like dm-thin's). On failure the
-        changes stay pending for the next commit and StoreFailure is raised."""
+        """Make every mapping change so far durable, atomically (a metadata commit, like dm-thin's), on this thread.
+        On failure the changes stay pending for the next commit and StoreFailure is raised."""
         self.metadata.commit()
 
-    def maintain(self) -> None:
-        """Timer work: commit pending metadata."""
-        self.commit()
+    async def flush(self) -> None:
+        """commit(), in the metadata thread and shared with every flush that asks meanwhile (group commit)."""
+        await self.metadata.flush()
 
     def _freed(self, segments: list[Segment]) -> None:
         """A commit made these segments' release durable: they are free again."""

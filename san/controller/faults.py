@@ -4,6 +4,7 @@ What to allocate and when lives here; the mappings go through the metadata objec
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -32,16 +33,18 @@ class FaultPolicy:
         self.grant_segments = grant_segments
         self.grants: dict[int, dict[Segment, None]] = {}
 
-    def handle(self, message: AgentMessage) -> Response:
+    async def handle(self, message: AgentMessage) -> Response:
         try:
             if isinstance(message, Flush):
-                self.controller.commit()
+                await self.controller.flush()
                 response = Response()
             elif isinstance(message, Allocated):
                 response = self.record_allocated(message)
             elif isinstance(message, Release):
                 response = self.release(message)
             else:
+                if message.write:
+                    await self._stock(message.vdisk)
                 response = self.handle_fault(message)
         except StoreFailure as exc:
             response = Response(Action.FAIL, reason=self.controller.store_reason(exc), message=str(exc))
@@ -175,11 +178,6 @@ class FaultPolicy:
             after = mapped[vseg + 1]
             hint = (after.container_id, after.pseg - 1)
         allocator = controller.allocators[pool.id]
-        if not allocator.reserve:
-            self._refill(pool, count)
-            if allocator.reserve:
-                ceiling = max(min(MAX_RESERVE_BYTES // pool.segment_size, allocator.capacity // 8), 1)
-                allocator.reserve_target = min(allocator.reserve_target * 2, ceiling)
         taken = allocator.take(count, hint)
         if len(allocator.reserve) < allocator.reserve_target // 2:
             controller.low_reserve(pool.id)
@@ -191,14 +189,23 @@ class FaultPolicy:
         controller.check_threshold(pool.id)
         return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken), grant=grant)
 
-    def _refill(self, pool: Pool, target: int) -> None:
-        """Top up the reserve in line (the slow path: only when it ran dry before a background refill)."""
+    async def _stock(self, vdisk_id: int) -> None:
+        """Before a write fault: if its pool's reserve ran dry (faster than the background refill), zero a few
+        segments now, in a thread, and let the reserve grow (up to an eighth of the pool or 8 GiB)."""
         controller = self.controller
-        allocator = controller.allocators[pool.id]
-        runs = allocator.plan_reserve(target)
+        vdisk = self._ready(vdisk_id)
+        allocator = controller.allocators.get(vdisk.pool_id) if vdisk is not None else None
+        if vdisk is None or allocator is None or allocator.reserve:
+            return
+        pool = controller.pools[vdisk.pool_id]
+        runs = allocator.plan_reserve(pool.allocate_ahead + 1)
+        if not runs:
+            return
         try:
-            controller.zero_runs(pool.id, runs)
-        except OSError:
+            await asyncio.to_thread(controller.zero_runs, pool.id, runs)
+        except BaseException:
             allocator.cancel_reserve(runs)
             raise
         allocator.add_reserve(runs)
+        ceiling = max(min(MAX_RESERVE_BYTES // pool.segment_size, allocator.capacity // 8), 1)
+        allocator.reserve_target = min(allocator.reserve_target * 2, ceiling)

@@ -22,7 +22,7 @@ class AgentLink(Protocol):
 
 
 class FaultHandler(Protocol):
-    def handle(self, message: Fault | Allocated | Release | Flush) -> Response: ...
+    async def handle(self, message: Fault | Allocated | Release | Flush) -> Response: ...
 
 
 class CommandHandler(Protocol):
@@ -36,7 +36,7 @@ class LocalControllerLink:
         self.controller = controller
 
     async def send(self, message: Fault | Allocated | Release | Flush) -> Response:
-        return self.controller.handle(message)
+        return await self.controller.handle(message)
 
 
 class LocalAgentLink:

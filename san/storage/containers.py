@@ -288,11 +288,21 @@ class ContainerSet:
 
     def flush(self, container_ids: Iterable[int] | None = None) -> None:
         """fdatasync the named containers, or, with none named, those written or zeroed since their last flush."""
+        taken = self.take_dirty(container_ids)
+        try:
+            self.sync(taken)
+        except OSError:
+            self.dirty.update(container_id for container_id, _ in taken)
+            raise
+
+    def take_dirty(self, container_ids: Iterable[int] | None = None) -> list[tuple[int, int]]:
+        """(container id, fd) of the named containers, or of those written since their last flush, which count as
+        clean from now on: sync() them (in any thread), and mark them dirty again if that fails."""
         targets = set(self.dirty) if container_ids is None else set(container_ids)
-        for container_id in sorted(targets):
-            self.dirty.discard(container_id)
-            try:
-                os.fdatasync(self.fd(container_id))
-            except OSError:
-                self.dirty.add(container_id)
-                raise
+        self.dirty.difference_update(targets)
+        return [(container_id, self.fd(container_id)) for container_id in sorted(targets)]
+
+    @staticmethod
+    def sync(taken: list[tuple[int, int]]) -> None:
+        for _, fd in taken:
+            os.fdatasync(fd)

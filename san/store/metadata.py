@@ -1,45 +1,68 @@
 """The one owner of the metadata transaction, after dm-thin-metadata: find/insert/remove mappings, commit, abort.
 
-Agents' mapping changes wait in memory until a commit writes them with any management change, all or nothing; the
-segments they free and every other after-commit action run only once that commit is durable."""
+Agents' mapping changes wait in memory until a commit writes them (in a worker thread, grouped for every flush that
+asks meanwhile) or a management change commits with them; what they free runs only once that commit is durable."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass
 from typing import TypeVar
 
 from san.errors import StoreFailure
+from san.groupcommit import GroupCommit
 from san.store.sqlite import SQLiteStore
 from san.store.store import Mapping, StoreError
 
 log = logging.getLogger("san.metadata")
 T = TypeVar("T")
 Segment = tuple[int, int]
+Changes = dict[int, dict[int, Mapping | None]]  # vdisk -> vseg -> new mapping, None: unmapped
 CHUNK = 1024
 CACHE_CHUNKS = 256
+
+
+@dataclass
+class _Flight:
+    """A commit running in the worker thread: what it writes, and what waits for it to be durable."""
+
+    future: Future[list[Segment]]
+    changed: Changes
+    orphans: list[Segment]
+    actions: list[Callable[[], None]]
+    settled: bool = False
 
 
 class Metadata:
     """The persistent tables as the controller sees them: committed rows plus the changes not yet committed.
 
-    insert() and remove() are the agents' changes: visible to find() at once, durable at the next commit().
-    commit(change) also runs one management change in the same transaction; if anything fails, the transaction is
-    aborted (rolled back), the change is lost and raises, and the agents' changes stay pending for the next commit.
-    Nothing else begins, commits or rolls back a transaction on the store."""
+    insert() and remove() are the agents' changes: visible to find() at once, durable at the next commit or flush.
+    flush() commits them in a worker thread while the event loop goes on (find() then sees the commit in flight
+    under the changes made since); concurrent flushes share one commit. commit(change) runs one management change
+    with them in one transaction on the caller's thread. If anything fails, the transaction is aborted (rolled
+    back), the change is lost and raises, and the agents' changes stay pending for the next commit. Nothing else
+    begins, commits or rolls back a transaction on the store."""
 
     def __init__(self, store: SQLiteStore, on_freed: Callable[[list[Segment]], None]) -> None:
         self.store = store
         self.on_freed = on_freed
-        self.changed: dict[int, dict[int, Mapping | None]] = {}  # vdisk -> vseg -> new mapping, None: unmapped
+        self.changed: Changes = {}
         self.orphans: list[Segment] = []  # uncommitted mappings removed again: free once a commit is durable
         self.actions: list[Callable[[], None]] = []
         self.cache: OrderedDict[tuple[int, int], list[Mapping | None]] = OrderedDict()
         self.counts: dict[int, int] = {}
         self.failures = 0
+        self.commits = 0
+        self.flight: _Flight | None = None
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="metadata")
+        self.flush = GroupCommit(self._flush)
 
     # -- reads ---------------------------------------------------------------------------------------------
 
@@ -56,7 +79,7 @@ class Metadata:
         if vdisk_id not in self.counts:
             with _reading():
                 committed = self.store.count_mappings(vdisk_id)
-                for vseg, mapping in self.changed.get(vdisk_id, {}).items():
+                for vseg, mapping in self._overlay(vdisk_id).items():
                     had = bool(self.store.mappings(vdisk_id, vseg, vseg + 1))
                     committed += (mapping is not None) - had
             self.counts[vdisk_id] = committed
@@ -64,8 +87,14 @@ class Metadata:
 
     @property
     def pending(self) -> int:
-        """Uncommitted mapping changes."""
+        """Uncommitted mapping changes (not counting a commit in flight)."""
         return sum(len(v) for v in self.changed.values())
+
+    def _overlay(self, vdisk_id: int) -> dict[int, Mapping | None]:
+        """A vdisk's changes not yet known committed: the commit in flight's, under the ones made since."""
+        if self.flight is None or vdisk_id not in self.flight.changed:
+            return self.changed.get(vdisk_id, {})
+        return {**self.flight.changed[vdisk_id], **self.changed.get(vdisk_id, {})}
 
     # -- the agents' changes -------------------------------------------------------------------------------
 
@@ -99,10 +128,69 @@ class Metadata:
     def commit(self, change: Callable[[SQLiteStore], T] | None = None) -> T | None:
         """Write the pending changes and change(store) in one transaction and make it durable; then free what it
         freed and run the after-commit actions. On failure, abort: nothing of change stays, the pending changes wait
-        for the next commit, and the error propagates (a store error as StoreFailure)."""
-        changed, orphans, actions = self.changed, self.orphans, self.actions
+        for the next commit, and the error propagates (a store error as StoreFailure). A commit in flight is waited
+        for first (one transaction at a time)."""
+        self._land()
+        changed, orphans, actions = self._take()
         if change is None and not changed and not orphans and not actions:
             return None
+        try:
+            freed, result = self._transaction(changed, change)
+        except StoreFailure as exc:
+            self._restore(changed, orphans, actions, exc)
+            raise
+        except BaseException:
+            self._restore(changed, orphans, actions)
+            raise
+        self._done(freed + orphans, actions)
+        return result
+
+    async def _flush(self) -> None:
+        """One grouped flush: the pending changes committed in the worker thread; the loop serves on meanwhile."""
+        if self.flight is not None:  # a management commit is landing it: wait in the loop, not in a thread
+            await asyncio.wrap_future(self.flight.future)
+        self._land()
+        changed, orphans, actions = self._take()
+        if not changed and not orphans and not actions:
+            return
+        future = self.worker.submit(lambda: self._transaction(changed, None)[0])
+        flight = self.flight = _Flight(future, changed, orphans, actions)
+        try:
+            await asyncio.wrap_future(future)
+        except StoreFailure:
+            self._settle(flight)
+            raise
+        except BaseException:
+            if future.done():
+                self._settle(flight)
+            raise  # cancelled while the commit runs: _land() settles it, whoever needs the store next
+        self._settle(flight)
+
+    def _land(self) -> None:
+        """Wait for a commit in flight (blocking: it is one fsync) and take its outcome."""
+        flight = self.flight
+        if flight is not None:
+            wait_for([flight.future])
+            self._settle(flight)
+
+    def _settle(self, flight: _Flight) -> None:
+        if flight.settled:
+            return
+        flight.settled = True
+        self.flight = None
+        if flight.future.exception() is None:
+            self._done(flight.future.result() + flight.orphans, flight.actions)
+        else:
+            self._restore(flight.changed, flight.orphans, flight.actions, flight.future.exception())
+
+    def _take(self) -> tuple[Changes, list[Segment], list[Callable[[], None]]]:
+        taken = self.changed, self.orphans, self.actions
+        self.changed, self.orphans, self.actions = {}, [], []
+        return taken
+
+    def _transaction(self, changed: Changes, change: Callable[[SQLiteStore], T] | None) -> tuple[list[Segment], T | None]:
+        """begin, write, change, commit (in any one thread); rolled back, and a store error raised as StoreFailure,
+        if anything fails."""
         store = self.store
         freed: list[Segment] = []
         try:
@@ -114,24 +202,48 @@ class Metadata:
             store.commit()
         except (sqlite3.Error, StoreError, OSError) as exc:
             self.abort()
-            self.failures += 1
-            log.error("metadata commit failed (%d uncommitted mapping changes kept for the next one): %s", self.pending, exc)
             raise StoreFailure(f"metadata commit failed: {exc}") from exc
         except BaseException:
             self.abort()
             raise
-        self.changed, self.orphans, self.actions = {}, [], []
-        self.on_freed(freed + orphans)
+        return freed, result
+
+    def _done(self, freed: list[Segment], actions: list[Callable[[], None]]) -> None:
+        self.commits += 1
+        self.on_freed(freed)
         for action in actions:
             action()
-        return result
+
+    def _restore(
+        self, changed: Changes, orphans: list[Segment], actions: list[Callable[[], None]], error: BaseException | None = None
+    ) -> None:
+        """A commit failed: its changes are pending again, under any made since. A mapping it would have made that
+        was replaced meanwhile never reached the store: its segment is an orphan, free after the next commit."""
+        for vdisk_id, entries in changed.items():
+            later = self.changed.setdefault(vdisk_id, {})
+            for vseg, mapping in entries.items():
+                if vseg not in later:
+                    later[vseg] = mapping
+                elif mapping is not None and later[vseg] != mapping:
+                    self.orphans.append((mapping.container_id, mapping.pseg))
+        self.orphans[:0] = orphans
+        self.actions[:0] = actions
+        if isinstance(error, StoreFailure):
+            self.failures += 1
+            log.error("%s (%d uncommitted mapping changes kept for the next one)", error, self.pending)
 
     def abort(self) -> None:
-        """Roll back the open transaction, if any: the store is as the last commit left it."""
+        """Roll back the open transaction, if any (in the thread that opened it): the store is as the last commit
+        left it."""
         try:
             self.store.rollback()
         except sqlite3.Error as exc:
             log.error("metadata rollback failed: %s", exc)
+
+    def close(self) -> None:
+        """Land a commit in flight and stop the worker thread (the caller then commits what is left)."""
+        self._land()
+        self.worker.shutdown()
 
     def reload(self, vdisk_id: int) -> None:
         """A committed change touched this vdisk's mappings: read them from the store again."""
@@ -161,7 +273,7 @@ class Metadata:
             rows = self.store.mappings(vdisk_id, base, base + CHUNK)
         for m in rows:
             chunk[m.vseg - base] = m
-        for vseg, change in self.changed.get(vdisk_id, {}).items():
+        for vseg, change in self._overlay(vdisk_id).items():
             if base <= vseg < base + CHUNK:
                 chunk[vseg - base] = change
         self.cache[key] = chunk

@@ -1,4 +1,4 @@
-"""The embedded store: SQLite in WAL mode, one connection; writes only inside a transaction the metadata object opens.
+"""The embedded store: SQLite in WAL mode; writes only inside a transaction the metadata object opens, reads beside it.
 
 SQL is kept portable (no SQLite-only statements outside open()), for a PostgreSQL store beside it later."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 
@@ -84,7 +85,9 @@ class SQLiteStore:
     """Store on one SQLite file (`san.db` in the data directory), created mode 0600.
 
     begin(), commit() and rollback() belong to the metadata object (san/store/metadata.py); every write method
-    refuses to run outside the transaction it opened."""
+    refuses to run outside the transaction it opened, or in another thread than the one that opened it. Reads inside
+    that thread's transaction see its changes; every other read goes to a second connection that sees the last commit
+    and never waits for one in flight (WAL readers do not block on the writer)."""
 
     def __init__(self, path: str, create: bool = True) -> None:
         exists = os.path.exists(path)
@@ -105,6 +108,7 @@ class SQLiteStore:
             raise StoreError(f"cannot open store {path}: {exc}") from None
         self.path = path
         self.in_transaction = False
+        self.owner = 0  # the thread whose transaction is open
         if "meta" not in tables:
             if tables:
                 raise StoreError(f"{path} is not a san store")
@@ -127,6 +131,12 @@ class SQLiteStore:
             raise StoreError(f"{path} has schema version {version}; this san understands version {SCHEMA_VERSION}")
         self.schema_version = version
         self.store_id: str = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
+        try:
+            self.reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.reader.execute("PRAGMA query_only=ON")
+        except sqlite3.DatabaseError as exc:
+            self.db.close()
+            raise StoreError(f"cannot open store {path}: {exc}") from None
 
     # -- the transaction (metadata.py only) ----------------------------------------------------------------
 
@@ -134,6 +144,7 @@ class SQLiteStore:
         if self.in_transaction:
             raise StoreError("a metadata transaction is already open")
         self.db.execute("BEGIN IMMEDIATE")
+        self.owner = threading.get_ident()  # before the flag: another thread must never see the flag with its own id
         self.in_transaction = True
 
     def commit(self) -> None:
@@ -141,14 +152,18 @@ class SQLiteStore:
             self.db.execute("COMMIT")
         finally:
             self.in_transaction = self.db.in_transaction
+            if not self.in_transaction:
+                self.owner = 0
 
     def rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
         self.in_transaction = False
+        self.owner = 0
 
     def close(self) -> None:
         self.rollback()
+        self.reader.close()
         self.db.close()
 
     def _write(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
@@ -156,8 +171,11 @@ class SQLiteStore:
         return self.db.execute(sql, params)
 
     def _writing(self) -> None:
-        if not self.in_transaction:
+        if not self.in_transaction or self.owner != threading.get_ident():
             raise StoreError("store written outside a metadata transaction")
+
+    def _reads(self) -> sqlite3.Connection:
+        return self.db if self.in_transaction and self.owner == threading.get_ident() else self.reader
 
     # -- pools and containers ------------------------------------------------------------------------------
 
@@ -170,7 +188,7 @@ class SQLiteStore:
         return Pool(cursor.lastrowid, name, segment_size, warn_percent, allocate_ahead)
 
     def pools(self) -> list[Pool]:
-        rows = self.db.execute("SELECT id, name, segment_size, warn_percent, allocate_ahead FROM pool ORDER BY name")
+        rows = self._reads().execute("SELECT id, name, segment_size, warn_percent, allocate_ahead FROM pool ORDER BY name")
         return [Pool(*row) for row in rows]
 
     def delete_pool(self, pool_id: int) -> None:
@@ -199,7 +217,7 @@ class SQLiteStore:
         return Container(**{**container.to_dict(), "id": cursor.lastrowid})
 
     def next_container_id(self) -> int:
-        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM container").fetchone()[0])
+        return int(self._reads().execute("SELECT COALESCE(MAX(id), 0) + 1 FROM container").fetchone()[0])
 
     def update_container(self, container: Container) -> None:
         """Record a container's path, label uuid and epochs."""
@@ -210,9 +228,9 @@ class SQLiteStore:
 
     def containers(self, pool_id: int | None = None) -> list[Container]:
         rows = (
-            self.db.execute(_CONTAINER + " ORDER BY id")
+            self._reads().execute(_CONTAINER + " ORDER BY id")
             if pool_id is None
-            else self.db.execute(_CONTAINER + " WHERE pool_id = ? ORDER BY id", (pool_id,))
+            else self._reads().execute(_CONTAINER + " WHERE pool_id = ? ORDER BY id", (pool_id,))
         )
         return [Container(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), r[7], r[8], r[9]) for r in rows]
 
@@ -228,7 +246,9 @@ class SQLiteStore:
         return VDisk(cursor.lastrowid, name, pool_id, size_bytes, block_size, thin, serial, state)
 
     def vdisks(self) -> list[VDisk]:
-        rows = self.db.execute("SELECT id, name, pool_id, size_bytes, block_size, thin, serial, state FROM vdisk ORDER BY name")
+        rows = self._reads().execute(
+            "SELECT id, name, pool_id, size_bytes, block_size, thin, serial, state FROM vdisk ORDER BY name"
+        )
         return [VDisk(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows]
 
     def update_vdisk(self, vdisk: VDisk) -> None:
@@ -238,7 +258,7 @@ class SQLiteStore:
         self._write("DELETE FROM vdisk WHERE id = ?", (vdisk_id,))
 
     def mappings(self, vdisk_id: int, start: int, stop: int) -> list[Mapping]:
-        rows = self.db.execute(
+        rows = self._reads().execute(
             "SELECT vseg, container_id, pseg, state FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ? ORDER BY vseg",
             (vdisk_id, start, stop),
         )
@@ -248,7 +268,7 @@ class SQLiteStore:
         self._write("UPDATE mapping SET state = ? WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", (state, vdisk_id, start, stop))
 
     def count_mappings(self, vdisk_id: int) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM mapping WHERE vdisk_id = ?", (vdisk_id,)).fetchone()[0])
+        return int(self._reads().execute("SELECT COUNT(*) FROM mapping WHERE vdisk_id = ?", (vdisk_id,)).fetchone()[0])
 
     def add_mappings(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
         """Map unmapped vdisk segments and take a reference on each physical segment."""
@@ -289,14 +309,14 @@ class SQLiteStore:
         return [(c, p) for c, p in freed]
 
     def used_segments(self) -> Iterator[tuple[int, int]]:
-        yield from self.db.execute("SELECT container_id, pseg FROM segment")
+        yield from self._reads().execute("SELECT container_id, pseg FROM segment")
 
     def segment_used(self, container_id: int, pseg: int) -> bool:
-        row = self.db.execute("SELECT 1 FROM segment WHERE container_id = ? AND pseg = ?", (container_id, pseg)).fetchone()
+        row = self._reads().execute("SELECT 1 FROM segment WHERE container_id = ? AND pseg = ?", (container_id, pseg)).fetchone()
         return row is not None
 
     def segment_counts(self) -> dict[int, int]:
-        rows = self.db.execute("SELECT container_id, COUNT(*) FROM segment GROUP BY container_id")
+        rows = self._reads().execute("SELECT container_id, COUNT(*) FROM segment GROUP BY container_id")
         return {container_id: count for container_id, count in rows}
 
     # -- hosts and zones -----------------------------------------------------------------------------------
@@ -310,7 +330,9 @@ class SQLiteStore:
         return Host(cursor.lastrowid, name, iqn, *chap)
 
     def hosts(self) -> list[Host]:
-        rows = self.db.execute("SELECT id, name, iqn, chap_user, chap_secret, mutual_user, mutual_secret FROM host ORDER BY name")
+        rows = self._reads().execute(
+            "SELECT id, name, iqn, chap_user, chap_secret, mutual_user, mutual_secret FROM host ORDER BY name"
+        )
         return [Host(*row) for row in rows]
 
     def delete_host(self, host_id: int) -> None:
@@ -323,7 +345,7 @@ class SQLiteStore:
         )
 
     def zones(self) -> list[Zone]:
-        rows = self.db.execute("SELECT host_id, vdisk_id, lun, read_only FROM zone ORDER BY host_id, lun")
+        rows = self._reads().execute("SELECT host_id, vdisk_id, lun, read_only FROM zone ORDER BY host_id, lun")
         return [Zone(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def delete_zone(self, host_id: int, vdisk_id: int) -> None:

@@ -1,0 +1,160 @@
+"""Group commit and nothing slow on the event loop: concurrent SYNCHRONIZE CACHEs share one data flush and one
+metadata commit, and the loop serves other I/O while an fdatasync or a commit waits for the disk.
+
+The slow disk is the one fault injected: os.fdatasync made to wait (a real fsync here takes microseconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from san.groupcommit import GroupCommit
+from san.service import Service
+
+MIB = 1 << 20
+
+
+class Work:
+    """A step that records when each run began and can be held or made to fail."""
+
+    def __init__(self) -> None:
+        self.began: list[int] = []
+        self.release = asyncio.Event()
+        self.fail_next = False
+
+    async def __call__(self) -> None:
+        self.began.append(len(self.began))
+        await self.release.wait()
+        self.release.clear()
+        if self.fail_next:
+            self.fail_next = False
+            raise OSError("flush failed")
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_callers_during_a_run_share_the_next_one() -> None:
+    async def body() -> None:
+        work = Work()
+        group = GroupCommit(work)
+        first = asyncio.ensure_future(group())
+        await settle()
+        followers = [asyncio.ensure_future(group()) for _ in range(7)]
+        await settle()
+        assert len(work.began) == 1, "one run at a time"
+        work.release.set()
+        await first
+        assert not any(f.done() for f in followers), "a run that began before a call does not answer it"
+        await settle()
+        assert len(work.began) == 2, "the seven callers share one run"
+        work.release.set()
+        await asyncio.gather(*followers)
+        assert group.runs == 2
+
+    asyncio.run(body())
+
+
+def test_a_failed_run_fails_only_the_callers_it_covered() -> None:
+    async def body() -> None:
+        work = Work()
+        group = GroupCommit(work)
+        covered = asyncio.ensure_future(group())
+        await settle()
+        later = asyncio.ensure_future(group())
+        await settle()
+        work.fail_next = True
+        work.release.set()
+        with pytest.raises(OSError):
+            await covered
+        await settle()
+        assert not later.done() and len(work.began) == 2, "a later caller gets a run of its own"
+        work.release.set()
+        await later
+        assert group.covered == 2
+
+    asyncio.run(body())
+
+
+def test_a_cancelled_caller_does_not_cancel_the_run() -> None:
+    async def body() -> None:
+        work = Work()
+        group = GroupCommit(work)
+        impatient = asyncio.ensure_future(group())
+        await settle()
+        patient = asyncio.ensure_future(group())
+        await settle()
+        impatient.cancel()
+        await settle()
+        work.release.set()
+        await settle()
+        work.release.set()
+        await patient
+        assert impatient.cancelled() and group.runs == 2
+
+    asyncio.run(body())
+
+
+def test_concurrent_flushes_share_one_fdatasync_and_one_commit(tmp_path: Path) -> None:
+    async def body() -> None:
+        service = Service(str(tmp_path / "data"))
+        await service.start()
+        try:
+            c, agent = service.controller, service.agent
+            await c.create_pool("p", 64 * MIB)
+            v = await c.create_vdisk("v", "p", 32 * MIB)
+            for i in range(8):
+                await agent.write(v.id, i * 2048, bytes([i + 1]) * 512)  # eight new segments
+            await agent.flush()
+            for i in range(8):
+                await agent.write(v.id, i * 2048 + 1, bytes([i + 1]) * 512)
+            data, commits = agent.data_flush.runs, c.metadata.commits
+            await asyncio.gather(*(agent.flush() for _ in range(8)))
+            assert agent.data_flush.runs - data == 2, "eight flushes: the one that started, and one for the rest"
+            assert c.metadata.commits - commits <= 2
+            for i in range(8):
+                assert await agent.read(v.id, i * 2048, 2) == bytes([i + 1]) * 1024
+        finally:
+            await service.stop()
+
+    asyncio.run(body())
+
+
+def test_the_loop_serves_reads_while_a_flush_waits_for_the_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.fdatasync
+    slow = threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        if slow.is_set():
+            time.sleep(0.5)  # a disk that takes its time
+        real(fd)
+
+    async def body() -> None:
+        service = Service(str(tmp_path / "data"))
+        await service.start()
+        try:
+            c, agent = service.controller, service.agent
+            await c.create_pool("p", 64 * MIB)
+            v = await c.create_vdisk("v", "p", 32 * MIB)
+            await agent.write(v.id, 0, b"x" * 512)
+            await agent.flush()
+            await agent.write(v.id, 1, b"y" * 512)
+            monkeypatch.setattr(os, "fdatasync", fdatasync)
+            slow.set()
+            flushing = asyncio.ensure_future(agent.flush())
+            await asyncio.sleep(0.05)
+            assert await agent.read(v.id, 0, 2) == b"x" * 512 + b"y" * 512
+            assert not flushing.done(), "the read was answered while the flush still waited for the disk"
+            await flushing
+        finally:
+            slow.clear()
+            await service.stop()
+
+    asyncio.run(body())
