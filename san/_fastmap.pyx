@@ -299,6 +299,23 @@ cdef class MapTable:
             i += 1
         self._share_uniform(start, i)
 
+    def invalidate_all(self):
+        """Every entry INVALID again (the agent lost its lease): the table costs its directory only, and every
+        I/O faults until the controller fills it in anew."""
+        cdef uint64_t p, i
+        cdef entry_t *page
+        for p in range(self.npages):
+            page = self.pages[p]
+            if _shared(page):
+                self.pages[p] = _invalid_page
+                continue
+            for i in range(PAGE_ENTRIES):
+                if page[i].alt != NO_ALT:
+                    self._drop_alt((p << PAGE_SHIFT) + i)
+            free(page)
+            self.pages[p] = _invalid_page
+            self.private_pages -= 1
+
     def set_state(self, uint64_t start, uint64_t count, uint32_t bits):
         """Turn the given state bits on for entries [start, start+count)."""
         cdef uint64_t i

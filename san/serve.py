@@ -8,16 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import resource
-import signal
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import uvicorn
-
 from san.api.app import create_app
-from san.api.auth import AuthSetupError, check_listen, load_token, publish, unpublish
-from san.api.limits import MAX_CONNECTIONS, GuardedH11Protocol
+from san.api.auth import AuthSetupError, check_listen, load_token
+from san.api.limits import MAX_CONNECTIONS
+from san.api.server import run_api, tls_context
 from san.iscsi.server import Limits
 from san.service import DataDirLocked, DataDirUnsafe, FrontendUnavailable, Service, StoreRefused
 from san.storage.paths import check_trusted
@@ -61,26 +58,12 @@ def raise_fd_limit(limits: Limits) -> Limits:
     return limits
 
 
-def _tls(options: Options) -> ssl.SSLContext | None:
-    if options.api_cert is None and options.api_key is None:
-        return None
-    if options.api_cert is None or options.api_key is None:
-        raise AuthSetupError("TLS for the API needs both --api-cert and --api-key")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(options.api_cert, options.api_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise AuthSetupError(f"cannot load the API certificate {options.api_cert} and key {options.api_key}: {exc}") from None
-    return context
-
-
 async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]] | None = None) -> int:
     """Run until a signal; 0 on a clean stop, 1 if the service could not start. on_ready runs once it serves."""
     os.umask(0o077)
     host, port = options.api
     try:
-        context = _tls(options)
+        context = tls_context(options.api_cert, options.api_key)
         check_listen(host, context is not None)
     except AuthSetupError as exc:
         log.error("%s", exc)
@@ -133,34 +116,12 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
             log.error("%s", exc)
             await service.stop()
             return 1
-    config = uvicorn.Config(
-        create_app(service, token),
-        host=host,
-        port=port,
-        log_level="warning",
-        lifespan="off",
-        http=GuardedH11Protocol,
-        proxy_headers=False,  # no X-Forwarded-For: the peer address is the socket's, for logs and limits
-        ssl_certfile=options.api_cert,
-        ssl_keyfile=options.api_key,
-        ssl_version=ssl.PROTOCOL_TLS_SERVER,
-    )
-    server = uvicorn.Server(config)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        # uvicorn restores these after serving and re-raises the signal it caught: it must land here, not kill us.
-        signal.signal(signum, lambda *_: setattr(server, "should_exit", True))
-    published = publish(token, host, port)
-    scheme = "https" if context is not None else "http"
-    log.info("san serving data %s, management API on %s://%s:%d", service.data_dir, scheme, host, port)
+    what = f"san serving data {service.data_dir}"
     try:
-        await server.serve()
-    except SystemExit:
-        pass
+        started = await run_api(create_app(service, token), host, port, options.api_cert, options.api_key, token, what)
     finally:
-        unpublish(published, token)
         await service.stop()
-    if not server.started:
-        log.error("management API could not listen on %s:%d", host, port)
+    if not started:
         return 1
     log.info("san stopped cleanly")
     return 0

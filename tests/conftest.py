@@ -222,6 +222,82 @@ class SanServer:
         return status, (json.loads(payload) if payload else None)
 
 
+class ClusterServer(SanServer):
+    """`san controller` and one `san gateway` on 127.0.0.1 as two processes: the API is the controller's, the
+    iSCSI portal (iscsi_port) the gateway's; log_text() is both logs."""
+
+    def __init__(self, data: Path, cwd: Path, iqn: str) -> None:
+        super().__init__(data, cwd)
+        self.iqn = iqn
+        self.listen = free_port()
+        self.certs = cwd / "cluster"
+        self.gateway: subprocess.Popen[str] | None = None
+        self.gateway_log = cwd / "gateway.log"
+
+    def start(self) -> SanServer:
+        self.cwd.mkdir(parents=True, exist_ok=True)
+        if not self.certs.exists():
+            assert run_san("cluster", "init", str(self.certs), "--nodes", "controller,gw1").returncode == 0
+        listen, certs = f"127.0.0.1:{self.listen}", str(self.certs)
+        controller = ["controller", "--data", self.data, "--listen", listen, "--cluster", certs]
+        controller += ["--api", f"127.0.0.1:{self.port}"]
+        gateway = ["gateway", "--name", "gw1", "--controller", listen, "--cluster", certs]
+        gateway += ["--portal", f"127.0.0.1:{self.iscsi_port}", "--iqn", self.iqn]
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                [*san_command(), *controller], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=self.cwd, env=self.env()
+            )
+        with open(self.gateway_log, "a") as log:
+            self.gateway = subprocess.Popen(
+                [*san_command(), *gateway], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=self.cwd, env=self.env()
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None or self.gateway.poll() is not None:
+                raise AssertionError(f"the cluster did not start:\n{self.log_text()}")
+            if "registered with the controller" in self.gateway_log.read_text():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise AssertionError(f"the gateway did not register within {START_TIMEOUT}s:\n{self.log_text()}")
+
+    def stop(self) -> int:
+        """SIGTERM to the gateway, then the controller; the controller's exit status (0 only if both were 0)."""
+        assert self.gateway is not None
+        if self.gateway.poll() is None:
+            self.gateway.send_signal(signal.SIGTERM)
+            self.gateway.wait(timeout=STOP_TIMEOUT)
+        status = super().stop()
+        return status if self.gateway.returncode == 0 else self.gateway.returncode
+
+    def kill(self) -> None:
+        if self.gateway is not None and self.gateway.poll() is None:
+            self.gateway.kill()
+            self.gateway.wait(timeout=STOP_TIMEOUT)
+        super().kill()
+
+    @property
+    def running(self) -> bool:
+        return super().running and self.gateway is not None and self.gateway.poll() is None
+
+    def log_text(self) -> str:
+        gateway = self.gateway_log.read_text() if self.gateway_log.exists() else ""
+        return super().log_text() + "\n--- gateway\n" + gateway
+
+
+@contextlib.contextmanager
+def serving_cluster(base: Path, iqn: str) -> Iterator[SanServer]:
+    """serving() for a two-process cluster (controller + one gateway)."""
+    server = ClusterServer(base / "data", base / "cwd", iqn)
+    server.start()
+    try:
+        yield server
+    finally:
+        assert server.running, f"the cluster died during the tests:\n{server.log_text()}"
+        assert server.stop() == 0, server.log_text()
+        assert_clean(server.data)
+
+
 @contextlib.contextmanager
 def running_server(data: Path, cwd: Path, *extra: str) -> Iterator[SanServer]:
     """A started server (with extra options) that is killed if the test leaves it running."""

@@ -1,6 +1,7 @@
-"""libiscsi's conformance suite, iscsi-test-cu, against `san serve`: every suite of family ALL, one at a time,
-with --dataloss, both default initiator names zoned as hosts. No test may fail; every skipped test must be listed,
-with its reason, in the README (CUnit counts a skipped test as passed, so skips are read from the output)."""
+"""libiscsi's conformance suite, iscsi-test-cu, against `san serve` and against the gateway of a two-process cluster
+(`san controller` + `san gateway`): every suite of family ALL, one at a time, with --dataloss, both default
+initiator names zoned as hosts. No test may fail; every skipped test must be listed, with its reason, in the README
+(CUnit counts a skipped test as passed, so skips are read from the output)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SanServer, serving
+from conftest import SanServer, serving, serving_cluster
 
 TARGET = "iqn.2003-01.org.san:conformance"
 INITIATORS = ("iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test", "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2")
@@ -70,9 +71,11 @@ SUITES = [
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
-    with serving(tmp_path_factory.mktemp("conformance"), "--iqn", TARGET) as san:
+@pytest.fixture(scope="module", params=["serve", "cluster"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SanServer]:
+    base = tmp_path_factory.mktemp("conformance")
+    started = serving(base, "--iqn", TARGET) if request.param == "serve" else serving_cluster(base, TARGET)
+    with started as san:
         san.ok("pool", "create", "p", "--size", "2G")
         san.ok("vdisk", "create", "disk", "--pool", "p", "--size", "256M")
         san.ok("vdisk", "create", "ro", "--pool", "p", "--size", "16M")

@@ -1,13 +1,15 @@
-"""The controller and an agent in one process, through the in-process links: thin, thick, faults, reuse.
+"""The controller and an agent in one process: thin, thick, faults, reuse. Every test runs twice: through the
+in-process link, and through the real link (mutual TLS on 127.0.0.1), so that every message crosses the codec.
 
 Real sparse files under a temporary data directory; every check reads back through the agent."""
 
 import asyncio
 import contextlib
+import itertools
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +19,27 @@ from san.agent.agent import AgentIOError
 from san.errors import Conflict, InvalidRequest, NoSpace
 from san.model import MIB
 from san.protocol.messages import Action, Allocated, Command, Op, Reason
-from san.service import DataDirLocked, Service
+from san.service import LOCAL_AGENT, DataDirLocked, Service
 from san.store.check import check_store
 
 Body = Callable[[Service], Awaitable[None]]
+LINK: dict[str, str | None] = {"network": None}
+RUNS = itertools.count()
+
+
+@pytest.fixture(autouse=True, params=["in-process", "tls"])
+def link(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Which link run() joins the controller and the agent with."""
+    LINK["network"] = str(tmp_path_factory.mktemp("cluster") / "certs") if request.param == "tls" else None
+    yield
+    LINK["network"] = None
 
 
 def run(data: str, body: Body, **options: object) -> None:
     async def main() -> None:
-        service = Service(data, **options)  # type: ignore[arg-type]
+        base = LINK["network"]
+        network = f"{base}-{next(RUNS)}" if base is not None else None  # a cluster directory per start
+        service = Service(data, network=network, **options)  # type: ignore[arg-type]
         await service.start()
         try:
             await body(service)
@@ -77,15 +91,16 @@ def test_sequential_writer_gets_contiguous_segments_allocated_ahead(tmp_path: Pa
         faults = 0
         original = c.policy.handle_fault
 
-        def counting(fault):  # type: ignore[no-untyped-def]
+        def counting(fault, agent=""):  # type: ignore[no-untyped-def]
             nonlocal faults
             if fault.write:
                 faults += 1
-            return original(fault)
+            return original(fault, agent)
 
         c.policy.handle_fault = counting  # type: ignore[method-assign]
         for seg in range(20):
             await s.agent.write(v.id, seg * 2048, block(f"s{seg}") * 2048)
+        await s.agent.flush()  # mappings made from a grant reach the controller in the flush's report
         mappings = c.mappings(v.id, 0, 20)
         assert [m.vseg for m in mappings] == list(range(20))
         psegs = [m.pseg for m in mappings]
@@ -347,10 +362,10 @@ def test_first_writes_map_granted_segments_without_asking(tmp_path: Path) -> Non
         writes: list[int] = []
         original = c.policy.handle_fault
 
-        def counting(fault):  # type: ignore[no-untyped-def]
+        def counting(fault, agent=""):  # type: ignore[no-untyped-def]
             if fault.write and fault.state == ZERO:
                 writes.append(fault.segment)
-            return original(fault)
+            return original(fault, agent)
 
         c.policy.handle_fault = counting  # type: ignore[method-assign]
         await s.agent.write(v.id, 0, block("first"))
@@ -403,9 +418,9 @@ def test_allocated_reports_outside_the_grant_are_refused(tmp_path: Path) -> None
             ((0, container, pseg),),  # a vdisk segment already mapped
             ((32, container, pseg),),  # past the end of the vdisk
         ):
-            response = await c.handle(Allocated(v.id, entries))
+            response = await c.handle(Allocated(v.id, entries), LOCAL_AGENT)
             assert response.action is Action.FAIL and response.reason is Reason.BAD_COMMAND, entries
-        assert (await c.handle(Allocated(999, ((1, container, pseg),)))).reason is Reason.NO_VDISK
+        assert (await c.handle(Allocated(999, ((1, container, pseg),)), LOCAL_AGENT)).reason is Reason.NO_VDISK
         assert [m.vseg for m in c.mappings(v.id, 0, 32)] == [0], "a refused report changes nothing"
         assert (container, pseg) in c.policy.grants[v.id]
 

@@ -122,6 +122,20 @@ def test_new_table_is_invalid_everywhere() -> None:
     assert table.translate(3 * 2048 - 1, 1, True) == MapFault(2, INVALID)
 
 
+def test_invalidate_all_forgets_every_entry_and_its_memory() -> None:
+    table = MapTable(5000, 2048)
+    empty = table.memory_bytes
+    table.set_entries(0, [(1, 5, 0)] * 3000)
+    table.set_alternate(10, 1, 99)
+    full = table.memory_bytes
+    table.invalidate_all()
+    assert table.memory_bytes < full and table.memory_bytes - empty < 1024, "the pages went; one alternate slot stays"
+    assert table.get_entries(0, 1) == [(0, 0, INVALID, None)] and table.get_entries(10, 1) == [(0, 0, INVALID, None)]
+    assert isinstance(table.translate(0, 1), MapFault)
+    table.set_alternate(10, 1, 98)  # the alternate slots freed are reused
+    assert table.get_entries(10, 1)[0][3] is not None
+
+
 def test_out_of_range_requests_are_refused() -> None:
     table = MapTable(2, 8)
     table.set_entries(0, [(1, 0, 0), (1, 1, 0)])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from san.service import lio_present
+from san.gateway.service import lio_present
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "vagrant" / "qemu_vm.py"

@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 from san.protocol.messages import Action, Allocated, Flush, Reason, Release
-from san.service import Service
+from san.service import LOCAL_AGENT, Service
 from san.store.check import check_store
 
 MIB = 1 << 20
@@ -100,20 +100,20 @@ def test_repeated_reports_and_releases_answer_ok(tmp_path: Path) -> None:
             await service.agent.write(v.id, 0, b"a".ljust(512, b"."))
             granted = next(iter(c.policy.grants[v.id]))
             report = Allocated(v.id, ((3, *granted),), request=41)
-            first = await c.handle(report)
+            first = await c.handle(report, LOCAL_AGENT)
             assert first.action is Action.OK and first.request == 41
-            again = await c.handle(report)
+            again = await c.handle(report, LOCAL_AGENT)
             assert again.action is Action.OK and again.request == 41, "the same report again (its answer was lost)"
             mapped = c.mappings(v.id, 3, 4)[0]
             assert (mapped.container_id, mapped.pseg) == granted
             other = c.mappings(v.id, 0, 1)[0]
-            conflict = await c.handle(Allocated(v.id, ((3, other.container_id, other.pseg),)))
+            conflict = await c.handle(Allocated(v.id, ((3, other.container_id, other.pseg),)), LOCAL_AGENT)
             assert conflict.action is Action.FAIL and conflict.reason is Reason.BAD_COMMAND
             release = Release(v.id, 3, 1, request=42)
-            assert (await c.handle(release)).action is Action.OK
-            assert (await c.handle(release)).action is Action.OK, "a release repeated answers OK"
+            assert (await c.handle(release, LOCAL_AGENT)).action is Action.OK
+            assert (await c.handle(release, LOCAL_AGENT)).action is Action.OK, "a release repeated answers OK"
             assert c.mappings(v.id, 3, 4) == []
-            assert (await c.handle(Flush(request=43))).request == 43
+            assert (await c.handle(Flush(request=43), LOCAL_AGENT)).request == 43
         finally:
             await service.stop()
 

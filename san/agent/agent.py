@@ -70,6 +70,8 @@ class Agent:
     async def handle(self, command: Command) -> Response:
         """Carry out a controller command; with the blocking flag, answer once earlier I/O has ended. A table is
         dropped only after what was mapped from its grant is reported (before, and after the I/O drained)."""
+        if command.op is Op.REVOKE_GRANT:
+            return await self._revoke_grant(command.vdisk)
         dropped = self.volumes.get(command.vdisk) if command.op is Op.DELETE_TABLE else None
         if dropped is not None:
             try:
@@ -88,11 +90,46 @@ class Agent:
             await self._report_quietly(command.vdisk, dropped)
         return response
 
+    async def _revoke_grant(self, vdisk: int) -> Response:
+        """Another agent serves the vdisk too: map nothing more from the grant, report what was mapped from it."""
+        volume = self.volumes.get(vdisk)
+        if volume is None:
+            return Response()
+        volume.grant.clear()
+        try:
+            await self._report(vdisk, volume)
+        except AgentIOError as exc:
+            return Response(Action.FAIL, reason=exc.reason, message=f"could not report the grant's mappings: {exc}")
+        return Response()
+
     async def _report_quietly(self, vdisk: int, volume: Volume) -> None:
         try:
             await self._report(vdisk, volume)
         except AgentIOError as exc:
             log.error("could not report vdisk %d's mappings before dropping its table: %s", vdisk, exc)
+
+    def drop_all(self) -> None:
+        """The lease lapsed: every entry INVALID, the grants and the mappings made from them forgotten (the
+        controller may give those segments to others now). I/O faults, and waits, until the controller is back."""
+        lost = 0
+        for volume in self.volumes.values():
+            volume.table.invalidate_all()
+            volume.grant.clear()
+            lost += len(volume.unreported)
+            volume.unreported.clear()
+        if lost:
+            log.error("the lease lapsed with %d mappings not yet reported: writes there since the last flush are lost", lost)
+
+    async def rejoin(self) -> None:
+        """Registered anew (a new epoch): report what is still unreported, then every entry INVALID, so that I/O
+        reloads what the controller holds now (it may have changed while this agent was away)."""
+        try:
+            await self._report_all()
+        except AgentIOError as exc:
+            log.error("could not report mappings after registering again (kept, tried again later): %s", exc)
+        for volume in self.volumes.values():
+            if not volume.unreported:
+                volume.table.invalidate_all()
 
     def _apply(self, command: Command) -> tuple[Response, Volume | None]:
         op = command.op

@@ -6,8 +6,8 @@ answer {"error": "..."} that says what is wrong, and changes nothing."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,13 +18,29 @@ import san
 from san.api.auth import BearerAuth
 from san.api.bodies import HostCreate, PoolCreate, VDiskCreate, VDiskGrow, ZoneCreate, size_of
 from san.api.limits import BodyLimit
+from san.controller.controller import Controller
 from san.errors import SanError
 from san.model import Host, Pool, VDisk, Zone
-from san.service import Service
 
 
-def create_app(service: Service, token: str) -> FastAPI:
-    """The FastAPI application serving one Service; token is the bearer token every request must carry."""
+class Managed(Protocol):
+    """What the API serves: `san serve`'s Service or `san controller`'s ControllerService."""
+
+    @property
+    def controller(self) -> Controller: ...
+
+    @property
+    def data_dir(self) -> str: ...
+
+    async def settled(self) -> None: ...
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> object: ...
+
+    def sessions(self, iqn: str) -> int | None: ...
+
+
+def create_app(service: Managed, token: str) -> FastAPI:
+    """The FastAPI application serving one service; token is the bearer token every request must carry."""
     controller = service.controller
     app = FastAPI(title="san management API", version=san.__version__, docs_url=None, redoc_url=None)
     started = time.time()
@@ -160,8 +176,7 @@ def create_app(service: Service, token: str) -> FastAPI:
 
     def host_json(host: Host) -> dict[str, Any]:
         zones = sorted((zone_json(z) for z in zoning.zones_of(host)), key=lambda z: z["lun"])
-        sessions = sum(1 for s in service.target.sessions.values() if s.initiator == host.iqn)
-        return {**host.to_dict(), "zones": zones, "sessions": sessions}
+        return {**host.to_dict(), "zones": zones, "sessions": service.sessions(host.iqn)}
 
     @app.get("/hosts")
     async def list_hosts() -> list[dict[str, Any]]:

@@ -137,6 +137,54 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="check a data directory's store offline (exit 1 on damage)")
     check.add_argument("--data", required=True, help="data directory")
 
+    role = commands.add_parser("controller", help="run the controller alone: store, management API, listener for gateways")
+    role.add_argument("--data", required=True, help="data directory (store, default pool files; mode 0700)")
+    role.add_argument("--listen", required=True, type=_hostport, help="HOST:PORT to listen for gateways on (mutual TLS)")
+    role.add_argument("--cluster", required=True, help="the cluster directory (san cluster init)")
+    role.add_argument("--name", default="controller", help="this node's name in the cluster (default %(default)s)")
+    role.add_argument(
+        "--api", dest="listen_api", type=_hostport, default=("127.0.0.1", 8080), help="HOST:PORT for the management API"
+    )
+    role.add_argument("--api-cert", help="TLS certificate (PEM) for the API")
+    role.add_argument("--api-key", help="TLS private key (PEM) for the API")
+    role.add_argument("--api-token-file", help="file (mode 0600) holding the API token (default: DATA/api-token)")
+    role.add_argument("--lease", type=float, default=10.0, help="seconds a gateway's lease lasts without renewal (default 10)")
+    role.add_argument("--commit-interval", type=float, default=1.0, help="seconds between metadata commits")
+    role.add_argument("--allow-path", action="append", default=[], metavar="DIR", help="as for san serve")
+    role.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    role = commands.add_parser("gateway", help="run a gateway: an agent and an iSCSI frontend, fed by the controller")
+    role.add_argument("--name", required=True, help="this node's name in the cluster")
+    role.add_argument("--controller", required=True, help="HOST:PORT[,HOST:PORT...] of the controller (tried in turn)")
+    role.add_argument("--cluster", required=True, help="the cluster directory (this node's certificate and the CA)")
+    role.add_argument("--portal", action="append", type=_hostport, help="HOST:PORT for iSCSI (repeatable; default 0.0.0.0:3260)")
+    role.add_argument(
+        "--iqn", default=default_iqn(), help="the target's iSCSI name, the same on every gateway (default %(default)s)"
+    )
+    role.add_argument("--frontend", choices=["iscsi", "lio", "auto"], default="iscsi", help="as for san serve")
+    role.add_argument(
+        "--suspend-timeout",
+        type=float,
+        default=60.0,
+        help="seconds I/O waits for an unreachable controller before it fails with a retryable status (default 60)",
+    )
+    role.add_argument("--max-connections", type=int, default=1024, help="iSCSI connections open at once (default 1024)")
+    role.add_argument(
+        "--max-connections-per-address", type=int, default=64, help="iSCSI connections from one address (default 64)"
+    )
+    role.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    cluster = commands.add_parser("cluster", help="make a cluster's certificates (controller and gateways)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    init = cluster.add_parser("init", help="create a cluster directory: a CA and a certificate + key per node (0600)")
+    init.add_argument("directory", help="the cluster directory to create (must be new or empty)")
+    init.add_argument("--nodes", required=True, help="comma-separated node names, e.g. controller,gw1,gw2")
+    add = cluster.add_parser("add", help="add a node: a new certificate + key signed by the cluster's CA")
+    add.add_argument("directory", help="the cluster directory (with ca.key)")
+    add.add_argument("name", help="the new node's name")
+    cluster.add_parser("list", help="list the cluster's nodes").add_argument("directory")
+
     status = commands.add_parser("status", parents=[client], help="show the service's status")
     status.add_argument("--json", action="store_true")
 
@@ -485,6 +533,76 @@ def run_check(data: str) -> int:
     return 0
 
 
+def run_cluster(args: argparse.Namespace) -> int:
+    from san.cluster.pki import Cluster, ClusterError
+
+    os.umask(0o077)
+    try:
+        if args.action == "init":
+            cluster = Cluster.init(args.directory, [n.strip() for n in args.nodes.split(",") if n.strip()])
+            print(f"cluster {args.directory}: CA and nodes {', '.join(cluster.nodes())}")
+            print("copy the directory to each gateway host; ca.key is needed only where nodes are added")
+        elif args.action == "add":
+            Cluster.open(args.directory).add(args.name)
+            print(f"node {args.name} added to {args.directory}")
+        else:
+            for node in Cluster.open(args.directory).nodes():
+                print(node)
+    except ClusterError as exc:
+        print(f"san: {plain(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    from san.roles import ControllerOptions, controller
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.lease > 0:
+        print("san: --lease must be more than 0 seconds", file=sys.stderr)
+        return 2
+    options = ControllerOptions(
+        args.data,
+        args.listen,
+        args.cluster,
+        args.name,
+        args.listen_api,
+        args.lease,
+        args.commit_interval,
+        tuple(args.allow_path),
+        args.api_cert,
+        args.api_key,
+        args.api_token_file,
+    )
+    return run_loop(controller(options))
+
+
+def run_gateway(args: argparse.Namespace) -> int:
+    from san.iscsi.server import Limits
+    from san.roles import GatewayOptions, gateway
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        controllers = [_hostport(part) for part in args.controller.split(",") if part]
+    except argparse.ArgumentTypeError as exc:
+        print(f"san: --controller: {exc}", file=sys.stderr)
+        return 2
+    if not controllers or not args.suspend_timeout > 0 or args.max_connections < 1 or args.max_connections_per_address < 1:
+        print("san: --controller needs HOST:PORT; --suspend-timeout and the connection limits must be positive", file=sys.stderr)
+        return 2
+    options = GatewayOptions(
+        args.name,
+        controllers,
+        args.cluster,
+        [p for p in (args.portal or [("0.0.0.0", 3260)]) if p != ("", 0)],
+        args.iqn,
+        args.frontend,
+        args.suspend_timeout,
+        Limits(args.max_connections, args.max_connections_per_address),
+    )
+    return run_loop(gateway(options))
+
+
 def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """Run the service on uvloop when it is installed (a faster event loop), else on asyncio's own."""
     try:
@@ -535,6 +653,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "check":
             return run_check(args.data)
+        if args.command == "cluster":
+            return run_cluster(args)
+        if args.command == "controller":
+            return run_controller(args)
+        if args.command == "gateway":
+            return run_gateway(args)
         return run_client(args)
     except ApiError as exc:
         print(f"san: {plain(exc)}", file=sys.stderr)

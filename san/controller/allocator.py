@@ -4,6 +4,7 @@ Pure data structure, no I/O: it prefers contiguous regions and the segment after
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable
 
@@ -68,6 +69,7 @@ class PoolAllocator:
         self.in_flight: list[Run] = []
         self.granted: set[Segment] = set()
         self.reserve_target = reserve_target
+        self.refilling: asyncio.Future[None] | None = None  # the background refill in progress, if one is
 
     @property
     def capacity(self) -> int:

@@ -9,7 +9,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from san.controller.agents import Agents
+from san.controller.agents import Agents, AgentSession
 from san.controller.allocator import PoolAllocator, Run, Segment
 from san.controller.faults import AgentMessage, FaultPolicy
 from san.controller.locks import Locks
@@ -19,7 +19,6 @@ from san.controller.zoning import Zoning
 from san.errors import NotFound, StoreFailure
 from san.model import Container, Pool, VDisk, shown
 from san.protocol.messages import Command, Op, Reason, Response
-from san.protocol.transport import AgentLink
 from san.storage.containers import ContainerSet
 from san.store.metadata import Metadata
 from san.store.sqlite import SQLiteStore
@@ -69,6 +68,7 @@ class Controller:
         self.on_change: Callable[[str, VDisk], None] | None = None
         self.on_threshold: Callable[[int, bool], None] | None = None
         self.policy = FaultPolicy(self, grant_segments)
+        self.agents.on_gone = lambda session: self.policy.agent_gone(session.name)
         self.pool_manager = PoolManager(self, allow_paths)
         self.vdisk_manager = VDiskManager(self)
         self.zoning = Zoning(self.metadata, lambda: self.vdisks, self.locks)
@@ -159,15 +159,18 @@ class Controller:
 
     # -- agents --------------------------------------------------------------------------------------------
 
-    async def add_agent(self, link: AgentLink) -> None:
-        """Register an agent and give it every container and a table (all INVALID) for every ready vdisk."""
-        self.agents.add(link)
+    async def add_agent(self, session: AgentSession) -> None:
+        """Give a newly registered agent every container and a table (all INVALID) for every ready vdisk; grants
+        another agent holds are taken back first (from now on allocation goes through the controller alone)."""
+        others = [s for s in self.agents.sessions if s is not session]
+        if others:
+            await self.policy.revoke_grants(others)
         for container in self.store.containers():
             if self.online(container.pool_id):
-                await self.agents.send(link, self.attach_command(container))
+                await self.agents.send(session, self.attach_command(container))
         for vdisk in self.vdisks.values():
             if vdisk.state == "ready" and self.online(vdisk.pool_id):
-                await self.agents.send(link, self.create_table(vdisk))
+                await self.agents.send(session, self.create_table(vdisk))
 
     def attach_command(self, container: Container) -> Command:
         path = self.containers.paths[container.id]
@@ -191,10 +194,10 @@ class Controller:
 
     # -- answers to agents (faults.py) ---------------------------------------------------------------------
 
-    async def handle(self, message: AgentMessage) -> Response:
-        """Answer an agent: a Flush commits metadata, Allocated records mappings, Release unmaps segments, a Fault
-        gets entries or failure."""
-        return await self.policy.handle(message)
+    async def handle(self, message: AgentMessage, agent: str = "") -> Response:
+        """Answer the agent of that name: a Flush commits metadata, Allocated records mappings, Release unmaps
+        segments, a Fault gets entries or failure."""
+        return await self.policy.handle(message, agent)
 
     def store_reason(self, exc: StoreFailure) -> Reason:
         """Why a metadata failure fails I/O: no space when the metadata's file system is full."""

@@ -12,10 +12,11 @@ from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
 from san.controller.allocator import PoolAllocator, Segment
 from san.errors import StoreFailure
 from san.model import Pool, VDisk
-from san.protocol.messages import Action, Allocated, Entry, Fault, Flush, Reason, Release, Response
+from san.protocol.messages import Action, Allocated, Command, Entry, Fault, Flush, Op, Reason, Release, Response
 from san.store.store import Mapping
 
 if TYPE_CHECKING:
+    from san.controller.agents import AgentSession
     from san.controller.controller import Controller
 
 log = logging.getLogger("san.controller")
@@ -31,21 +32,28 @@ class FaultPolicy:
     def __init__(self, controller: Controller, grant_segments: int = 8) -> None:
         self.controller = controller
         self.grant_segments = grant_segments
-        self.grants: dict[int, dict[Segment, None]] = {}
+        self.grants: dict[int, dict[Segment, None]] = {}  # vdisk -> segments its grant holder may map on its own
+        self.owners: dict[int, str] = {}  # vdisk -> the agent that holds its grant
 
-    async def handle(self, message: AgentMessage) -> Response:
+    async def handle(self, message: AgentMessage, agent: str = "") -> Response:
+        """The answer to one agent's message. With other agents serving the vdisk, they are told first: of a new
+        mapping (so none of them serves its old ZERO entry), of an unmap (with the blocking flag, before the segments
+        can be freed)."""
         try:
             if isinstance(message, Flush):
                 await self.controller.flush()
                 response = Response()
             elif isinstance(message, Allocated):
-                response = self.record_allocated(message)
+                response = self.record_allocated(message, agent)
             elif isinstance(message, Release):
+                await self._tell_others(agent, message.vdisk, message.start, [(0, 0, ZERO)] * message.count, True)
                 response = self.release(message)
             else:
                 if message.write:
                     await self._stock(message.vdisk)
-                response = self.handle_fault(message)
+                response = self.handle_fault(message, agent)
+                if message.write and response.action is Action.RETRY and response.entries:
+                    await self._tell_others(agent, message.vdisk, response.start, list(response.entries), False)
         except StoreFailure as exc:
             response = Response(Action.FAIL, reason=self.controller.store_reason(exc), message=str(exc))
         except OSError as exc:
@@ -57,7 +65,14 @@ class FaultPolicy:
         vdisk = self.controller.vdisks.get(vdisk_id)
         return vdisk if vdisk is not None and vdisk.state == "ready" and self.controller.online(vdisk.pool_id) else None
 
-    def handle_fault(self, fault: Fault) -> Response:
+    async def _tell_others(self, agent: str, vdisk: int, start: int, entries: list[Entry], blocking: bool) -> None:
+        agents = self.controller.agents
+        others = [s for s in agents.sessions if s.name != agent]
+        if others and entries:
+            command = Command(Op.SET_ENTRIES, vdisk=vdisk, start=start, entries=tuple(entries), blocking=blocking)
+            await asyncio.gather(*(agents.send(s, command, check=False) for s in others))
+
+    def handle_fault(self, fault: Fault, agent: str = "") -> Response:
         controller = self.controller
         vdisk = self._ready(fault.vdisk)
         if vdisk is None:
@@ -82,9 +97,9 @@ class FaultPolicy:
             return Response(Action.FAIL, reason=Reason.WRITE_PROTECTED, message=f"segment {fault.segment} is read-only")
         if fault.zero_data:
             return Response(Action.COMPLETE)
-        return self._allocate(vdisk, pool, fault.segment, nsegments, near)
+        return self._allocate(vdisk, pool, fault.segment, nsegments, near, agent)
 
-    def record_allocated(self, report: Allocated) -> Response:
+    def record_allocated(self, report: Allocated, agent: str = "") -> Response:
         """Record the mappings an agent made from its grant; all or nothing. A report repeated (its answer was lost)
         matches what is recorded and answers OK again."""
         controller = self.controller
@@ -93,7 +108,7 @@ class FaultPolicy:
         # whose commit fails loses nothing they mapped.
         if vdisk is None or vdisk.state not in ("ready", "deleting") or not controller.online(vdisk.pool_id):
             return Response(Action.FAIL, reason=Reason.NO_VDISK, message=f"no vdisk {report.vdisk}")
-        grant = self.grants.get(report.vdisk, {})
+        grant = self.grants.get(report.vdisk, {}) if self.owners.get(report.vdisk) == agent else {}
         nsegments = vdisk.nsegments(controller.pools[vdisk.pool_id].segment_size)
         seen: set[int] = set()
         taken: set[Segment] = set()
@@ -141,12 +156,15 @@ class FaultPolicy:
         controller.metadata.remove(vdisk.id, start, stop)
         return Response()
 
-    def _grant(self, vdisk: VDisk, allocator: PoolAllocator, after: Segment) -> tuple[Segment, ...]:
+    def _grant(self, vdisk: VDisk, allocator: PoolAllocator, after: Segment, agent: str) -> tuple[Segment, ...]:
         """Top up the vdisk's grant from the reserve, when one agent serves it (so no two agents map a segment twice)."""
+        if len(self.controller.agents) != 1 or self.owners.get(vdisk.id, agent) != agent:
+            return ()
         grant = self.grants.setdefault(vdisk.id, {})
         want = self.grant_segments - len(grant)
-        if len(self.controller.agents) != 1 or want < self.grant_segments // 2:
+        if want < self.grant_segments // 2:
             return ()
+        self.owners[vdisk.id] = agent
         extra = allocator.take(min(want, len(allocator.reserve)), (after[0], after[1] + 1))
         allocator.granted.update(extra)
         grant.update(dict.fromkeys(extra))
@@ -154,9 +172,33 @@ class FaultPolicy:
 
     def return_grant(self, vdisk: VDisk) -> list[Segment]:
         """Take back what a vdisk was granted (it is being deleted); the segments, for the allocator."""
+        self.owners.pop(vdisk.id, None)
         granted = list(self.grants.pop(vdisk.id, {}))
         self.controller.allocators[vdisk.pool_id].granted.difference_update(granted)
         return granted
+
+    async def revoke_grants(self, holders: list[AgentSession]) -> None:
+        """Another agent serves the vdisks now: each grant's holder reports what it mapped and drops the rest, which
+        goes back to the pool. A holder that cannot report keeps its grant (its report may still come); one that
+        does not answer is fenced, and its grant comes back once its lease has lapsed."""
+        for session in holders:
+            for vdisk_id in [v for v, owner in self.owners.items() if owner == session.name]:
+                response = await self.controller.agents.send(session, Command(Op.REVOKE_GRANT, vdisk=vdisk_id), check=False)
+                vdisk = self.controller.vdisks.get(vdisk_id)
+                if response.action is Action.FAIL:
+                    log.error("agent %s could not give back vdisk %d's grant: %s", session.name, vdisk_id, response.message)
+                elif vdisk is not None and self.owners.get(vdisk_id) == session.name:
+                    self.controller.allocators[vdisk.pool_id].release(self.return_grant(vdisk))
+
+    def agent_gone(self, name: str) -> None:
+        """An agent's session ended (fenced, lease lapsed or registered anew is handled by the new session's
+        reports): with no agent left of that name, its grants go back to the pool."""
+        if name in self.controller.agents.names():
+            return
+        for vdisk_id in [v for v, owner in self.owners.items() if owner == name]:
+            vdisk = self.controller.vdisks.get(vdisk_id)
+            if vdisk is not None:
+                self.controller.allocators[vdisk.pool_id].release(self.return_grant(vdisk))
 
     def entries(self, vdisk: VDisk, start: int, stop: int) -> tuple[Entry, ...]:
         entries: list[Entry] = [(0, 0, ZERO)] * (stop - start)
@@ -164,7 +206,9 @@ class FaultPolicy:
             entries[m.vseg - start] = (m.container_id, m.pseg, m.state)
         return tuple(entries)
 
-    def _allocate(self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int, mapped: dict[int, Mapping]) -> Response:
+    def _allocate(
+        self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int, mapped: dict[int, Mapping], agent: str
+    ) -> Response:
         """Map vseg (and, for a sequential writer, the next unmapped segments) onto reserved segments."""
         controller = self.controller
         hint: Segment | None = None
@@ -185,7 +229,7 @@ class FaultPolicy:
             controller.space_exhausted(pool)
             return Response(Action.FAIL, reason=Reason.NO_SPACE, message=f"pool {pool.name!r} has no free segment")
         controller.metadata.insert(vdisk.id, [Mapping(vseg + i, c, p, 0) for i, (c, p) in enumerate(taken)])
-        grant = self._grant(vdisk, allocator, taken[-1])
+        grant = self._grant(vdisk, allocator, taken[-1], agent)
         controller.check_threshold(pool.id)
         return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken), grant=grant)
 
@@ -197,6 +241,10 @@ class FaultPolicy:
         allocator = controller.allocators.get(vdisk.pool_id) if vdisk is not None else None
         if vdisk is None or allocator is None or allocator.reserve:
             return
+        if allocator.refilling is not None:  # a refill is on its way: wait for it (its segments are contiguous)
+            await asyncio.wait([allocator.refilling])  # its failure is logged where it ran
+            if allocator.reserve:
+                return
         pool = controller.pools[vdisk.pool_id]
         runs = allocator.plan_reserve(pool.allocate_ahead + 1)
         if not runs:

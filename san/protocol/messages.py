@@ -1,15 +1,24 @@
-"""The messages between agents and the controller: Fault, Allocated, Release and Flush up, Command down, Response back.
+"""The messages between agents and the controller: Register, Heartbeat, Fault, Allocated, Release and Flush up;
+Command and Config down; Response (or Registered) back.
 
-All are frozen dataclasses of plain values; encode()/decode() turn them into JSON-ready dicts and back. An agent's
-messages carry a request id that the response echoes; each is idempotent, so a repeat after a lost answer is safe."""
+All are frozen dataclasses of plain values; encode()/decode() turn them into JSON-ready dicts and back, decode()
+checking every field's type and range (a peer's message is never trusted). An agent's messages carry a request id
+that the response echoes; each is idempotent, so a repeat after a lost answer is safe."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from enum import StrEnum
-from typing import Any
+import math
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from enum import Enum, StrEnum
+from functools import cache
+from typing import Any, get_args, get_origin, get_type_hints
+
+from san.model import Host, VDisk, Zone
 
 Entry = tuple[int, int, int]
+PROTOCOL_VERSION = 1
+MAX_TEXT = 1 << 16
+MAX_ITEMS = 1 << 16
 
 
 class Op(StrEnum):
@@ -24,6 +33,7 @@ class Op(StrEnum):
     CLEAR_STATE = "clear_state"
     ATTACH_CONTAINER = "attach_container"
     DETACH_CONTAINER = "detach_container"
+    REVOKE_GRANT = "revoke_grant"
 
 
 class Action(StrEnum):
@@ -45,6 +55,35 @@ class Reason(StrEnum):
     NO_VDISK = "no_vdisk"
     OUT_OF_RANGE = "out_of_range"
     BAD_COMMAND = "bad_command"
+    FENCED = "fenced"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True)
+class Register:
+    """Agent -> controller, first on every connection: who it is and the protocol it speaks. Answered by Registered
+    (a new epoch and the lease) or a FAIL Response."""
+
+    name: str
+    version: int = PROTOCOL_VERSION
+    request: int = 0
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The answer to Register: this registration's epoch and the lease (seconds) a heartbeat renews."""
+
+    epoch: int
+    lease: float
+    request: int = 0
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Agent -> controller: renew the lease of this epoch (FAIL with FENCED: the epoch is over, register again)."""
+
+    epoch: int
+    request: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +143,21 @@ class Command:
     container: int = 0
     path: str = ""
     uuid: str = ""
+    request: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Controller -> agent: everything its gateway serves, whole, after registration and after every change: the
+    ready vdisks, the hosts (with their CHAP credentials: the link is mutual TLS) and zones, and the pools above
+    their space threshold. version grows with every change; an older one than the gateway holds is ignored."""
+
+    version: int
+    vdisks: tuple[VDisk, ...] = ()
+    hosts: tuple[Host, ...] = ()
+    zones: tuple[Zone, ...] = ()
+    above_threshold: tuple[int, ...] = ()
+    request: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,33 +178,85 @@ class Response:
         return Response(self.action, self.start, self.entries, self.reason, self.message, self.grant, request)
 
 
-Message = Fault | Allocated | Release | Flush | Command | Response
-_TYPES: dict[str, type[Message]] = {cls.__name__: cls for cls in (Fault, Allocated, Release, Flush, Command, Response)}
+Message = Register | Registered | Heartbeat | Fault | Allocated | Release | Flush | Command | Config | Response
+_TYPES: dict[str, type[Message]] = {
+    cls.__name__: cls for cls in (Register, Registered, Heartbeat, Fault, Allocated, Release, Flush, Command, Config, Response)
+}
 
 
 def encode(message: Message) -> dict[str, Any]:
     """A JSON-ready dict for a message."""
-    body = asdict(message)
-    for key in ("entries", "grant"):
-        if key in body:
-            body[key] = [list(entry) for entry in body[key]]
-    return {"type": type(message).__name__, **body}
+    return {"type": type(message).__name__, **asdict(message)}
 
 
 def decode(data: dict[str, Any]) -> Message:
-    """The message a dict from encode() describes; ValueError on anything else."""
-    try:
-        cls = _TYPES[data["type"]]
-    except (KeyError, TypeError):
-        raise ValueError(f"not a message: {data!r}") from None
-    names = {f.name for f in fields(cls)}
+    """The message a dict from encode() describes; ValueError on anything else (an unknown type or field, a missing
+    field, a value of the wrong type or out of range)."""
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str) or data["type"] not in _TYPES:
+        raise ValueError(f"not a message: {_short(data)}")
     body = {key: value for key, value in data.items() if key != "type"}
-    if set(body) - names:
-        raise ValueError(f"unknown fields for {cls.__name__}: {sorted(set(body) - names)}")
-    for key in ("entries", "grant"):
-        if key in body:
-            body[key] = tuple(tuple(int(v) for v in entry) for entry in body[key])
-    for key, enum in (("op", Op), ("action", Action), ("reason", Reason)):
-        if key in body:
-            body[key] = enum(body[key])
-    return cls(**body)
+    message = _build(_TYPES[data["type"]], body, data["type"])
+    assert isinstance(message, (Register, Registered, Heartbeat, Fault, Allocated, Release, Flush, Command, Config, Response))
+    return message
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _build(cls: type, body: Any, where: str) -> Any:
+    if not isinstance(body, dict):
+        raise ValueError(f"{where}: an object expected")
+    names = {f.name for f in fields(cls)}
+    unknown = set(body) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(map(str, unknown))[:5]}")
+    hints = _hints(cls)
+    values = {key: _value(hints[key], value, f"{where}.{key}") for key, value in body.items()}
+    try:
+        return cls(**values)
+    except TypeError:
+        missing = sorted(f.name for f in fields(cls) if f.name not in body)
+        raise ValueError(f"{where}: missing fields {missing}") from None
+
+
+def _value(kind: Any, value: Any, where: str) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: true or false expected")
+        return value
+    if kind is int:
+        if not isinstance(value, int) or isinstance(value, bool) or not -(2**63) <= value < 2**63:
+            raise ValueError(f"{where}: a 64-bit integer expected")
+        return value
+    if kind is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"{where}: a number expected")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str) or len(value) > MAX_TEXT:
+            raise ValueError(f"{where}: a string of at most {MAX_TEXT} characters expected")
+        return value
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"{where}: not one of {[e.value for e in kind]}") from None
+    if get_origin(kind) is tuple:
+        args = get_args(kind)
+        if not isinstance(value, list) or len(value) > MAX_ITEMS:
+            raise ValueError(f"{where}: a list of at most {MAX_ITEMS} items expected")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_value(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where}: {len(args)} items expected")
+        return tuple(_value(arg, item, f"{where}[{i}]") for i, (arg, item) in enumerate(zip(args, value, strict=True)))
+    if isinstance(kind, type) and is_dataclass(kind):
+        return _build(kind, value, where)
+    raise TypeError(f"{where}: no decoder for {kind!r}")
+
+
+def _short(data: Any) -> str:
+    text = repr(data)
+    return text if len(text) <= 80 else text[:77] + "..."

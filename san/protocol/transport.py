@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from san.protocol.messages import Allocated, Command, Fault, Flush, Release, Response
+from san.protocol.messages import Allocated, Command, Config, Fault, Flush, Release, Response
 
 
 class ControllerLink(Protocol):
@@ -16,27 +16,28 @@ class ControllerLink(Protocol):
 
 
 class AgentLink(Protocol):
-    """The controller's line to one agent."""
+    """The controller's line to one agent (and the gateway it serves)."""
 
-    async def send(self, command: Command) -> Response: ...
+    async def send(self, command: Command | Config) -> Response: ...
 
 
 class FaultHandler(Protocol):
-    async def handle(self, message: Fault | Allocated | Release | Flush) -> Response: ...
+    async def handle(self, message: Fault | Allocated | Release | Flush, agent: str = "") -> Response: ...
 
 
 class CommandHandler(Protocol):
-    async def handle(self, command: Command) -> Response: ...
+    async def handle(self, command: Command | Config) -> Response: ...
 
 
 class LocalControllerLink:
-    """Agent -> controller in one process: a direct call."""
+    """Agent -> controller in one process: a direct call, as the agent of that name."""
 
-    def __init__(self, controller: FaultHandler) -> None:
+    def __init__(self, controller: FaultHandler, agent: str) -> None:
         self.controller = controller
+        self.agent = agent
 
     async def send(self, message: Fault | Allocated | Release | Flush) -> Response:
-        return await self.controller.handle(message)
+        return await self.controller.handle(message, self.agent)
 
 
 class LocalAgentLink:
@@ -45,5 +46,5 @@ class LocalAgentLink:
     def __init__(self, agent: CommandHandler) -> None:
         self.agent = agent
 
-    async def send(self, command: Command) -> Response:
+    async def send(self, command: Command | Config) -> Response:
         return await self.agent.handle(command)

@@ -165,7 +165,7 @@ class Disk:
         except CheckCondition as condition:
             return self._check_condition(nexus, condition)
         except AgentIOError as exc:
-            return self._check_condition(nexus, _agent_error(exc, cdb[0]))
+            return self._agent_failed(nexus, exc, cdb[0])
         except (IndexError, struct.error):
             return self._check_condition(nexus, invalid_field(0))
 
@@ -196,9 +196,16 @@ class Disk:
         except CheckCondition as condition:
             return self._check_condition(nexus, condition)
         except AgentIOError as exc:
-            return self._check_condition(nexus, _agent_error(exc, cdb[0]))
+            return self._agent_failed(nexus, exc, cdb[0])
         except struct.error:
             return None
+
+    def _agent_failed(self, nexus: Nexus, exc: AgentIOError, opcode: int) -> Reply:
+        """The reply to an I/O the agent could not do: BUSY while the controller is unreachable (the initiator
+        retries), else CHECK CONDITION with what happened."""
+        if exc.reason is Reason.UNAVAILABLE:
+            return Reply(Status.BUSY)
+        return self._check_condition(nexus, _agent_error(exc, opcode))
 
     def fast_ready(self, nexus: Nexus) -> bool:
         """Whether plain READs and WRITEs from nexus may skip the checks execute() makes: no unit attention for it

@@ -1,0 +1,1 @@
+"""The cluster: its certificate authority and node credentials, and the mutual TLS between controller and gateways."""

@@ -1,0 +1,207 @@
+"""The gateway root: one agent, the vdisks' SCSI units, and the frontend (built-in iSCSI or LIO with its reconcile).
+
+It hears from the controller only through the protocol: Commands for the agent's tables, Config for everything its
+frontend serves (vdisks, hosts with their CHAP credentials, zones, the pools past their threshold)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from san.agent.agent import Agent, AgentIOError
+from san.gateway.view import View
+from san.iscsi.chap import Credentials
+from san.iscsi.server import IscsiServer, Limits
+from san.iscsi.target import Access, Target
+from san.lio.config import LioConfig, RTSLibError, Wanted
+from san.lio.handler import TcmuHandler
+from san.model import VDisk
+from san.protocol.messages import Action, Command, Config, Reason, Response
+from san.protocol.transport import ControllerLink
+from san.scsi.disk import Disk
+from san.scsi.luns import Zoned
+from san.scsi.pages import UnitInfo
+from san.scsi.sense import UnitAttention
+
+log = logging.getLogger("san")
+FRONTENDS = ("iscsi", "lio", "auto")
+
+
+def lio_present() -> bool:
+    """Whether this kernel has LIO and the TCMU backstore ready (configfs mounted, target_core_user loaded)."""
+    return os.path.isdir("/sys/kernel/config/target/core") and os.path.isdir("/sys/module/target_core_user")
+
+
+class FrontendUnavailable(Exception):
+    """The frontend asked for cannot run on this machine."""
+
+
+def resolve_frontend(frontend: str) -> str:
+    """iscsi or lio for a --frontend value (auto: lio when the kernel has it); FrontendUnavailable for lio without LIO."""
+    if frontend not in FRONTENDS:
+        raise ValueError(f"unknown frontend {frontend!r}: use one of {', '.join(FRONTENDS)}")
+    if frontend == "auto":
+        frontend = "lio" if lio_present() else "iscsi"
+    if frontend == "lio" and not lio_present():
+        raise FrontendUnavailable(
+            "--frontend lio needs LIO: configfs at /sys/kernel/config and the target_core_user module "
+            "(modprobe target_core_user iscsi_target_mod)"
+        )
+    return frontend
+
+
+class Gateway:
+    """Agent + SCSI units + frontend; handle() answers the controller's requests. start() before use, stop() after."""
+
+    def __init__(
+        self,
+        link: ControllerLink,
+        portals: list[tuple[str, int]] | None = None,
+        target_name: str = "",
+        open_access: bool = False,
+        frontend: str = "iscsi",
+        limits: Limits | None = None,
+    ) -> None:
+        self.frontend = resolve_frontend(frontend)
+        self.agent = Agent(link)
+        self.view = View()
+        self.disks: dict[int, Disk] = {}
+        self.open_access = open_access
+        self.target = Target(target_name, portals or [], self.access)
+        self.iscsi = IscsiServer(self.target, limits) if portals and self.frontend == "iscsi" else None
+        self.tcmu: TcmuHandler | None = None
+        self.lio: LioConfig | None = None
+        self.lio_thread = ThreadPoolExecutor(1, thread_name_prefix="lio")
+        self.lio_job: asyncio.Future[None] | None = None
+        self.lio_dirty = False
+        self.lio_error: str | None = None
+        self.stopping = False
+        if self.frontend == "lio":
+            self.tcmu = TcmuHandler(self._disk_for_config)
+            self.lio = LioConfig(target_name, portals or [], open_access)
+
+    async def handle(self, message: Command | Config) -> Response:
+        """A request from the controller: a Command for the agent's tables, or a new Config."""
+        if isinstance(message, Config):
+            await self.configure(message)
+            return Response()
+        if isinstance(message, Command):
+            return await self.agent.handle(message)
+        return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"a gateway does not take {type(message).__name__}")
+
+    async def start(self) -> None:
+        if self.iscsi is not None:
+            await self.iscsi.start()
+        if self.tcmu is not None:
+            await self.tcmu.start()
+            self._lio_changed()
+            await self.settled()
+            if self.lio_error is not None:
+                raise FrontendUnavailable(f"cannot configure LIO: {self.lio_error}")
+
+    async def configure(self, config: Config) -> None:
+        """Serve what the new Config says: units of vdisks that went away are dropped, grown ones raise CAPACITY
+        DATA HAS CHANGED, a pool past its threshold raises the soft-threshold attention once; then the frontend
+        follows (LIO is reconciled before this returns). A Config older than the one held is ignored."""
+        if config.version <= self.view.version:
+            return
+        self.view = View.of(config)
+        for vdisk_id, disk in list(self.disks.items()):
+            vdisk = self.view.vdisks.get(vdisk_id)
+            if vdisk is None:
+                del self.disks[vdisk_id]
+                continue
+            if vdisk.nblocks != disk.unit.nblocks:
+                disk.unit.nblocks = vdisk.nblocks
+                disk.raise_attention(UnitAttention.CAPACITY_CHANGED)
+            above = vdisk.pool_id in self.view.above_threshold
+            if above != disk.over_threshold:
+                disk.threshold(above)
+        self.target.refresh()
+        self._lio_changed()
+        await self.settled()
+
+    def disk(self, vdisk: VDisk) -> Disk:
+        """The SCSI unit of a vdisk (one per vdisk, shared by every session that sees it)."""
+        disk = self.disks.get(vdisk.id)
+        if disk is None:
+            unit = UnitInfo(vdisk.serial, vdisk.block_size, vdisk.nblocks, vdisk.thin, ndob=self.frontend != "lio")
+            disk = self.disks[vdisk.id] = Disk(vdisk.id, self.agent, unit, (self.target.name, 1))
+            disk.over_threshold = vdisk.pool_id in self.view.above_threshold
+        return disk
+
+    def _disk_for_config(self, config: str) -> Disk | None:
+        """The SCSI unit a TCMU device's config (`<vdisk id>`) names, if that vdisk is ready."""
+        vdisk = self.view.vdisks.get(int(config)) if config.isdigit() else None
+        return self.disk(vdisk) if vdisk is not None else None
+
+    def access(self, initiator: str) -> Access | None:
+        """What an initiator may see: its host's zones; for an unknown initiator, nothing, or with open access (demo
+        mode) every ready vdisk, in creation order."""
+        view = self.view
+        host = view.by_iqn(initiator)
+        if host is not None:
+            luns = {z.lun: Zoned(self.disk(view.vdisks[z.vdisk_id]), z.read_only) for z in view.zones_of(host)}
+            credentials = Credentials(host.chap_user, host.chap_secret, host.mutual_user, host.mutual_secret)
+            return Access(luns, credentials if host.chap_user else None)
+        if not self.open_access:
+            return None
+        ready = sorted(view.vdisks.values(), key=lambda v: v.id)
+        return Access({lun: Zoned(self.disk(v)) for lun, v in enumerate(ready)})
+
+    # -- LIO -----------------------------------------------------------------------------------------------
+
+    def _lio_changed(self) -> None:
+        """LIO must follow the view: reconcile it in the LIO thread (one run at a time, again if needed)."""
+        if self.lio is None or self.stopping:
+            return
+        self.lio_dirty = True
+        if self.lio_job is None or self.lio_job.done():
+            self.lio_job = asyncio.ensure_future(self._reconcile())
+
+    async def _reconcile(self) -> None:
+        assert self.lio is not None
+        loop = asyncio.get_running_loop()
+        while self.lio_dirty:
+            self.lio_dirty = False
+            view = self.view
+            wanted = Wanted(
+                [copy.copy(v) for v in view.vdisks.values()],
+                [copy.copy(h) for h in view.hosts.values()],
+                [copy.copy(z) for z in view.zones if z.vdisk_id in view.vdisks],
+            )
+            try:
+                await loop.run_in_executor(self.lio_thread, self.lio.reconcile, wanted)
+                self.lio_error = None
+            except (RTSLibError, OSError) as exc:
+                self.lio_error = str(exc)
+                log.error("LIO configuration failed: %s", exc)
+
+    async def settled(self) -> None:
+        """Wait until LIO shows the latest change (at once with the built-in frontend)."""
+        while self.lio_job is not None and not self.lio_job.done():
+            await asyncio.shield(self.lio_job)
+
+    async def stop(self) -> None:
+        """Stop serving: the frontend goes, then what was written is flushed (through the controller)."""
+        if self.iscsi is not None:
+            await self.iscsi.stop()
+        self.stopping = True
+        if self.tcmu is not None and self.lio is not None:
+            await self.settled()
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.lio_thread, self.lio.remove)
+            except (RTSLibError, OSError) as exc:
+                log.error("could not remove san's LIO objects: %s", exc)
+            await self.tcmu.stop()
+        self.lio_thread.shutdown()
+        try:
+            await self.agent.flush()
+        except AgentIOError as exc:
+            log.error("the last flush failed: %s", exc)
+
+    def close(self) -> None:
+        self.agent.close()
