@@ -62,6 +62,8 @@ test: lint unit
 bench: venv bench-deps
 	$(PY) bench/fastmap.py
 	$(PY) bench/iscsi_vs_tgt.py
+	$(PY) bench/sync_vs_tgt.py
+	$(PY) bench/cluster.py
 	$(PY) bench/lio_vs_fileio.py
 
 demo: venv

@@ -22,6 +22,7 @@ from san.controller.service import ControllerService
 from san.datadir import DataDirLocked, DataDirUnsafe, StoreRefused
 from san.gateway.service import FrontendUnavailable, Gateway
 from san.gateway.session import ControllerSession
+from san.gateway.storage import Storage
 from san.iscsi.server import Limits
 from san.serve import raise_fd_limit
 from san.storage.paths import check_trusted
@@ -54,6 +55,7 @@ class GatewayOptions:
     frontend: str = "iscsi"
     suspend_timeout: float = 60.0
     limits: Limits = field(default_factory=Limits)
+    storage: list[str] = field(default_factory=list)
 
 
 async def controller(options: ControllerOptions) -> int:
@@ -99,11 +101,12 @@ async def gateway(options: GatewayOptions) -> int:
         cluster = Cluster.open(options.cluster)
         cluster.context(options.name, server=False)  # its certificate loads, or say so now
         session = ControllerSession(cluster, options.name, options.controllers, options.suspend_timeout)
-        gw = Gateway(session, options.portals, options.target_name, False, options.frontend, limits)
+        storage = Storage(options.storage)
+        gw = Gateway(session, options.portals, options.target_name, False, options.frontend, limits, storage)
     except (ClusterError, FrontendUnavailable, OSError) as exc:
         log.error("%s", exc)
         return 1
-    session.attach(gw.agent, gw.handle)
+    session.attach(gw.agent, gw.handle, gw.registered)
     running = asyncio.ensure_future(session.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -241,7 +241,7 @@ class ClusterServer(SanServer):
         listen, certs = f"127.0.0.1:{self.listen}", str(self.certs)
         controller = ["controller", "--data", self.data, "--listen", listen, "--cluster", certs]
         controller += ["--api", f"127.0.0.1:{self.port}"]
-        gateway = ["gateway", "--name", "gw1", "--controller", listen, "--cluster", certs]
+        gateway = ["gateway", "--name", "gw1", "--controller", listen, "--cluster", certs, "--storage", f"{self.data}/pools"]
         gateway += ["--portal", f"127.0.0.1:{self.iscsi_port}", "--iqn", self.iqn]
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(

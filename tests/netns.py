@@ -3,23 +3,30 @@ removed by close()). Each namespace has one veth into the bridge; the root names
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 
+_NETS = itertools.count()
+
 
 def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
 
 
 class Net:
     """Namespaces named for roles; addr(role) is its address; exec(role) prefixes a command to run there."""
 
     def __init__(self, roles: list[str]) -> None:
-        self.tag = f"{os.getpid() % 10000:04d}"
-        self.subnet = f"198.18.{os.getpid() % 200 + 20}"
+        serial = next(_NETS)
+        self.tag = f"{(os.getpid() * 7 + serial) % 10000:04d}"  # names differ per Net: a deleted one may linger
+        self.subnet = f"198.18.{(os.getpid() + serial) % 200 + 20}"
         self.bridge = f"sanbr{self.tag}"
         self.roles = roles
         self.made: list[str] = []
+        self.links: list[str] = []
         try:
             ip("link", "add", self.bridge, "type", "bridge")
             ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
@@ -29,6 +36,7 @@ class Net:
                 ip("netns", "add", ns)
                 self.made.append(ns)
                 ip("link", "add", outer, "type", "veth", "peer", "name", "eth0", "netns", ns)
+                self.links.append(outer)
                 ip("link", "set", outer, "master", self.bridge)
                 ip("link", "set", outer, "up")
                 ip("-n", ns, "addr", "add", f"{self.addr(role)}/24", "dev", "eth0")
@@ -54,7 +62,9 @@ class Net:
         ip("-n", self.ns(role), "link", "set", "eth0", "up")
 
     def close(self) -> None:
+        for outer in self.links:  # at once: a namespace's own links go only when the kernel gets round to it
+            subprocess.run(["ip", "link", "del", outer], capture_output=True, check=False)
         for ns in self.made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False)
-        self.made = []
+        self.made, self.links = [], []

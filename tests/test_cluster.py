@@ -108,6 +108,7 @@ class SanCluster:
 
     def gateway_args(self, name: str) -> list[str]:
         args = ["gateway", "--name", name, "--controller", f"{self.net.addr('ctl')}:{LISTEN}", "--cluster", str(self.certs)]
+        args += ["--storage", str(self.data / "pools")]
         return [*args, "--portal", f"{self.net.addr(name)}:{PORTAL}", "--iqn", IQN, "--suspend-timeout", "60"]
 
     def start(self) -> None:

@@ -99,6 +99,7 @@ FAULT = {"type": "Fault", "vdisk": 1, "segment": 2, "state": 1, "write": True}
         (raw({"id": 1, "msg": {"type": "Allocated", "vdisk": 1, "entries": [[1, 2, None]]}}), "integer"),
         (raw({"id": 1, "msg": {"type": "Command", "op": "format_disk"}}), "not one of"),
         (raw({"id": 1, "msg": {"type": "Registered", "epoch": 1, "lease": float("nan")}}), "number"),
+        (raw({"id": 1, "msg": {"type": "Registered", "epoch": 1, "lease": 10**400}}), "number"),
         (raw({"id": 1, "msg": {"type": "Config", "version": 1, "hosts": [{"id": 1}]}}), "missing"),
         (raw({"id": 1, "msg": {"type": "Register", "name": "x" * 70_000}}), "string"),
     ],

@@ -158,3 +158,51 @@ def test_the_loop_serves_reads_while_a_flush_waits_for_the_disk(tmp_path: Path, 
             await service.stop()
 
     asyncio.run(body())
+
+
+def test_a_fua_write_is_answered_only_once_its_new_mapping_is_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sequence that once acknowledged too early: a FUA write allocates and syncs its data slowly; meanwhile a
+    SYNCHRONIZE CACHE starts a metadata commit. The write must wait for a commit that covers its mapping."""
+    real = os.fdatasync
+    calls: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            time.sleep(0.5)  # the FUA write's own sync: slow
+        real(fd)
+
+    async def body() -> None:
+        service = Service(str(tmp_path / "data"))
+        await service.start()
+        try:
+            c, agent = service.controller, service.agent
+            await c.create_pool("p", 64 * MIB)
+            v = await c.create_vdisk("v", "p", 32 * MIB)
+            await asyncio.sleep(0.1)
+            store = c.metadata.store
+            held, entered = threading.Event(), threading.Event()
+            commit = store.commit
+
+            def slow_commit() -> None:
+                entered.set()
+                held.wait(10)
+                commit()
+
+            monkeypatch.setattr(os, "fdatasync", fdatasync)
+            fua = asyncio.ensure_future(agent.write(v.id, 4096, b"f" * 512, fua=True))  # a new segment
+            await asyncio.sleep(0.05)
+            monkeypatch.setattr(store, "commit", slow_commit)
+            flushing = asyncio.ensure_future(agent.flush())
+            assert await asyncio.to_thread(entered.wait, 10), "the flush's commit began"
+            await asyncio.sleep(0.8)  # the FUA write's data is synced by now
+            assert not fua.done(), "a FUA write is not answered before the commit that makes its mapping durable"
+            monkeypatch.setattr(store, "commit", commit)
+            held.set()
+            await fua
+            await flushing
+            assert c.mappings(v.id, 2, 3), "its mapping is in the store"
+        finally:
+            await service.stop()
+
+    asyncio.run(body())

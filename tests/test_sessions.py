@@ -1,6 +1,7 @@
 """Each side of the network link against a fake peer: the controller (a real one, on a real store) with a fake agent,
 and a gateway's session with a fake controller. Lost answers, repeated and reordered messages, registrations that
-replace each other, leases that lapse, a controller that is gone for good.
+replace each other, leases that lapse, a controller that is gone for good, strangers; and a gateway's own ends of
+it: BUSY for I/O that waited too long, containers found by label.
 
 The fakes speak the real protocol over mutual TLS on 127.0.0.1 (the cluster's certificates are made per test)."""
 
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +23,7 @@ from san.cluster.pki import Cluster
 from san.controller.listener import AgentListener
 from san.controller.service import ControllerService
 from san.gateway.session import ControllerSession
+from san.gateway.storage import Storage
 from san.model import MIB
 from san.protocol.codec import Envelope, frame
 from san.protocol.link import Link
@@ -43,6 +47,8 @@ from san.protocol.network import PeerRefused, connect, listen
 from san.scsi.disk import Disk, Nexus
 from san.scsi.pages import UnitInfo
 from san.scsi.sense import Status
+from san.storage.containers import ContainerError
+from san.storage.label import Label, new_id, write_label
 
 LEASE = 1.0
 
@@ -56,10 +62,15 @@ class FakeAgent:
 
     def __init__(self) -> None:
         self.received: list[Command | Config] = []
+        self.events: list[str] = []
+        self.drain = 0.0  # how long a blocking command waits (the agent's I/O draining)
 
     async def handle(self, message: Message) -> Message:
         assert isinstance(message, (Command, Config))
         self.received.append(message)
+        if isinstance(message, Command) and message.blocking and self.drain:
+            self.events.append(f"blocking {message.op.value}")
+            await asyncio.sleep(self.drain)
         return Response()
 
     async def connect(self, cluster: Cluster, name: str, port: int) -> Link:
@@ -134,6 +145,42 @@ def test_repeated_and_reordered_messages_change_nothing_twice(tmp_path: Path) ->
     with_controller(tmp_path, body)
 
 
+def test_two_agents_hear_of_each_others_allocations_and_unmaps_in_order(tmp_path: Path) -> None:
+    """One vdisk, two agents: an allocation for one is told to the other before it is answered; an unmap is told to
+    both (blocking) before the segments are unmapped, and a write fault that comes meanwhile waits, then gets a
+    new segment, never the one being given back."""
+
+    async def body(service: ControllerService, cluster: Cluster, port: int) -> None:
+        c = service.controller
+        await c.create_pool("p", 64 * MIB)
+        v = await c.create_vdisk("v", "p", 16 * MIB)
+        a, b = FakeAgent(), FakeAgent()
+        link_a, link_b = await a.connect(cluster, "gw1", port), await b.connect(cluster, "gw2", port)
+        assert isinstance(await link_a.send(Register("gw1"), 5), Registered)
+        assert isinstance(await link_b.send(Register("gw2"), 5), Registered)
+        await asyncio.sleep(0.3)
+        first = await link_a.send(Fault(v.id, 2, 4, True, request=1), 5)
+        assert isinstance(first, Response) and first.action is Action.RETRY and not first.grant, "no grants with two agents"
+        told = [m for m in b.received if isinstance(m, Command) and m.op is Op.SET_ENTRIES and m.start == 2]
+        assert told and told[0].entries[0][:2] == first.entries[0][:2], "the other agent heard before the answer"
+        old = first.entries[0][:2]
+        a.drain = 0.5
+        releasing = asyncio.ensure_future(link_b.send(Release(v.id, 2, 1, request=2), 10))
+        await asyncio.sleep(0.1)
+        again = await link_a.send(Fault(v.id, 2, 4, True, request=3), 10)
+        a.events.append("answered")
+        assert (await releasing).action is Action.OK  # type: ignore[union-attr]
+        assert isinstance(again, Response) and again.action is Action.RETRY
+        assert a.events == ["blocking set_state", "answered"], "the fault waited for the unmap"
+        assert again.entries[0][:2] != old, "a new segment, not the one given back"
+        assert any(isinstance(m, Command) and m.op is Op.SET_STATE for m in b.received), "the releasing agent too"
+        assert [(m.vseg, m.container_id, m.pseg) for m in c.mappings(v.id, 0, 16)] == [(2, *again.entries[0][:2])]
+        link_a.close()
+        link_b.close()
+
+    with_controller(tmp_path, body)
+
+
 def test_a_new_registration_ends_the_old_one_and_a_lapsed_lease_ends_the_session(tmp_path: Path) -> None:
     async def body(service: ControllerService, cluster: Cluster, port: int) -> None:
         agents = service.controller.agents
@@ -188,13 +235,13 @@ class FakeAgentCore:
 
     def __init__(self) -> None:
         self.dropped = 0
-        self.rejoined = 0
+        self.started_over = 0
 
-    def drop_all(self) -> None:
+    def drop_all(self, why: str) -> None:
         self.dropped += 1
 
-    async def rejoin(self) -> None:
-        self.rejoined += 1
+    async def start_over(self, why: str) -> None:
+        self.started_over += 1
 
 
 class FakeController:
@@ -261,7 +308,7 @@ def test_a_lost_answer_is_asked_again_on_a_new_connection(tmp_path: Path) -> Non
         answer = await session.send(Fault(1, 4, 1, False, request=77))
         assert answer.action is Action.RETRY and answer.request == 77 and answer.entries == ((1, 7, 0),)
         assert fake.faults == [77, 77], "the same request, sent again after the connection died"
-        assert fake.registrations == 2 and core.rejoined == 1, "registered anew, and the agent rejoined"
+        assert fake.registrations == 2 and core.started_over == 2, "each registration starts from nothing"
 
     with_fake_controller(tmp_path, body)
 
@@ -352,3 +399,32 @@ def test_io_that_waited_past_the_suspend_timeout_is_answered_busy() -> None:
         agent.close()
 
     asyncio.run(body())
+
+
+def test_a_gateway_finds_containers_by_label_never_by_name(tmp_path: Path) -> None:
+    store, ours, theirs = new_id(), new_id(), new_id()
+    pools = tmp_path / "pools"
+    pools.mkdir()
+
+    def labelled(name: str, uuid: str) -> Path:
+        path = pools / name
+        path.write_bytes(bytes(1 << 20))
+        fd = os.open(path, os.O_RDWR)
+        try:
+            write_label(fd, Label(store, uuid, new_id(), 3, 1, 1 << 20, 1, "p"))
+        finally:
+            os.close(fd)
+        return path
+
+    labelled("p.img", theirs)  # the name the controller knows: another container's label is on it now
+    moved = labelled("renamed.img", ours)
+    (pools / "link.img").symlink_to(moved)  # links are not followed
+    storage = Storage([str(pools)])
+    assert storage.locate(3, ours, store) == str(moved)
+    with pytest.raises(ContainerError, match="carries the label"):
+        storage.locate(3, new_id(), store)
+    with pytest.raises(ContainerError, match="carries the label"):
+        storage.locate(3, ours, new_id())  # the same container uuid under another store's id: not ours
+    shutil.copyfile(moved, pools / "copy.img")
+    with pytest.raises(ContainerError, match="taking none"):
+        storage.locate(3, ours, store)

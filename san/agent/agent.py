@@ -9,7 +9,9 @@ import errno
 import itertools
 import logging
 import os
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from san._fastmap import INVALID, ZERO, MapFault, MapTable
 from san.agent._blockio import AGAIN, DONE, FAULT, read_blocks, write_blocks
@@ -20,6 +22,7 @@ from san.storage.containers import ContainerError, ContainerSet
 from san.storage.label import LabelError, read_label
 
 log = logging.getLogger("san.agent")
+T = TypeVar("T")
 REPORT_DELAY = 0.2
 REPORT_RETRY = 1.0
 UNMAP_CHUNK = 65536
@@ -53,7 +56,8 @@ class Agent:
         self.link = link
         self.volumes: dict[int, Volume] = {}
         self.containers = ContainerSet()
-        self.allocations_since_flush = 0
+        self.mapped = 0  # mappings made so far (faults that allocated, grant mappings): a generation count
+        self.durable = 0  # every mapping up to this generation is committed by the controller
         self.report_scheduled = False
         self.reporting = asyncio.Lock()
         self.requests = itertools.count(1)
@@ -108,9 +112,10 @@ class Agent:
         except AgentIOError as exc:
             log.error("could not report vdisk %d's mappings before dropping its table: %s", vdisk, exc)
 
-    def drop_all(self) -> None:
-        """The lease lapsed: every entry INVALID, the grants and the mappings made from them forgotten (the
-        controller may give those segments to others now). I/O faults, and waits, until the controller is back."""
+    def drop_all(self, why: str) -> None:
+        """Every entry INVALID, the grants and the mappings made from them forgotten: the lease lapsed, or the agent
+        registers again (the controller may have given those segments to others, or changed any mapping, since).
+        I/O faults, and waits, until the controller answers."""
         lost = 0
         for volume in self.volumes.values():
             volume.table.invalidate_all()
@@ -118,18 +123,12 @@ class Agent:
             lost += len(volume.unreported)
             volume.unreported.clear()
         if lost:
-            log.error("the lease lapsed with %d mappings not yet reported: writes there since the last flush are lost", lost)
+            log.error("%s: %d new mappings not yet reported are dropped (writes there since the last flush are lost)", why, lost)
 
-    async def rejoin(self) -> None:
-        """Registered anew (a new epoch): report what is still unreported, then every entry INVALID, so that I/O
-        reloads what the controller holds now (it may have changed while this agent was away)."""
-        try:
-            await self._report_all()
-        except AgentIOError as exc:
-            log.error("could not report mappings after registering again (kept, tried again later): %s", exc)
-        for volume in self.volumes.values():
-            if not volume.unreported:
-                volume.table.invalidate_all()
+    async def start_over(self, why: str) -> None:
+        """drop_all(), then wait for the I/O that began before it: nothing of the old tables is in use on return."""
+        self.drop_all(why)
+        await asyncio.gather(*(_drained(volume.table) for volume in list(self.volumes.values())))
 
     def _apply(self, command: Command) -> tuple[Response, Volume | None]:
         op = command.op
@@ -156,7 +155,11 @@ class Agent:
             table = MapTable(command.nsegments, command.segment_blocks, command.block_size)
             self.volumes[command.vdisk] = Volume(table, command.nblocks)
             return Response(), None
-        volume = self.volumes[command.vdisk]
+        volume = self.volumes.get(command.vdisk)
+        if volume is None:
+            if op is Op.GET_ENTRIES:
+                raise KeyError(f"no table for vdisk {command.vdisk}")
+            return Response(), None  # nothing here to change: a table made later starts INVALID and reloads
         if op is Op.DELETE_TABLE:
             del self.volumes[command.vdisk]
         elif op is Op.GROW_TABLE:
@@ -193,13 +196,13 @@ class Agent:
         if outcome == DONE:
             return buffer
         view = memoryview(buffer)
-        slot = table.io_start()
+        hold = _Hold(table)
         try:
             pos, end = lba, lba + nblocks
             while pos < end:
                 result = table.translate(pos, end - pos, False)
                 if isinstance(result, MapFault):
-                    await self._resolve(vdisk, volume, result, False, view, lba, pos, end)
+                    await self._resolve(vdisk, volume, hold, result, False, view, lba, pos, end)
                     continue
                 at = (pos - lba) * block_size
                 for container, offset, length in result:
@@ -210,7 +213,7 @@ class Agent:
         except (ContainerError, OSError) as exc:
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
         finally:
-            table.io_end(slot)
+            hold.release()
         return buffer
 
     def read_now(self, vdisk: int, lba: int, nblocks: int, into: memoryview | None = None) -> bytearray | memoryview | None:
@@ -283,14 +286,14 @@ class Agent:
         self._volume(vdisk, lba, nblocks)
         if not fua and self._write_from(volume, lba, view) != FAULT:
             return
-        slot = table.io_start()
+        hold = _Hold(table)
         written: set[int] = set()
         try:
             pos, end = lba, lba + nblocks
             while pos < end:
                 result = table.translate(pos, end - pos, True)
                 if isinstance(result, MapFault):
-                    pos = await self._resolve(vdisk, volume, result, True, view, lba, pos, end, written)
+                    pos = await self._resolve(vdisk, volume, hold, result, True, view, lba, pos, end, written)
                     continue
                 self._write_extents(result, view[(pos - lba) * block_size :], written)
                 pos = end
@@ -301,9 +304,11 @@ class Agent:
                 raise self._no_space(volume, lba, nblocks) from None
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
         finally:
-            table.io_end(slot)
-        if fua and self.allocations_since_flush:
-            await self.metadata_commit()
+            hold.release()
+        if fua:
+            needed = self.mapped  # the mappings this write may have used are all of this generation or older
+            while self.durable < needed:
+                await self.metadata_commit()
 
     def _write_extents(self, extents: list[tuple[int, int, int]], view: memoryview, written: set[int]) -> None:
         at = 0
@@ -316,6 +321,7 @@ class Agent:
         self,
         vdisk: int,
         volume: Volume,
+        hold: _Hold,
         fault: MapFault,
         write: bool,
         view: memoryview,
@@ -324,7 +330,9 @@ class Agent:
         end: int,
         written: set[int] | None = None,
     ) -> int:
-        """Handle a fault met at pos: do the usable part before the faulting segment, then ask the controller.
+        """Handle a fault met at pos: do the usable part before the faulting segment, then ask the controller. While
+        it waits, the I/O lets go of the table's gate (it touches no segment then, and a blocking command, which may
+        be what it waits for, must not wait for it); a table dropped meanwhile ends it.
 
         Returns where the request goes on from (the faulting segment again, or past it if it completed)."""
         table = volume.table
@@ -347,7 +355,8 @@ class Agent:
             pos = seg_start
         for start, stop, released in volume.releasing:
             if start <= fault.segment < stop:
-                await released.wait()  # an unmap is giving this segment back: map it anew only once that is done
+                # An unmap is giving this segment back: map it anew only once that is done.
+                await self._away(vdisk, volume, hold, released.wait())
                 return pos
         zero_data = False
         fresh = write and fault.state == ZERO and table.get_entries(fault.segment, 1)[0][3] is None
@@ -358,8 +367,9 @@ class Agent:
                 if volume.grant:
                     self._map_from_grant(volume, fault.segment)
                     return pos
-                await self._report(vdisk, volume)
-        response = await self._ask(Fault(vdisk, fault.segment, fault.state, write, zero_data, next(self.requests)))
+                await self._away(vdisk, volume, hold, self._report(vdisk, volume))
+        asked = Fault(vdisk, fault.segment, fault.state, write, zero_data, next(self.requests))
+        response = await self._away(vdisk, volume, hold, self._ask(asked))
         volume.grant.extend(response.grant)
         if response.action is Action.COMPLETE:
             return seg_end
@@ -368,8 +378,17 @@ class Agent:
         elif response.entries:
             table.set_entries(response.start, response.entries)
             if fresh:
-                self.allocations_since_flush += 1
+                self.mapped += 1
         return pos
+
+    async def _away(self, vdisk: int, volume: Volume, hold: _Hold, waiting: Awaitable[T]) -> T:
+        hold.release()
+        try:
+            return await waiting
+        finally:
+            hold.take()
+            if self.volumes.get(vdisk) is not volume:
+                raise AgentIOError(Reason.NO_VDISK, f"vdisk {vdisk} went away during the I/O")
 
     def _map_from_grant(self, volume: Volume, segment: int) -> None:
         """Map a ZERO segment onto a granted one (after its neighbour's when the grant has it); report it later."""
@@ -382,7 +401,7 @@ class Agent:
         grant.remove(choice)
         volume.table.set_entries(segment, [(choice[0], choice[1], 0)])
         volume.unreported.append((segment, choice[0], choice[1]))
-        self.allocations_since_flush += 1
+        self.mapped += 1
         if not self.report_scheduled:
             self.report_scheduled = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._report_later)
@@ -522,9 +541,30 @@ class Agent:
             raise
 
     async def _commit(self) -> None:
-        self.allocations_since_flush = 0
+        """Report, then have the controller commit: every mapping made before this began is durable after it."""
+        covers = self.mapped
         await self._report_all()
         await self._ask(Flush(next(self.requests)))
+        self.durable = max(self.durable, covers)
+
+
+class _Hold:
+    """An I/O's place in its table's I/O gate (what the blocking flag waits for); let go while it waits."""
+
+    def __init__(self, table: MapTable) -> None:
+        self.table = table
+        self.slot = table.io_start()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.table.io_end(self.slot)
+            self.held = False
+
+    def take(self) -> None:
+        if not self.held:
+            self.slot = self.table.io_start()
+            self.held = True
 
 
 async def _drained(table: MapTable) -> None:

@@ -157,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     role.add_argument("--name", required=True, help="this node's name in the cluster")
     role.add_argument("--controller", required=True, help="HOST:PORT[,HOST:PORT...] of the controller (tried in turn)")
     role.add_argument("--cluster", required=True, help="the cluster directory (this node's certificate and the CA)")
+    role.add_argument(
+        "--storage",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory whose files may be containers (found by their labels; block devices are always searched); repeatable",
+    )
     role.add_argument("--portal", action="append", type=_hostport, help="HOST:PORT for iSCSI (repeatable; default 0.0.0.0:3260)")
     role.add_argument(
         "--iqn", default=default_iqn(), help="the target's iSCSI name, the same on every gateway (default %(default)s)"
@@ -599,6 +606,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         args.frontend,
         args.suspend_timeout,
         Limits(args.max_connections, args.max_connections_per_address),
+        args.storage,
     )
     return run_loop(gateway(options))
 

@@ -38,6 +38,7 @@ class AgentSession:
     renewed: float = field(default_factory=time.monotonic)
     fenced: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    joined: asyncio.Event = field(default_factory=asyncio.Event)  # it has its containers, tables and Config
 
     @property
     def expires(self) -> float:
@@ -108,9 +109,11 @@ class Agents:
         if self.on_gone is not None:
             self.on_gone(session)
 
-    async def broadcast(self, request: Command | Config, check: bool = True) -> None:
-        """Send to every live agent in parallel; with check, a refusal raises once all have answered or been fenced."""
-        answers = await asyncio.gather(*(self.send(s, request, False) for s in list(self.sessions)))
+    async def broadcast(self, request: Command | Config, check: bool = True, joined_only: bool = False) -> None:
+        """Send to every live agent in parallel (joined_only: those that have their tables and Config already); with
+        check, a refusal raises once all have answered or been fenced."""
+        sessions = [s for s in self.sessions if s.joined.is_set() or not joined_only]
+        answers = await asyncio.gather(*(self.send(s, request, False) for s in sessions))
         if check:
             for response in answers:
                 _check(request, response)

@@ -18,7 +18,7 @@ from san.controller.vdisks import VDiskManager
 from san.controller.zoning import Zoning
 from san.errors import NotFound, StoreFailure
 from san.model import Container, Pool, VDisk, shown
-from san.protocol.messages import Command, Op, Reason, Response
+from san.protocol.messages import Action, Command, Op, Reason, Response
 from san.storage.containers import ContainerSet
 from san.store.metadata import Metadata
 from san.store.sqlite import SQLiteStore
@@ -167,14 +167,16 @@ class Controller:
             await self.policy.revoke_grants(others)
         for container in self.store.containers():
             if self.online(container.pool_id):
-                await self.agents.send(session, self.attach_command(container))
+                answer = await self.agents.send(session, self.attach_command(container), check=False)
+                if answer.action is Action.FAIL:  # it serves the rest; I/O to this pool fails there
+                    log.error("gateway %s cannot open container %d: %s", session.name, container.id, answer.message)
         for vdisk in self.vdisks.values():
             if vdisk.state == "ready" and self.online(vdisk.pool_id):
                 await self.agents.send(session, self.create_table(vdisk))
 
     def attach_command(self, container: Container) -> Command:
         path = self.containers.paths[container.id]
-        return Command(Op.ATTACH_CONTAINER, container=container.id, path=path, uuid=container.uuid)
+        return Command(Op.ATTACH_CONTAINER, container=container.id, path=path, uuid=container.uuid, store=self.store.store_id)
 
     def create_table(self, vdisk: VDisk) -> Command:
         pool = self.pools[vdisk.pool_id]

@@ -34,26 +34,23 @@ class FaultPolicy:
         self.grant_segments = grant_segments
         self.grants: dict[int, dict[Segment, None]] = {}  # vdisk -> segments its grant holder may map on its own
         self.owners: dict[int, str] = {}  # vdisk -> the agent that holds its grant
+        self.vdisk_locks: dict[int, asyncio.Lock] = {}  # with several agents: one mapping change per vdisk at a time
 
     async def handle(self, message: AgentMessage, agent: str = "") -> Response:
-        """The answer to one agent's message. With other agents serving the vdisk, they are told first: of a new
-        mapping (so none of them serves its old ZERO entry), of an unmap (with the blocking flag, before the segments
-        can be freed)."""
+        """The answer to one agent's message. With other agents serving the vdisk, they are told first, one change
+        of that vdisk at a time: of a new mapping (so none of them serves its old ZERO entry), of an unmap (with the
+        blocking flag, before the segments can be freed)."""
         try:
             if isinstance(message, Flush):
                 await self.controller.flush()
                 response = Response()
-            elif isinstance(message, Allocated):
-                response = self.record_allocated(message, agent)
-            elif isinstance(message, Release):
-                await self._tell_others(agent, message.vdisk, message.start, [(0, 0, ZERO)] * message.count, True)
-                response = self.release(message)
-            else:
-                if message.write:
-                    await self._stock(message.vdisk)
+            elif isinstance(message, Fault) and not message.write:
                 response = self.handle_fault(message, agent)
-                if message.write and response.action is Action.RETRY and response.entries:
-                    await self._tell_others(agent, message.vdisk, response.start, list(response.entries), False)
+            elif not self._others(agent):
+                response = await self._change(message, agent)
+            else:
+                async with self.vdisk_locks.setdefault(message.vdisk, asyncio.Lock()):
+                    response = await self._change(message, agent)
         except StoreFailure as exc:
             response = Response(Action.FAIL, reason=self.controller.store_reason(exc), message=str(exc))
         except OSError as exc:
@@ -61,16 +58,43 @@ class FaultPolicy:
             response = Response(Action.FAIL, reason=Reason.IO_ERROR, message=str(exc))
         return response.answering(message.request) if message.request else response
 
+    async def _change(self, message: Fault | Allocated | Release, agent: str) -> Response:
+        """A write fault, a report or a release: what may change a mapping."""
+        if isinstance(message, Allocated):
+            response = self.record_allocated(message, agent)
+            if response.action is Action.OK:
+                for vseg, container_id, pseg in message.entries:
+                    await self._tell_others(agent, message.vdisk, vseg, [(container_id, pseg, 0)])
+            return response
+        if isinstance(message, Release):
+            refused = self.check_release(message)
+            if refused is not None:
+                return refused
+            # Every agent, the releasing one too (a mapping another agent made meanwhile may have reached it), sets
+            # the range ZERO and waits for its I/O there; only then can the segments be unmapped and, once that is
+            # committed, freed.
+            everyone = list(self.controller.agents.sessions) if self._others(agent) else []
+            zero = Command(Op.SET_STATE, vdisk=message.vdisk, start=message.start, count=message.count, bits=ZERO, blocking=True)
+            await asyncio.gather(*(self.controller.agents.send(s, zero, check=False) for s in everyone))
+            return self.release(message)
+        await self._stock(message.vdisk)
+        response = self.handle_fault(message, agent)
+        if response.action is Action.RETRY and response.entries:
+            await self._tell_others(agent, message.vdisk, response.start, list(response.entries))
+        return response
+
+    def _others(self, agent: str) -> list[AgentSession]:
+        return [s for s in self.controller.agents.sessions if s.name != agent]
+
     def _ready(self, vdisk_id: int) -> VDisk | None:
         vdisk = self.controller.vdisks.get(vdisk_id)
         return vdisk if vdisk is not None and vdisk.state == "ready" and self.controller.online(vdisk.pool_id) else None
 
-    async def _tell_others(self, agent: str, vdisk: int, start: int, entries: list[Entry], blocking: bool) -> None:
-        agents = self.controller.agents
-        others = [s for s in agents.sessions if s.name != agent]
+    async def _tell_others(self, agent: str, vdisk: int, start: int, entries: list[Entry]) -> None:
+        others = self._others(agent)
         if others and entries:
-            command = Command(Op.SET_ENTRIES, vdisk=vdisk, start=start, entries=tuple(entries), blocking=blocking)
-            await asyncio.gather(*(agents.send(s, command, check=False) for s in others))
+            command = Command(Op.SET_ENTRIES, vdisk=vdisk, start=start, entries=tuple(entries))
+            await asyncio.gather(*(self.controller.agents.send(s, command, check=False) for s in others))
 
     def handle_fault(self, fault: Fault, agent: str = "") -> Response:
         controller = self.controller
@@ -140,9 +164,8 @@ class FaultPolicy:
         controller.check_threshold(vdisk.pool_id)
         return Response()
 
-    def release(self, message: Release) -> Response:
-        """Unmap whole vdisk segments (UNMAP, WRITE SAME with UNMAP); the segments are free once that is durable. A
-        release of segments already unmapped answers OK."""
+    def check_release(self, message: Release) -> Response | None:
+        """The refusal of a release that cannot be carried out (no such vdisk, out of range, thick), or None."""
         controller = self.controller
         vdisk = self._ready(message.vdisk)
         if vdisk is None:
@@ -153,7 +176,15 @@ class FaultPolicy:
             return Response(Action.FAIL, reason=Reason.OUT_OF_RANGE, message=f"segments {start}-{stop} of {nsegments}")
         if not vdisk.thin:
             return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"vdisk {vdisk.name!r} is thick")
-        controller.metadata.remove(vdisk.id, start, stop)
+        return None
+
+    def release(self, message: Release) -> Response:
+        """Unmap whole vdisk segments (UNMAP, WRITE SAME with UNMAP); the segments are free once that is durable. A
+        release of segments already unmapped answers OK."""
+        refused = self.check_release(message)
+        if refused is not None:
+            return refused
+        self.controller.metadata.remove(message.vdisk, message.start, message.start + message.count)
         return Response()
 
     def _grant(self, vdisk: VDisk, allocator: PoolAllocator, after: Segment, agent: str) -> tuple[Segment, ...]:

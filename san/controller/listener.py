@@ -57,9 +57,10 @@ class RemoteAgentLink:
 class Endpoint:
     """One gateway connection, as the controller answers it."""
 
-    def __init__(self, service: ControllerService, peer: str, lease: float, timeout: float) -> None:
+    def __init__(self, service: ControllerService, peer: str, lease: float, timeout: float, own_name: str) -> None:
         self.service = service
         self.peer = peer
+        self.own_name = own_name
         self.lease = lease
         self.timeout = timeout
         self.link: Link | None = None
@@ -77,6 +78,7 @@ class Endpoint:
                 return Response(Action.FAIL, reason=Reason.FENCED, message=f"epoch {message.epoch} is over")
             return Response()
         if isinstance(message, (Fault, Allocated, Release, Flush)):
+            await session.joined.wait()  # until grants elsewhere are taken back and its tables are there
             return await self.service.controller.handle(message, session.name)
         return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"a controller does not take {type(message).__name__}")
 
@@ -87,6 +89,8 @@ class Endpoint:
         if message.name != self.peer:
             why = f"this connection is node {self.peer}, not {message.name!r}"
             return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=why)
+        if self.peer == self.own_name:
+            return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message="that is the controller's own name")
         assert self.link is not None
         agents = self.service.controller.agents
         self.session = agents.register(self.peer, RemoteAgentLink(self.link, self.timeout), self.lease)
@@ -121,7 +125,7 @@ class AgentListener:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def _connected(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        endpoint = Endpoint(self.service, peer, self.lease, self.timeout)
+        endpoint = Endpoint(self.service, peer, self.lease, self.timeout, self.name)
         link = endpoint.link = Link(reader, writer, endpoint.handle, peer)
         self.links.add(link)
         try:

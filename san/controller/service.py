@@ -63,7 +63,10 @@ class ControllerService:
 
     async def add_agent(self, session: AgentSession) -> None:
         """A newly registered agent: its containers and tables (from the controller), then the current Config."""
-        await self.controller.add_agent(session)
+        try:
+            await self.controller.add_agent(session)
+        finally:
+            session.joined.set()  # from here on every published change reaches it too
         await self.controller.agents.send(session, self.config(), check=False)
 
     # -- what the gateways are told ------------------------------------------------------------------------
@@ -91,7 +94,7 @@ class ControllerService:
     async def _push(self) -> None:
         while self.dirty:
             self.dirty = False
-            await self.controller.agents.broadcast(self.config(), check=False)
+            await self.controller.agents.broadcast(self.config(), check=False, joined_only=True)
 
     async def settled(self) -> None:
         """Wait until every agent has the latest Config (and its frontend shows it)."""

@@ -1,7 +1,8 @@
 """The gateway root: one agent, the vdisks' SCSI units, and the frontend (built-in iSCSI or LIO with its reconcile).
 
 It hears from the controller only through the protocol: Commands for the agent's tables, Config for everything its
-frontend serves (vdisks, hosts with their CHAP credentials, zones, the pools past their threshold)."""
+frontend serves (vdisks, hosts with their CHAP credentials, zones, the pools past their threshold). A gateway of its
+own (`san gateway`) finds containers by their labels; the embedded one opens them where the controller has them."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import copy
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from san.agent.agent import Agent, AgentIOError
+from san.gateway.storage import Storage
 from san.gateway.view import View
 from san.iscsi.chap import Credentials
 from san.iscsi.server import IscsiServer, Limits
@@ -19,12 +22,13 @@ from san.iscsi.target import Access, Target
 from san.lio.config import LioConfig, RTSLibError, Wanted
 from san.lio.handler import TcmuHandler
 from san.model import VDisk
-from san.protocol.messages import Action, Command, Config, Reason, Response
+from san.protocol.messages import Action, Command, Config, Op, Reason, Response
 from san.protocol.transport import ControllerLink
 from san.scsi.disk import Disk
 from san.scsi.luns import Zoned
 from san.scsi.pages import UnitInfo
 from san.scsi.sense import UnitAttention
+from san.storage.containers import ContainerError
 
 log = logging.getLogger("san")
 FRONTENDS = ("iscsi", "lio", "auto")
@@ -64,8 +68,10 @@ class Gateway:
         open_access: bool = False,
         frontend: str = "iscsi",
         limits: Limits | None = None,
+        storage: Storage | None = None,
     ) -> None:
         self.frontend = resolve_frontend(frontend)
+        self.storage = storage
         self.agent = Agent(link)
         self.view = View()
         self.disks: dict[int, Disk] = {}
@@ -89,6 +95,11 @@ class Gateway:
             await self.configure(message)
             return Response()
         if isinstance(message, Command):
+            if message.op is Op.ATTACH_CONTAINER and self.storage is not None:
+                try:  # found by its label here, not where the controller has it
+                    message = replace(message, path=self.storage.locate(message.container, message.uuid, message.store))
+                except ContainerError as exc:
+                    return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=str(exc))
             return await self.agent.handle(message)
         return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"a gateway does not take {type(message).__name__}")
 
@@ -102,6 +113,10 @@ class Gateway:
             if self.lio_error is not None:
                 raise FrontendUnavailable(f"cannot configure LIO: {self.lio_error}")
 
+    def registered(self) -> None:
+        """A new registration: the next Config is taken whatever its version (the controller may have restarted)."""
+        self.view.version = 0
+
     async def configure(self, config: Config) -> None:
         """Serve what the new Config says: units of vdisks that went away are dropped, grown ones raise CAPACITY
         DATA HAS CHANGED, a pool past its threshold raises the soft-threshold attention once; then the frontend
@@ -111,7 +126,7 @@ class Gateway:
         self.view = View.of(config)
         for vdisk_id, disk in list(self.disks.items()):
             vdisk = self.view.vdisks.get(vdisk_id)
-            if vdisk is None:
+            if vdisk is None or vdisk.serial != disk.unit.serial:  # gone, or its id taken by a new vdisk
                 del self.disks[vdisk_id]
                 continue
             if vdisk.nblocks != disk.unit.nblocks:

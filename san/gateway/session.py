@@ -52,14 +52,17 @@ class ControllerSession:
         controllers: list[tuple[str, int]],
         suspend_timeout: float = 60.0,
         request_timeout: float = REQUEST_TIMEOUT,
+        controller_names: tuple[str, ...] = ("controller",),
     ) -> None:
         self.cluster = cluster
         self.name = name
+        self.controller_names = controller_names
         self.controllers = controllers
         self.suspend_timeout = suspend_timeout
         self.request_timeout = request_timeout
         self.handler: Handler | None = None
         self.agent: Agent | None = None
+        self.on_registered: Callable[[], None] | None = None
         self.link: Link | None = None
         self.ready = asyncio.Event()
         self.epoch = 0
@@ -67,12 +70,12 @@ class ControllerSession:
         self.valid_until = 0.0  # monotonic: the lease as this side must assume it (from when the renewal was sent)
         self.expired = True
         self.registrations = 0
-        self.rejoining: asyncio.Future[None] | None = None
         self.stopping = False
 
-    def attach(self, agent: Agent, handler: Handler) -> None:
+    def attach(self, agent: Agent, handler: Handler, on_registered: Callable[[], None] | None = None) -> None:
         self.agent = agent
         self.handler = handler
+        self.on_registered = on_registered
 
     async def send(self, message: Fault | Allocated | Release | Flush) -> Response:
         """The controller's answer; while it is unreachable, wait (up to suspend_timeout), then FAIL UNAVAILABLE."""
@@ -129,19 +132,28 @@ class ControllerSession:
     async def _serve(self, link: Link, where: str) -> None:
         reading = asyncio.ensure_future(link.run())
         try:
+            peer = link.peer
+            if peer not in self.controller_names:
+                expected = ", ".join(self.controller_names)
+                log.error("%s is node %s, not the controller (%s): not registering there", where, peer, expected)
+                await asyncio.sleep(RETRY_MAX)
+                return
+            if self.agent is not None:  # a new epoch starts from nothing: the controller's tables are the truth
+                await self.agent.start_over("registering with the controller again")
+            sent = time.monotonic()
             answer = await link.send(Register(self.name), self.request_timeout)
             if not isinstance(answer, Registered):
                 log.error("the controller at %s refused registration: %s", where, getattr(answer, "message", answer))
                 await asyncio.sleep(RETRY_MAX)
                 return
+            if self.on_registered is not None:
+                self.on_registered()
             self.epoch, self.lease = answer.epoch, answer.lease
-            self.valid_until = time.monotonic() + self.lease
+            self.valid_until = sent + self.lease
             self.expired = False
             self.registrations += 1
             self.link = link
             log.info("registered with the controller at %s (epoch %d, lease %g s)", where, self.epoch, self.lease)
-            if self.agent is not None and self.registrations > 1:
-                self.rejoining = asyncio.ensure_future(self._rejoin())
             self.ready.set()
             await self._heartbeats(link)
         except LinkClosed as exc:
@@ -153,18 +165,21 @@ class ControllerSession:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reading
 
-    async def _rejoin(self) -> None:
-        assert self.agent is not None
-        await self.agent.rejoin()
-
     async def _heartbeats(self, link: Link) -> None:
-        """Renew the lease a few times per lease; the renewal counts from when it was sent."""
+        """Renew the lease four times a lease; the renewal counts from when it was sent. A heartbeat that gets no
+        answer is not the end of the link (the controller may be busy): the link is given up once the lease has
+        lapsed, or at once when the controller says this epoch is over."""
         while not link.closed.is_set():
             await _wait(link.closed, self.lease / 4)
             if link.closed.is_set():
                 break
             sent = time.monotonic()
-            answer = await link.send(Heartbeat(self.epoch), max(self.lease / 4, 0.5))
+            try:
+                answer = await link.send(Heartbeat(self.epoch), self.lease / 2)
+            except LinkClosed:
+                if link.closed.is_set() or time.monotonic() > self.valid_until:
+                    raise
+                continue
             if isinstance(answer, Response) and answer.action is Action.OK:
                 self.valid_until = sent + self.lease
             else:
@@ -179,7 +194,7 @@ class ControllerSession:
                 self.expired = True
                 log.error("the lease lapsed (no word from the controller for %g s): I/O waits for it", self.lease)
                 if self.agent is not None:
-                    self.agent.drop_all()
+                    self.agent.drop_all("the lease lapsed")
 
     def stop(self) -> None:
         self.stopping = True

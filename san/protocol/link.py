@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 from san.protocol.codec import Envelope, FrameDecoder, ProtocolError, frame
@@ -19,6 +20,7 @@ log = logging.getLogger("san.link")
 READ_SIZE = 1 << 16
 MAX_INFLIGHT = 1024
 MAX_UNSENT = 16 << 20
+MAX_LATE = 4096
 
 Handler = Callable[[Message], Awaitable[Message]]
 
@@ -45,6 +47,7 @@ class Link:
         self.max_inflight = max_inflight
         self.numbers = itertools.count(1)
         self.waiting: dict[int, asyncio.Future[Message]] = {}
+        self.late: OrderedDict[int, None] = OrderedDict()  # requests that timed out: their answers may still come
         self.serving: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
         self.why = ""
@@ -77,7 +80,10 @@ class Link:
         if envelope.answer:
             future = self.waiting.pop(envelope.number, None)
             if future is None:
-                raise ProtocolError(f"an answer to request {envelope.number}, which was never sent or timed out")
+                if envelope.number in self.late:
+                    del self.late[envelope.number]  # its sender gave up waiting (and may have asked again)
+                    return
+                raise ProtocolError(f"an answer to request {envelope.number}, which was never sent")
             if not future.done():
                 future.set_result(envelope.message)
             return
@@ -92,7 +98,7 @@ class Link:
             answer = await self.handler(envelope.message)
         except Exception as exc:
             log.exception("answering %s from %s failed", type(envelope.message).__name__, self.peer)
-            answer = Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"the peer failed: {exc}")
+            answer = Response(Action.FAIL, reason=Reason.IO_ERROR, message=f"the peer failed: {exc}")
         self._write(Envelope(True, envelope.number, answer))
 
     async def send(self, message: Message, timeout: float) -> Message:
@@ -106,6 +112,9 @@ class Link:
             self._write(Envelope(False, number, message))
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
+            self.late[number] = None
+            if len(self.late) > MAX_LATE:
+                self.late.popitem(last=False)
             raise LinkClosed(f"no answer to {type(message).__name__} within {timeout:g} s") from None
         finally:
             self.waiting.pop(number, None)
@@ -122,7 +131,7 @@ class Link:
             self._close(f"connection lost: {exc}")
         except ProtocolError as exc:
             log.error("cannot send to %s: %s", self.peer, exc)
-            self._close(str(exc))
+            self.close(str(exc))
 
     def close(self, why: str = "closed here") -> None:
         self._close(why)

@@ -143,6 +143,7 @@ class Command:
     container: int = 0
     path: str = ""
     uuid: str = ""
+    store: str = ""
     request: int = 0
 
 
@@ -231,9 +232,15 @@ def _value(kind: Any, value: Any, where: str) -> Any:
             raise ValueError(f"{where}: a 64-bit integer expected")
         return value
     if kind is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ValueError(f"{where}: a number expected")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ValueError(f"{where}: a number expected, not one of {len(str(value))} digits") from None
+        if not math.isfinite(number):
+            raise ValueError(f"{where}: a number expected")
+        return number
     if kind is str:
         if not isinstance(value, str) or len(value) > MAX_TEXT:
             raise ValueError(f"{where}: a string of at most {MAX_TEXT} characters expected")

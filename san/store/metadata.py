@@ -156,7 +156,7 @@ class Metadata:
         future = self.worker.submit(lambda: self._transaction(changed, None)[0])
         flight = self.flight = _Flight(future, changed, orphans, actions)
         try:
-            await asyncio.wrap_future(future)
+            await asyncio.shield(asyncio.wrap_future(future))
         except StoreFailure:
             self._settle(flight)
             raise
@@ -178,7 +178,9 @@ class Metadata:
             return
         flight.settled = True
         self.flight = None
-        if flight.future.exception() is None:
+        if flight.future.cancelled():  # never ran: its changes are pending again
+            self._restore(flight.changed, flight.orphans, flight.actions)
+        elif flight.future.exception() is None:
             self._done(flight.future.result() + flight.orphans, flight.actions)
         else:
             self._restore(flight.changed, flight.orphans, flight.actions, flight.future.exception())
