@@ -47,6 +47,7 @@ class Volume:
     grant: list[tuple[int, int]] = field(default_factory=list)
     unreported: list[tuple[int, int, int]] = field(default_factory=list)
     releasing: list[tuple[int, int, asyncio.Event]] = field(default_factory=list)
+    faulting: dict[int, asyncio.Event] = field(default_factory=dict)  # segments a first write is asking for
 
 
 class Agent:
@@ -364,22 +365,45 @@ class Agent:
             piece = view[(pos - lba) * block_size : (seg_end - lba) * block_size]
             zero_data = piece.tobytes() == bytes(len(piece))
             if not zero_data:
+                asking = volume.faulting.get(fault.segment)
+                if asking is not None:  # another write is asking for this segment: it gets one mapping, for both
+                    await self._away(vdisk, volume, hold, asking.wait())
+                    return pos
                 if volume.grant:
                     self._map_from_grant(volume, fault.segment)
                     return pos
                 await self._away(vdisk, volume, hold, self._report(vdisk, volume))
         asked = Fault(vdisk, fault.segment, fault.state, write, zero_data, next(self.requests))
-        response = await self._away(vdisk, volume, hold, self._ask(asked))
+        claim = fresh and not zero_data and fault.segment not in volume.faulting
+        if claim:
+            volume.faulting[fault.segment] = asyncio.Event()
+        try:
+            response = await self._away(vdisk, volume, hold, self._ask(asked))
+        finally:
+            if claim:
+                volume.faulting.pop(fault.segment).set()
         volume.grant.extend(response.grant)
         if response.action is Action.COMPLETE:
             return seg_end
         if fault.state & INVALID:
             table.fill_invalid(response.start, response.entries)
         elif response.entries:
-            table.set_entries(response.start, response.entries)
+            self._install(volume, response.start, response.entries)
             if fresh:
                 self.mapped += 1
         return pos
+
+    @staticmethod
+    def _install(volume: Volume, start: int, entries: tuple[tuple[int, int, int], ...]) -> None:
+        """Entries a write fault was answered with, but none over a segment mapped from the grant meanwhile (that
+        mapping holds data, and its report is on its way)."""
+        own = {vseg for vseg, _, _ in volume.unreported}
+        if not own.intersection(range(start, start + len(entries))):
+            volume.table.set_entries(start, entries)
+            return
+        for index, entry in enumerate(entries):
+            if start + index not in own:
+                volume.table.set_entries(start + index, [entry])
 
     async def _away(self, vdisk: int, volume: Volume, hold: _Hold, waiting: Awaitable[T]) -> T:
         hold.release()

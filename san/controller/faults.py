@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("san.controller")
 LOAD_CHUNK = 1024
 MAX_RESERVE_BYTES = 8 << 30
+MAX_GRANT = 256
 
 AgentMessage = Fault | Allocated | Release | Flush
 
@@ -34,6 +35,7 @@ class FaultPolicy:
         self.grant_segments = grant_segments
         self.grants: dict[int, dict[Segment, None]] = {}  # vdisk -> segments its grant holder may map on its own
         self.owners: dict[int, str] = {}  # vdisk -> the agent that holds its grant
+        self.grant_targets: dict[int, int] = {}  # grows while a vdisk's grant keeps running dry
         self.vdisk_locks: dict[int, asyncio.Lock] = {}  # with several agents: one mapping change per vdisk at a time
 
     async def handle(self, message: AgentMessage, agent: str = "") -> Response:
@@ -192,8 +194,11 @@ class FaultPolicy:
         if len(self.controller.agents) != 1 or self.owners.get(vdisk.id, agent) != agent:
             return ()
         grant = self.grants.setdefault(vdisk.id, {})
-        want = self.grant_segments - len(grant)
-        if want < self.grant_segments // 2:
+        target = self.grant_targets.get(vdisk.id, self.grant_segments)
+        if not grant and vdisk.id in self.owners:  # it ran dry (it reports before it faults): a busy writer
+            target = self.grant_targets[vdisk.id] = min(target * 2, MAX_GRANT)
+        want = target - len(grant)
+        if want < target // 2:
             return ()
         self.owners[vdisk.id] = agent
         extra = allocator.take(min(want, len(allocator.reserve)), (after[0], after[1] + 1))
@@ -204,6 +209,7 @@ class FaultPolicy:
     def return_grant(self, vdisk: VDisk) -> list[Segment]:
         """Take back what a vdisk was granted (it is being deleted); the segments, for the allocator."""
         self.owners.pop(vdisk.id, None)
+        self.grant_targets.pop(vdisk.id, None)
         granted = list(self.grants.pop(vdisk.id, {}))
         self.controller.allocators[vdisk.pool_id].granted.difference_update(granted)
         return granted
@@ -244,10 +250,11 @@ class FaultPolicy:
         controller = self.controller
         hint: Segment | None = None
         count = 1
+        ahead = pool.allocate_ahead if vdisk.id not in self.owners else 0  # a grant holder maps ahead on its own
         if vseg - 1 in mapped:
             before = mapped[vseg - 1]
             hint = (before.container_id, before.pseg + 1)
-            while count <= pool.allocate_ahead and vseg + count < nsegments and vseg + count not in mapped:
+            while count <= ahead and vseg + count < nsegments and vseg + count not in mapped:
                 count += 1
         elif vseg + 1 in mapped:
             after = mapped[vseg + 1]

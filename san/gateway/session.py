@@ -70,6 +70,7 @@ class ControllerSession:
         self.valid_until = 0.0  # monotonic: the lease as this side must assume it (from when the renewal was sent)
         self.expired = True
         self.registrations = 0
+        self.drops = 0  # times the agent dropped its mappings (a lapse, a new registration)
         self.stopping = False
 
     def attach(self, agent: Agent, handler: Handler, on_registered: Callable[[], None] | None = None) -> None:
@@ -88,11 +89,14 @@ class ControllerSession:
                 )
             link = self.link
             assert link is not None
+            drops = self.drops
             try:
                 answer = await link.send(message, min(self.request_timeout, max(left, 0.1)))
             except LinkClosed:
                 await asyncio.sleep(0.05)
                 continue  # idempotent: sent again once a connection is back
+            if self.drops != drops:
+                continue  # the mappings were dropped while it was asked: an answer from before is stale now
             if not isinstance(answer, Response):
                 what = type(answer).__name__
                 return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"the controller answered {what}")
@@ -139,6 +143,7 @@ class ControllerSession:
                 await asyncio.sleep(RETRY_MAX)
                 return
             if self.agent is not None:  # a new epoch starts from nothing: the controller's tables are the truth
+                self.drops += 1
                 await self.agent.start_over("registering with the controller again")
             sent = time.monotonic()
             answer = await link.send(Register(self.name), self.request_timeout)
@@ -193,6 +198,7 @@ class ControllerSession:
             if not self.expired and time.monotonic() > self.valid_until:
                 self.expired = True
                 log.error("the lease lapsed (no word from the controller for %g s): I/O waits for it", self.lease)
+                self.drops += 1
                 if self.agent is not None:
                     self.agent.drop_all("the lease lapsed")
 

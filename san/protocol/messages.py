@@ -186,8 +186,15 @@ _TYPES: dict[str, type[Message]] = {
 
 
 def encode(message: Message) -> dict[str, Any]:
-    """A JSON-ready dict for a message."""
-    return {"type": type(message).__name__, **asdict(message)}
+    """A JSON-ready dict for a message (tuples stay tuples: json writes them as arrays; the model objects of a
+    Config become dicts). Not dataclasses.asdict(), which deep-copies every entry: that was most of a fault's cost."""
+    body: dict[str, Any] = {"type": type(message).__name__}
+    for name in _NAMES[type(message).__name__]:
+        value = getattr(message, name)
+        if value and name in _OBJECTS:
+            value = [asdict(item) for item in value]
+        body[name] = value
+    return body
 
 
 def decode(data: dict[str, Any]) -> Message:
@@ -199,6 +206,10 @@ def decode(data: dict[str, Any]) -> Message:
     message = _build(_TYPES[data["type"]], body, data["type"])
     assert isinstance(message, (Register, Registered, Heartbeat, Fault, Allocated, Release, Flush, Command, Config, Response))
     return message
+
+
+_OBJECTS = frozenset({"vdisks", "hosts", "zones"})
+_NAMES = {name: tuple(f.name for f in fields(cls)) for name, cls in _TYPES.items()}
 
 
 @cache
@@ -255,6 +266,9 @@ def _value(kind: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list) or len(value) > MAX_ITEMS:
             raise ValueError(f"{where}: a list of at most {MAX_ITEMS} items expected")
         if len(args) == 2 and args[1] is Ellipsis:
+            row = get_args(args[0])
+            if row and all(arg is int for arg in row):
+                return _int_rows(value, len(row), where)
             return tuple(_value(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
         if len(value) != len(args):
             raise ValueError(f"{where}: {len(args)} items expected")
@@ -262,6 +276,19 @@ def _value(kind: Any, value: Any, where: str) -> Any:
     if isinstance(kind, type) and is_dataclass(kind):
         return _build(kind, value, where)
     raise TypeError(f"{where}: no decoder for {kind!r}")
+
+
+def _int_rows(value: list[Any], width: int, where: str) -> tuple[tuple[int, ...], ...]:
+    """A list of rows of `width` 64-bit integers (map entries, grants): checked in one tight loop."""
+    rows = []
+    for i, item in enumerate(value):
+        if type(item) is not list or len(item) != width:
+            raise ValueError(f"{where}[{i}]: {width} items expected")
+        for number in item:
+            if type(number) is not int or not -(2**63) <= number < 2**63:
+                raise ValueError(f"{where}[{i}]: a 64-bit integer expected")
+        rows.append(tuple(item))
+    return tuple(rows)
 
 
 def _short(data: Any) -> str:

@@ -76,14 +76,16 @@ class Metadata:
 
     def count(self, vdisk_id: int) -> int:
         """How many segments of a vdisk are mapped, committed or not."""
-        if vdisk_id not in self.counts:
-            with _reading():
-                committed = self.store.count_mappings(vdisk_id)
-                for vseg, mapping in self._overlay(vdisk_id).items():
-                    had = bool(self.store.mappings(vdisk_id, vseg, vseg + 1))
-                    committed += (mapping is not None) - had
+        if vdisk_id in self.counts:
+            return self.counts[vdisk_id]
+        with _reading():
+            committed = self.store.count_mappings(vdisk_id)
+            for vseg, mapping in self._overlay(vdisk_id).items():
+                had = bool(self.store.mappings(vdisk_id, vseg, vseg + 1))
+                committed += (mapping is not None) - had
+        if self.flight is None:  # with a commit in flight the reads above may straddle it: not kept
             self.counts[vdisk_id] = committed
-        return self.counts[vdisk_id]
+        return committed
 
     @property
     def pending(self) -> int:
