@@ -111,6 +111,31 @@ def test_sequential_writer_gets_contiguous_segments_allocated_ahead(tmp_path: Pa
     run(str(tmp_path), body)
 
 
+def test_many_first_writes_at_once_all_read_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by bench/cluster.py through a gateway: 32 first writes in flight, each into a new segment; a fault's
+    answer (allocating ahead) overwrote a segment just mapped from the grant, its report was refused and the write
+    failed. Every write must land, and read back, with no report refused."""
+
+    async def body(s: Service) -> None:
+        c = s.controller
+        await c.create_pool("p", 256 * MIB, segment_size=64 * 1024)
+        v = await c.create_vdisk("v", "p", 64 * MIB)
+        per = 128  # blocks per 64 KiB segment
+        window = asyncio.Semaphore(32)  # as an initiator keeps 32 commands in flight: one starts as one ends
+
+        async def write(seg: int) -> None:
+            async with window:
+                await s.agent.write(v.id, seg * per, block(f"seg{seg}") * 8)
+
+        await asyncio.gather(*(write(seg) for seg in range(512)))
+        await s.agent.flush()
+        for seg in range(512):
+            assert bytes(await s.agent.read(v.id, seg * per, 8)) == block(f"seg{seg}") * 8, seg
+        assert not [r for r in caplog.records if "refused" in r.getMessage()]
+
+    run(str(tmp_path), body)
+
+
 def test_freed_segments_never_show_old_data(tmp_path: Path) -> None:
     async def body(s: Service) -> None:
         c = s.controller

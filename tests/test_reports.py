@@ -12,7 +12,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-from san.protocol.messages import Action, Allocated, Flush, Reason, Release
+from san._fastmap import ZERO
+from san.agent.agent import Agent
+from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.service import LOCAL_AGENT, Service
 from san.store.check import check_store
 
@@ -119,3 +121,45 @@ def test_repeated_reports_and_releases_answer_ok(tmp_path: Path) -> None:
 
     asyncio.run(body())
     assert check_store(str(tmp_path / "data" / "san.db"))[0] == []
+
+
+def test_a_faults_answer_never_overwrites_a_mapping_made_from_the_grant(tmp_path: Path) -> None:
+    """The agent against a fake controller, the order that bench/cluster.py once hit through a gateway: a first write
+    to segment 5 asks the controller; meanwhile a grant arrives and a write to segment 6 maps from it; then the first
+    answer comes, allocating ahead over segment 6. Segment 6 must keep the grant's mapping (it holds the data)."""
+    pool = tmp_path / "pool.img"
+    pool.write_bytes(bytes(64 << 20))
+    held = asyncio.Event()
+    reported: list[Allocated] = []
+
+    class FakeController:
+        async def send(self, message: object) -> Response:
+            if isinstance(message, Fault) and message.segment == 5:
+                await held.wait()
+                return Response(Action.RETRY, 5, ((1, 10, 0), (1, 11, 0)), request=message.request)
+            if isinstance(message, Fault):
+                grant = ((1, 50), (1, 51))
+                return Response(Action.RETRY, message.segment, ((1, 20, 0),), grant=grant, request=message.request)
+            if isinstance(message, Allocated):
+                reported.append(message)
+            return Response(request=getattr(message, "request", 0))
+
+    async def body() -> None:
+        agent = Agent(FakeController())
+        await agent.handle(Command(Op.ATTACH_CONTAINER, container=1, path=str(pool)))
+        create = Command(Op.CREATE_TABLE, vdisk=1, nsegments=16, segment_blocks=2048, block_size=512, nblocks=16 * 2048)
+        await agent.handle(create)
+        agent.volumes[1].table.set_entries(0, [(0, 0, ZERO)] * 16)  # loaded: all unmapped
+        first = asyncio.ensure_future(agent.write(1, 5 * 2048, b"5" * 512))
+        await asyncio.sleep(0.05)
+        await agent.write(1, 2 * 2048, b"2" * 512)  # its answer brings a grant
+        await agent.write(1, 6 * 2048, b"6" * 512)  # mapped from the grant, no round trip
+        held.set()
+        await first
+        assert bytes(await agent.read(1, 6 * 2048, 1)) == b"6" * 512, "segment 6 still reads what was written"
+        assert agent.volumes[1].table.get_entries(6, 1)[0][:2] == (1, 50)
+        await agent.flush()
+        assert any((6, 1, 50) in report.entries for report in reported)
+        agent.close()
+
+    asyncio.run(body())
