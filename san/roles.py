@@ -56,6 +56,7 @@ class GatewayOptions:
     suspend_timeout: float = 60.0
     limits: Limits = field(default_factory=Limits)
     storage: list[str] = field(default_factory=list)
+    controller_name: str = "controller"
 
 
 async def controller(options: ControllerOptions) -> int:
@@ -100,7 +101,9 @@ async def gateway(options: GatewayOptions) -> int:
     try:
         cluster = Cluster.open(options.cluster)
         cluster.context(options.name, server=False)  # its certificate loads, or say so now
-        session = ControllerSession(cluster, options.name, options.controllers, options.suspend_timeout)
+        session = ControllerSession(
+            cluster, options.name, options.controllers, options.suspend_timeout, controller_names=(options.controller_name,)
+        )
         storage = Storage(options.storage)
         gw = Gateway(session, options.portals, options.target_name, False, options.frontend, limits, storage)
     except (ClusterError, FrontendUnavailable, OSError) as exc:

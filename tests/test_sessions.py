@@ -428,3 +428,32 @@ def test_a_gateway_finds_containers_by_label_never_by_name(tmp_path: Path) -> No
     shutil.copyfile(moved, pools / "copy.img")
     with pytest.raises(ContainerError, match="taking none"):
         storage.locate(3, ours, store)
+
+
+def test_a_gateway_registers_with_the_controller_only(tmp_path: Path) -> None:
+    """Every node of a cluster has a certificate from its CA: one that is not the controller cannot pose as it."""
+
+    async def main() -> None:
+        cluster = certs(tmp_path)
+        fake = FakeController()
+        server = await listen(cluster, "gw2", "127.0.0.1", 0, fake.connected)  # another gateway, listening
+        port = server.sockets[0].getsockname()[1]
+        session = ControllerSession(cluster, "gw1", [("127.0.0.1", port)], suspend_timeout=1.0)
+        running = asyncio.ensure_future(session.run())
+        try:
+            assert not await _ready(session, 2.0), "it never registered with a gateway"
+            assert fake.registrations == 0
+        finally:
+            session.stop()
+            running.cancel()
+            server.close()
+
+    asyncio.run(main())
+
+
+async def _ready(session: ControllerSession, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(session.ready.wait(), timeout)
+    except TimeoutError:
+        return False
+    return True

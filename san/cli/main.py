@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     role.add_argument("--controller", required=True, help="HOST:PORT[,HOST:PORT...] of the controller (tried in turn)")
     role.add_argument("--cluster", required=True, help="the cluster directory (this node's certificate and the CA)")
     role.add_argument(
+        "--controller-name", default="controller", help="the controller's node name in the cluster (default %(default)s)"
+    )
+    role.add_argument(
         "--storage",
         action="append",
         default=[],
@@ -607,6 +610,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         args.suspend_timeout,
         Limits(args.max_connections, args.max_connections_per_address),
         args.storage,
+        args.controller_name,
     )
     return run_loop(gateway(options))
 
