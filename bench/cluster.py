@@ -11,17 +11,27 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import shutil
 import signal
 import subprocess
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from iscsi_vs_tgt import INITIATOR, SAN_IQN, TGT_IQN, free_port, perf, run, san_bin, san_target, tgt_target
+from iscsi_vs_tgt import (
+    INITIATOR,
+    SAN_IQN,
+    TGT_IQN,
+    free_port,
+    perf,
+    random_image,
+    require,
+    run,
+    san_bin,
+    san_target,
+    tgt_target,
+    wait_api,
+)
 from sync_vs_tgt import SESSIONS, SIZE, initiator, sessions
 
 READ_SIZE = 1 << 30
@@ -42,15 +52,8 @@ def cluster_target(work: Path) -> Iterator[tuple[str, int]]:
     gateway += ["--storage", str(work / "ctl" / "pools")]
     procs = [subprocess.Popen(controller, stdout=logs[0], stderr=subprocess.STDOUT)]
     try:
+        wait_api(f"http://127.0.0.1:{api}", procs[0], work / "controller.log", "san controller")
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{api}/openapi.json", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or procs[0].poll() is not None:
-                    raise SystemExit(f"san controller did not start: {(work / 'controller.log').read_text()}") from None
-                time.sleep(0.1)
         procs.append(subprocess.Popen(gateway, stdout=logs[1], stderr=subprocess.STDOUT))
         while "registered with the controller" not in (work / "gateway.log").read_text():
             if time.monotonic() > deadline or procs[1].poll() is not None:
@@ -112,15 +115,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="length of the random-read run")
     parser.add_argument("--count", type=int, default=8000, help="first writes, and sync writes in all (8 sessions)")
     args = parser.parse_args()
-    missing = [tool for tool in ("tgtd", "tgtadm", "iscsi-perf", "qemu-img") if shutil.which(tool) is None]
-    if missing:
-        raise SystemExit(f"missing {missing}: apt-get install tgt libiscsi-bin qemu-utils qemu-block-extra")
+    require(("tgtd", "tgtadm", "iscsi-perf", "qemu-img"), "tgt libiscsi-bin qemu-utils qemu-block-extra")
     with tempfile.TemporaryDirectory(prefix="san-bench-") as tmp:
         work = Path(tmp)
         source = work / "random.img"
-        with source.open("wb") as out:
-            for _ in range(READ_SIZE >> 24):
-                out.write(os.urandom(1 << 24))
+        random_image(source, READ_SIZE)
         (work / "serve").mkdir()
         (work / "gw").mkdir()
         with san_target(work / "serve") as (api, portal):

@@ -45,6 +45,33 @@ def run(*args: str, timeout: float = 600) -> str:
     return result.stdout + result.stderr
 
 
+def require(tools: tuple[str, ...], packages: str) -> None:
+    """Exit with the apt-get line when a tool is missing."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        raise SystemExit(f"missing {missing}: apt-get install {packages}")
+
+
+def random_image(path: Path, size: int) -> None:
+    """A file of size bytes (a multiple of 16 MiB) of random data."""
+    with path.open("wb") as out:
+        for _ in range(size >> 24):
+            out.write(os.urandom(1 << 24))
+
+
+def wait_api(url: str, proc: subprocess.Popen[bytes], log: Path, what: str, timeout: float = 30) -> None:
+    """Return once url answers; exit with the log if proc ends or the time runs out first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/openapi.json", timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"{what} did not start: {log.read_text()}") from None
+            time.sleep(0.1)
+
+
 def san_bin() -> str:
     script = Path(sys.executable).with_name("san")
     return str(script) if script.exists() else "san"
@@ -58,15 +85,7 @@ def san_target(work: Path) -> Iterator[tuple[str, int]]:
     command += ["--portal", f"127.0.0.1:{portal}", "--iqn", SAN_IQN, "--log-level", "warning"]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{api}/openapi.json", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise SystemExit(f"san serve did not start: {(work / 'san.log').read_text()}") from None
-                time.sleep(0.1)
+        wait_api(f"http://127.0.0.1:{api}", proc, work / "san.log", "san serve")
         yield f"http://127.0.0.1:{api}", portal
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -130,15 +149,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="length of each iscsi-perf run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per target; the best counts")
     args = parser.parse_args()
-    missing = [tool for tool in ("tgtd", "tgtadm", "iscsi-perf", "qemu-img") if shutil.which(tool) is None]
-    if missing:
-        raise SystemExit(f"missing {missing}: apt-get install tgt libiscsi-bin qemu-utils qemu-block-extra")
+    require(("tgtd", "tgtadm", "iscsi-perf", "qemu-img"), "tgt libiscsi-bin qemu-utils qemu-block-extra")
     with tempfile.TemporaryDirectory(prefix="san-bench-") as tmp:
         work = Path(tmp)
         source = work / "random.img"
-        with source.open("wb") as out:
-            for _ in range(SIZE >> 24):
-                out.write(os.urandom(1 << 24))
+        random_image(source, SIZE)
         backing = work / "tgt.img"
         shutil.copyfile(source, backing)
         with san_target(work) as (api, san_portal), tgt_target(work, backing) as tgt_portal:

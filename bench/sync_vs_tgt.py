@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from iscsi_vs_tgt import SAN_IQN, TGT_IQN, run, san_bin, san_target, tgt_target
+from iscsi_vs_tgt import SAN_IQN, TGT_IQN, require, run, san_bin, san_target, tgt_target
 
 SESSIONS = 8
 REGION = 64 << 20
@@ -51,9 +50,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000, help="writes per session and run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per target; the best counts")
     args = parser.parse_args()
-    missing = [tool for tool in ("tgtd", "tgtadm", "qemu-img") if shutil.which(tool) is None]
-    if missing:
-        raise SystemExit(f"missing {missing}: apt-get install tgt qemu-utils qemu-block-extra")
+    require(("tgtd", "tgtadm", "qemu-img"), "tgt qemu-utils qemu-block-extra")
     with tempfile.TemporaryDirectory(prefix="san-bench-") as tmp:
         work = Path(tmp)
         backing = work / "tgt.img"

@@ -5,6 +5,7 @@ Plain dataclasses: the same names and fields appear in the database, the JSON of
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -140,3 +141,8 @@ class Zone:
     vdisk_id: int
     lun: int
     read_only: bool = False
+
+
+def host_by_iqn(hosts: Iterable[Host], iqn: str) -> Host | None:
+    """The host with that iSCSI name, if there is one."""
+    return next((host for host in hosts if host.iqn == iqn), None)

@@ -395,15 +395,16 @@ class Agent:
 
     @staticmethod
     def _install(volume: Volume, start: int, entries: tuple[tuple[int, int, int], ...]) -> None:
-        """Entries a write fault was answered with, but none over a segment mapped from the grant meanwhile (that
-        mapping holds data, and its report is on its way)."""
-        own = {vseg for vseg, _, _ in volume.unreported}
-        if not own.intersection(range(start, start + len(entries))):
-            volume.table.set_entries(start, entries)
+        """Entries a write fault was answered with, each only where the table still has no mapping (INVALID, or
+        ZERO with no alternate): a mapping made meanwhile (from the grant) holds data, and its report is on its way."""
+        table = volume.table
+        current = table.get_entries(start, len(entries))
+        if all(_unmapped(state, alternate) for _, _, state, alternate in current):
+            table.set_entries(start, entries)
             return
-        for index, entry in enumerate(entries):
-            if start + index not in own:
-                volume.table.set_entries(start + index, [entry])
+        for index, (entry, (_, _, state, alternate)) in enumerate(zip(entries, current, strict=True)):
+            if _unmapped(state, alternate):
+                table.set_entries(start + index, [entry])
 
     async def _away(self, vdisk: int, volume: Volume, hold: _Hold, waiting: Awaitable[T]) -> T:
         hold.release()
@@ -570,6 +571,10 @@ class Agent:
         await self._report_all()
         await self._ask(Flush(next(self.requests)))
         self.durable = max(self.durable, covers)
+
+
+def _unmapped(state: int, alternate: object) -> bool:
+    return bool(state & INVALID) or (state == ZERO and alternate is None)
 
 
 class _Hold:

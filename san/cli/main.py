@@ -543,6 +543,10 @@ def run_check(data: str) -> int:
     return 0
 
 
+def _log_to_stderr(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def run_cluster(args: argparse.Namespace) -> int:
     from san.cluster.pki import Cluster, ClusterError
 
@@ -567,7 +571,7 @@ def run_cluster(args: argparse.Namespace) -> int:
 def run_controller(args: argparse.Namespace) -> int:
     from san.roles import ControllerOptions, controller
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr(args.log_level)
     if not args.lease > 0:
         print("san: --lease must be more than 0 seconds", file=sys.stderr)
         return 2
@@ -591,7 +595,7 @@ def run_gateway(args: argparse.Namespace) -> int:
     from san.iscsi.server import Limits
     from san.roles import GatewayOptions, gateway
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr(args.log_level)
     try:
         controllers = [_hostport(part) for part in args.controller.split(",") if part]
     except argparse.ArgumentTypeError as exc:
@@ -628,7 +632,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from san.iscsi.server import Limits
     from san.serve import Options, serve
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _log_to_stderr(args.log_level)
     if args.max_connections < 1 or args.max_connections_per_address < 1:
         print("san: --max-connections and --max-connections-per-address must be at least 1", file=sys.stderr)
         return 2

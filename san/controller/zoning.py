@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from san.controller.locks import Locks
 from san.errors import Conflict, InvalidRequest, NotFound
-from san.model import Host, VDisk, Zone, check_name, shown
+from san.model import Host, VDisk, Zone, check_name, host_by_iqn, shown
 from san.store.metadata import Metadata
 
 log = logging.getLogger("san.zoning")
@@ -57,10 +57,7 @@ class Zoning:
         raise NotFound(f"no host named {shown(name)}")
 
     def by_iqn(self, iqn: str) -> Host | None:
-        for host in self.hosts.values():
-            if host.iqn == iqn:
-                return host
-        return None
+        return host_by_iqn(self.hosts.values(), iqn)
 
     def zones_of(self, host: Host) -> list[Zone]:
         return [z for z in self.zones if z.host_id == host.id]

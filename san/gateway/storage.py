@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 
-from san.storage.containers import ContainerError, find_labeled_devices
-from san.storage.label import LabelError, read_label
+from san.storage.containers import ContainerError, carries_label, find_labeled_devices
 
 
 class Storage:
@@ -36,18 +35,6 @@ class Storage:
             except OSError:
                 continue
             for entry in entries:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                try:
-                    fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-                except OSError:
-                    continue
-                try:
-                    label = read_label(fd)
-                except (OSError, LabelError):
-                    label = None
-                finally:
-                    os.close(fd)
-                if label is not None and label.container_uuid == container_uuid and label.store_id == store_id:
+                if entry.is_file(follow_symlinks=False) and carries_label(entry.path, container_uuid, store_id, False):
                     found.append(entry.path)
         return found

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from san.model import Host, VDisk, Zone
+from san.model import Host, VDisk, Zone, host_by_iqn
 from san.protocol.messages import Config
 
 
@@ -31,10 +31,7 @@ class View:
         )
 
     def by_iqn(self, iqn: str) -> Host | None:
-        for host in self.hosts.values():
-            if host.iqn == iqn:
-                return host
-        return None
+        return host_by_iqn(self.hosts.values(), iqn)
 
     def zones_of(self, host: Host) -> list[Zone]:
         return [z for z in self.zones if z.host_id == host.id and z.vdisk_id in self.vdisks]

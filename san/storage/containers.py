@@ -178,22 +178,24 @@ def find_labeled_devices(container_uuid: str, store_id: str) -> list[str]:
         names = sorted(os.listdir("/sys/class/block"))
     except OSError:
         return []
-    found = []
-    for name in names:
-        path = os.path.join("/dev", name)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError:
-            continue
-        try:
-            label = read_label(fd)
-        except (OSError, LabelError):
-            label = None
-        finally:
-            os.close(fd)
-        if label is not None and label.container_uuid == container_uuid and label.store_id == store_id:
-            found.append(path)
+    found = [path for path in (os.path.join("/dev", n) for n in names) if carries_label(path, container_uuid, store_id)]
     return _outermost(found)
+
+
+def carries_label(path: str, container_uuid: str, store_id: str, follow: bool = True) -> bool:
+    """Whether the device or file at path carries the label of this container of this store (unreadable: no)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return False
+    try:
+        label = read_label(fd)
+    except (OSError, LabelError):
+        return False
+    finally:
+        os.close(fd)
+    return label is not None and label.container_uuid == container_uuid and label.store_id == store_id
 
 
 def _outermost(devices: list[str]) -> list[str]:
