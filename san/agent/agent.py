@@ -57,6 +57,7 @@ class Agent:
         self.link = link
         self.volumes: dict[int, Volume] = {}
         self.containers = ContainerSet()
+        self.drops = 0  # times every mapping was dropped (drop_all): an answer from before says nothing of now
         self.mapped = 0  # mappings made so far (faults that allocated, grant mappings): a generation count
         self.durable = 0  # every mapping up to this generation is committed by the controller
         self.report_scheduled = False
@@ -118,6 +119,7 @@ class Agent:
         registers again (the controller may have given those segments to others, or changed any mapping, since).
         I/O faults, and waits, until the controller answers."""
         lost = 0
+        self.drops += 1
         for volume in self.volumes.values():
             volume.table.invalidate_all()
             volume.grant.clear()
@@ -372,7 +374,9 @@ class Agent:
                 if volume.grant:
                     self._map_from_grant(volume, fault.segment)
                     return pos
-                await self._away(vdisk, volume, hold, self._report(vdisk, volume))
+                if volume.unreported:
+                    await self._away(vdisk, volume, hold, self._report(vdisk, volume))
+                    return pos  # look again: while it reported, a grant may have come and mapped this segment
         asked = Fault(vdisk, fault.segment, fault.state, write, zero_data, next(self.requests))
         claim = fresh and not zero_data and fault.segment not in volume.faulting
         if claim:
@@ -462,11 +466,12 @@ class Agent:
             if not volume.unreported:
                 return
             entries = tuple(volume.unreported)
+            drops = self.drops
             try:
                 await self._ask(Allocated(vdisk, entries, next(self.requests)))
             except AgentIOError as exc:
-                if exc.reason is not Reason.BAD_COMMAND:
-                    raise  # a store error: kept, and sent again
+                if exc.reason is not Reason.BAD_COMMAND or drops != self.drops:
+                    raise  # a store error: kept, and sent again (or dropped meanwhile: nothing of it is left)
                 # Refused for good (the controller maps these segments otherwise): sending them again would fail
                 # every later flush too. Dropped, loudly; this flush fails.
                 log.error("the controller refused vdisk %d's report of %d mappings (dropped): %s", vdisk, len(entries), exc)
@@ -474,7 +479,8 @@ class Agent:
                 for vseg, _, _ in entries:  # never write there again: fault, and take the controller's word for it
                     volume.table.set_entries(vseg, [(0, 0, INVALID)])
                 raise
-            del volume.unreported[: len(entries)]
+            if drops == self.drops:  # else drop_all() emptied the list; what is there now is unreported
+                del volume.unreported[: len(entries)]
 
     async def _ask(self, message: Fault | Allocated | Release | Flush) -> Response:
         """Send a message (made with a new request id); its answer, or AgentIOError when it failed."""

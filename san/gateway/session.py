@@ -201,6 +201,8 @@ class ControllerSession:
                 self.drops += 1
                 if self.agent is not None:
                     self.agent.drop_all("the lease lapsed")
+                if self.link is not None:  # a new epoch, not a renewal of this one: the controller drops the old
+                    self.link.close("the lease lapsed")
 
     def stop(self) -> None:
         self.stopping = True
