@@ -31,8 +31,7 @@ def sessions(portal: int, target: str, lun: int, count: int) -> float:
     started = time.monotonic()
     for index in range(SESSIONS):
         options = (
-            f"driver=iscsi,transport=tcp,portal=127.0.0.1:{portal},target={target},lun={lun},"
-            f"initiator-name={initiator(index)}"
+            f"driver=iscsi,transport=tcp,portal=127.0.0.1:{portal},target={target},lun={lun},initiator-name={initiator(index)}"
         )
         bench = ["qemu-img", "bench", "-w", "--pattern=165", "-c", str(count), "-s", "4096", "-S", "4096", "-d", "1"]
         bench += ["--flush-interval=8", "-o", str(index * REGION), "--image-opts", options]

@@ -219,6 +219,7 @@ def test_strangers_are_refused_before_anything_is_read(clusters: tuple[Cluster, 
         except (ssl.SSLError, ConnectionError):
             refused = True
         assert refused
+
         # A plain TCP client sending a well-formed frame.
         def plain_client() -> bytes:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as plain:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from san._fastmap import ZERO
 from san.agent.agent import Agent
-from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
+from san.protocol.messages import LOAD_CHUNK, Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.service import LOCAL_AGENT, Service
 from san.store.check import check_store
 
@@ -163,3 +163,137 @@ def test_a_faults_answer_never_overwrites_a_mapping_made_from_the_grant(tmp_path
         agent.close()
 
     asyncio.run(body())
+
+
+def _fake_agent(pool: Path, controller: object, nsegments: int = 16) -> tuple[Agent, Command, Command]:
+    pool.write_bytes(bytes(64 << 20))
+    attach = Command(Op.ATTACH_CONTAINER, container=1, path=str(pool))
+    create = Command(Op.CREATE_TABLE, vdisk=1, nsegments=nsegments, segment_blocks=2048, block_size=512, nblocks=nsegments * 2048)
+    return Agent(controller), attach, create  # type: ignore[arg-type]
+
+
+def test_one_load_per_chunk_however_many_ios_fault_on_it(tmp_path: Path) -> None:
+    """32 reads at once on a table just created (every entry INVALID), all in one chunk: one load is asked for, and
+    every read waits for its answer (each used to ask on its own, and each answer is a whole chunk of entries)."""
+    loads: list[Fault] = []
+
+    class FakeController:
+        async def send(self, message: object) -> Response:
+            assert isinstance(message, Fault)
+            loads.append(message)
+            await asyncio.sleep(0.05)
+            start = message.segment - message.segment % LOAD_CHUNK
+            return Response(Action.RETRY, start, ((0, 0, ZERO),) * 64, request=message.request)
+
+    async def body() -> None:
+        agent, attach, create = _fake_agent(tmp_path / "pool.img", FakeController(), 64)
+        await agent.handle(attach)
+        await agent.handle(create)
+        reads = await asyncio.gather(*(agent.read(1, segment * 2048, 1) for segment in range(32)))
+        assert all(bytes(data) == bytes(512) for data in reads)
+        assert len(loads) == 1, [fault.segment for fault in loads]
+        agent.close()
+
+    asyncio.run(body())
+
+
+def test_a_grant_answered_after_a_revoke_is_not_taken(tmp_path: Path) -> None:
+    """A write fault is answered with a grant, but the controller revoked the vdisk's grants while the answer was on
+    its way (another agent opened the table): those segments went back to the pool, so the agent must not map onto
+    them. The next first write asks again instead."""
+    held = asyncio.Event()
+    asked: list[Fault] = []
+
+    class FakeController:
+        async def send(self, message: object) -> Response:
+            if isinstance(message, Fault):
+                asked.append(message)
+                if len(asked) == 1:
+                    await held.wait()
+                    return Response(Action.RETRY, 2, ((1, 20, 0),), grant=((1, 50), (1, 51)), request=message.request)
+                return Response(Action.RETRY, message.segment, ((1, 30, 0),), request=message.request)
+            return Response(request=getattr(message, "request", 0))
+
+    async def body() -> None:
+        agent, attach, create = _fake_agent(tmp_path / "pool.img", FakeController())
+        await agent.handle(attach)
+        await agent.handle(create)
+        agent.volumes[1].table.set_entries(0, [(0, 0, ZERO)] * 16)
+        first = asyncio.ensure_future(agent.write(1, 2 * 2048, b"2" * 512))
+        await asyncio.sleep(0.05)
+        assert (await agent.handle(Command(Op.REVOKE_GRANT, vdisk=1))).action is Action.OK
+        held.set()
+        await first
+        assert not agent.volumes[1].grant, "the revoked grant's segments are not the agent's"
+        await agent.write(1, 3 * 2048, b"3" * 512)
+        assert len(asked) == 2 and agent.volumes[1].table.get_entries(3, 1)[0][:2] == (1, 30)
+        agent.close()
+
+    asyncio.run(body())
+
+
+def test_a_half_used_grant_is_reported_at_once_and_topped_up(tmp_path: Path) -> None:
+    """A busy writer never waits for the report timer: once half of its grant is mapped, the agent reports, and the
+    report's answer brings more segments, so first writes go on without a fault."""
+    faults: list[Fault] = []
+    reports: list[Allocated] = []
+
+    class FakeController:
+        async def send(self, message: object) -> Response:
+            if isinstance(message, Fault):
+                faults.append(message)
+                grant = tuple((1, 100 + i) for i in range(4))
+                return Response(Action.RETRY, message.segment, ((1, 10, 0),), grant=grant, request=message.request)
+            if isinstance(message, Allocated):
+                reports.append(message)
+                return Response(grant=tuple((1, 200 + 4 * len(reports) + i) for i in range(4)), request=message.request)
+            return Response(request=getattr(message, "request", 0))
+
+    async def body() -> None:
+        agent, attach, create = _fake_agent(tmp_path / "pool.img", FakeController())
+        await agent.handle(attach)
+        await agent.handle(create)
+        agent.volumes[1].table.set_entries(0, [(0, 0, ZERO)] * 16)
+        for segment in range(8):
+            await agent.write(1, segment * 2048, bytes([segment + 1]) * 512)
+            await asyncio.sleep(0.01)  # well under the report timer (REPORT_DELAY)
+        assert len(faults) == 1, "the first write faults; the rest map from the grant and its top-ups"
+        assert reports and reports[0].entries == ((1, 1, 100), (2, 1, 101)), reports
+        mapped = {agent.volumes[1].table.get_entries(s, 1)[0][1] for s in range(8)}
+        assert any(pseg >= 200 for pseg in mapped), "segments from a report's answer were used"
+        for segment in range(8):
+            assert bytes(await agent.read(1, segment * 2048, 1)) == bytes([segment + 1]) * 512
+        agent.close()
+
+    asyncio.run(body())
+
+
+def test_a_report_tops_up_the_grant_of_the_one_agent_serving_the_vdisk(tmp_path: Path) -> None:
+    """The controller's side of the early report: the answer to a report that used up half of the grant brings new
+    segments, recorded as granted (so a later report of them is accepted) and mapped to nothing."""
+
+    async def body() -> None:
+        service = Service(str(tmp_path / "data"))
+        await service.start()
+        try:
+            c = service.controller
+            await c.create_pool("p", 64 * MIB)
+            v = await c.create_vdisk("v", "p", 32 * MIB)
+            await asyncio.sleep(0.1)
+            await service.agent.write(v.id, 0, b"a".ljust(512, b"."))
+            volume = service.agent.volumes[v.id]
+            granted = list(volume.grant)
+            volume.grant.clear()  # the agent's own use of the grant is not under test here
+            used = granted[: len(granted) // 2 + 1]
+            answer = await c.handle(Allocated(v.id, tuple((1 + i, *s) for i, s in enumerate(used)), request=7), LOCAL_AGENT)
+            assert answer.action is Action.OK and answer.grant, answer
+            assert set(answer.grant) <= set(c.policy.grants[v.id]) and not set(answer.grant) & set(used)
+            mapped = {(m.container_id, m.pseg) for m in c.mappings(v.id, 0, 64)}
+            assert not set(answer.grant) & mapped
+            report = Allocated(v.id, ((20, *answer.grant[0]),), request=8)
+            assert (await c.handle(report, LOCAL_AGENT)).action is Action.OK
+        finally:
+            await service.stop()
+
+    asyncio.run(body())
+    assert check_store(str(tmp_path / "data" / "san.db"))[0] == []

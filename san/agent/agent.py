@@ -16,7 +16,7 @@ from typing import TypeVar
 from san._fastmap import INVALID, ZERO, MapFault, MapTable
 from san.agent._blockio import AGAIN, DONE, FAULT, read_blocks, write_blocks
 from san.groupcommit import GroupCommit
-from san.protocol.messages import Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
+from san.protocol.messages import LOAD_CHUNK, Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.protocol.transport import ControllerLink
 from san.storage.containers import ContainerError, ContainerSet
 from san.storage.label import LabelError, read_label
@@ -44,10 +44,13 @@ class Volume:
 
     table: MapTable
     nblocks: int
-    grant: list[tuple[int, int]] = field(default_factory=list)
+    grant: dict[tuple[int, int], None] = field(default_factory=dict)  # in the order granted
     unreported: list[tuple[int, int, int]] = field(default_factory=list)
     releasing: list[tuple[int, int, asyncio.Event]] = field(default_factory=list)
     faulting: dict[int, asyncio.Event] = field(default_factory=dict)  # segments a first write is asking for
+    loading: dict[int, asyncio.Event] = field(default_factory=dict)  # chunks (LOAD_CHUNK) whose entries are asked for
+    topped: int = 0  # the grant's size when it was last topped up: a report goes early once half of it is used
+    revokes: int = 0  # times the grant was revoked: an answer asked for before the last one brings no grant
 
 
 class Agent:
@@ -61,6 +64,7 @@ class Agent:
         self.mapped = 0  # mappings made so far (faults that allocated, grant mappings): a generation count
         self.durable = 0  # every mapping up to this generation is committed by the controller
         self.report_scheduled = False
+        self.topping_up = False
         self.reporting = asyncio.Lock()
         self.requests = itertools.count(1)
         self.full: set[int] = set()
@@ -102,6 +106,7 @@ class Agent:
         if volume is None:
             return Response()
         volume.grant.clear()
+        volume.revokes += 1
         try:
             await self._report(vdisk, volume)
         except AgentIOError as exc:
@@ -377,16 +382,25 @@ class Agent:
                 if volume.unreported:
                     await self._away(vdisk, volume, hold, self._report(vdisk, volume))
                     return pos  # look again: while it reported, a grant may have come and mapped this segment
+        claims: dict[int, asyncio.Event] | None = None
+        if fault.state & INVALID:  # one load per chunk in flight: its answer fills the chunk for every I/O in it
+            claims, key = volume.loading, fault.segment // LOAD_CHUNK
+            loading = claims.get(key)
+            if loading is not None:
+                await self._away(vdisk, volume, hold, loading.wait())
+                return pos
+        elif fresh and not zero_data:
+            claims, key = volume.faulting, fault.segment
         asked = Fault(vdisk, fault.segment, fault.state, write, zero_data, next(self.requests))
-        claim = fresh and not zero_data and fault.segment not in volume.faulting
-        if claim:
-            volume.faulting[fault.segment] = asyncio.Event()
+        revokes = volume.revokes
+        if claims is not None:
+            claims[key] = asyncio.Event()
         try:
             response = await self._away(vdisk, volume, hold, self._ask(asked))
         finally:
-            if claim:
-                volume.faulting.pop(fault.segment).set()
-        volume.grant.extend(response.grant)
+            if claims is not None:
+                claims.pop(key).set()
+        self._take_grant(volume, revokes, response.grant)
         if response.action is Action.COMPLETE:
             return seg_end
         if fault.state & INVALID:
@@ -422,18 +436,30 @@ class Agent:
     def _map_from_grant(self, volume: Volume, segment: int) -> None:
         """Map a ZERO segment onto a granted one (after its neighbour's when the grant has it); report it later."""
         grant = volume.grant
-        choice = grant[0]
+        choice = next(iter(grant))
         if segment > 0:
             container, pseg, state, _ = volume.table.get_entries(segment - 1, 1)[0]
             if state == 0 and (container, pseg + 1) in grant:
                 choice = (container, pseg + 1)
-        grant.remove(choice)
+        del grant[choice]
         volume.table.set_entries(segment, [(choice[0], choice[1], 0)])
         volume.unreported.append((segment, choice[0], choice[1]))
         self.mapped += 1
-        if not self.report_scheduled:
+        if len(grant) <= volume.topped // 2 and not self.topping_up:
+            self.topping_up = True  # half of the grant is used: report now, and the answer tops it up
+            self._report_later()
+        elif not self.report_scheduled:
             self.report_scheduled = True
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._report_later)
+
+    @staticmethod
+    def _take_grant(volume: Volume, revokes: int, grant: tuple[tuple[int, int], ...]) -> None:
+        """Add the segments an answer granted, unless the grant was revoked after its question was sent (the
+        controller took them back with the rest). The next early report comes once half of what is held is used;
+        none while the controller had nothing to give (its reserve is refilling: the grant's end faults)."""
+        if revokes == volume.revokes:
+            volume.grant.update(dict.fromkeys(grant))
+            volume.topped = len(volume.grant) if grant else 0
 
     def _report_later(self) -> None:
         task = asyncio.ensure_future(self._report_all())
@@ -451,11 +477,14 @@ class Agent:
     async def _report_all(self) -> None:
         self.report_scheduled = False
         failure: AgentIOError | None = None
-        for vdisk, volume in list(self.volumes.items()):
-            try:
-                await self._report(vdisk, volume)
-            except AgentIOError as exc:
-                failure = failure or exc
+        try:
+            for vdisk, volume in list(self.volumes.items()):
+                try:
+                    await self._report(vdisk, volume)
+                except AgentIOError as exc:
+                    failure = failure or exc
+        finally:
+            self.topping_up = False  # answered (and topped up), or failed: the next half-used grant reports again
         if failure is not None:
             raise failure
 
@@ -466,9 +495,9 @@ class Agent:
             if not volume.unreported:
                 return
             entries = tuple(volume.unreported)
-            drops = self.drops
+            drops, revokes = self.drops, volume.revokes
             try:
-                await self._ask(Allocated(vdisk, entries, next(self.requests)))
+                response = await self._ask(Allocated(vdisk, entries, next(self.requests)))
             except AgentIOError as exc:
                 if exc.reason is not Reason.BAD_COMMAND or drops != self.drops:
                     raise  # a store error: kept, and sent again (or dropped meanwhile: nothing of it is left)
@@ -481,6 +510,7 @@ class Agent:
                 raise
             if drops == self.drops:  # else drop_all() emptied the list; what is there now is unreported
                 del volume.unreported[: len(entries)]
+                self._take_grant(volume, revokes, response.grant)
 
     async def _ask(self, message: Fault | Allocated | Release | Flush) -> Response:
         """Send a message (made with a new request id); its answer, or AgentIOError when it failed."""

@@ -12,7 +12,19 @@ from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
 from san.controller.allocator import PoolAllocator, Segment
 from san.errors import StoreFailure
 from san.model import Pool, VDisk
-from san.protocol.messages import Action, Allocated, Command, Entry, Fault, Flush, Op, Reason, Release, Response
+from san.protocol.messages import (
+    LOAD_CHUNK,
+    Action,
+    Allocated,
+    Command,
+    Entry,
+    Fault,
+    Flush,
+    Op,
+    Reason,
+    Release,
+    Response,
+)
 from san.store.store import Mapping
 
 if TYPE_CHECKING:
@@ -20,7 +32,6 @@ if TYPE_CHECKING:
     from san.controller.controller import Controller
 
 log = logging.getLogger("san.controller")
-LOAD_CHUNK = 1024
 MAX_RESERVE_BYTES = 8 << 30
 MAX_GRANT = 256
 
@@ -164,7 +175,13 @@ class FaultPolicy:
             allocator.granted.discard((mapping.container_id, mapping.pseg))
         controller.metadata.insert(vdisk.id, new)
         controller.check_threshold(vdisk.pool_id)
-        return Response()
+        if vdisk.state != "ready" or not report.entries:
+            return Response()
+        last = report.entries[-1]
+        more = self._grant(vdisk, allocator, (last[1], last[2]), agent)  # the report of a writer tops its grant up
+        if len(allocator.reserve) < allocator.reserve_target // 2:
+            controller.low_reserve(vdisk.pool_id)
+        return Response(grant=more)
 
     def check_release(self, message: Release) -> Response | None:
         """The refusal of a release that cannot be carried out (no such vdisk, out of range, thick), or None."""
@@ -195,12 +212,14 @@ class FaultPolicy:
             return ()
         grant = self.grants.setdefault(vdisk.id, {})
         target = self.grant_targets.get(vdisk.id, self.grant_segments)
-        if not grant and vdisk.id in self.owners:  # it ran dry (it reports before it faults): a busy writer
+        if len(grant) <= target // 2 and vdisk.id in self.owners:  # half of it used since the last top-up: busy
             target = self.grant_targets[vdisk.id] = min(target * 2, MAX_GRANT)
         want = target - len(grant)
         if want < target // 2:
             return ()
         self.owners[vdisk.id] = agent
+        if len(allocator.reserve) < want:  # the reserve holds back a busy writer's grant: let it grow
+            self._grow_reserve(allocator, self.controller.pools[vdisk.pool_id])
         extra = allocator.take(min(want, len(allocator.reserve)), (after[0], after[1] + 1))
         allocator.granted.update(extra)
         grant.update(dict.fromkeys(extra))
@@ -243,9 +262,7 @@ class FaultPolicy:
             entries[m.vseg - start] = (m.container_id, m.pseg, m.state)
         return tuple(entries)
 
-    def _allocate(
-        self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int, mapped: dict[int, Mapping], agent: str
-    ) -> Response:
+    def _allocate(self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int, mapped: dict[int, Mapping], agent: str) -> Response:
         """Map vseg (and, for a sequential writer, the next unmapped segments) onto reserved segments."""
         controller = self.controller
         hint: Segment | None = None
@@ -293,5 +310,10 @@ class FaultPolicy:
             allocator.cancel_reserve(runs)
             raise
         allocator.add_reserve(runs)
+        self._grow_reserve(allocator, pool)
+
+    @staticmethod
+    def _grow_reserve(allocator: PoolAllocator, pool: Pool) -> None:
+        """Double the pool's reserve target (up to an eighth of the pool or MAX_RESERVE_BYTES)."""
         ceiling = max(min(MAX_RESERVE_BYTES // pool.segment_size, allocator.capacity // 8), 1)
         allocator.reserve_target = min(allocator.reserve_target * 2, ceiling)

@@ -19,6 +19,7 @@ Entry = tuple[int, int, int]
 PROTOCOL_VERSION = 1
 MAX_TEXT = 1 << 16
 MAX_ITEMS = 1 << 16
+LOAD_CHUNK = 1024  # a fault on an INVALID entry is answered with the aligned chunk of this many segments around it
 
 
 class Op(StrEnum):
