@@ -57,6 +57,7 @@ class GatewayOptions:
     limits: Limits = field(default_factory=Limits)
     storage: list[str] = field(default_factory=list)
     controller_name: str = "controller"
+    direct_io: str = "auto"
 
 
 async def controller(options: ControllerOptions) -> int:
@@ -105,7 +106,7 @@ async def gateway(options: GatewayOptions) -> int:
             cluster, options.name, options.controllers, options.suspend_timeout, controller_names=(options.controller_name,)
         )
         storage = Storage(options.storage)
-        gw = Gateway(session, options.portals, options.target_name, False, options.frontend, limits, storage)
+        gw = Gateway(session, options.portals, options.target_name, False, options.frontend, limits, storage, options.direct_io)
     except (ClusterError, FrontendUnavailable, OSError) as exc:
         log.error("%s", exc)
         return 1

@@ -7,6 +7,7 @@ for longer than the lease stops I/O within lease + 2 s, which completes, correct
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -83,6 +84,17 @@ class Node:
     def text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def open_flags(self, under: Path) -> list[int]:
+        """The open-file flags (fdinfo) of each fd the process holds on a file under a directory."""
+        assert self.proc is not None
+        flags = []
+        for fd in os.listdir(f"/proc/{self.proc.pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{self.proc.pid}/fd/{fd}").startswith(f"{under}/"):
+                    info = Path(f"/proc/{self.proc.pid}/fdinfo/{fd}").read_text()
+                    flags.append(int(info.split("flags:")[1].split()[0], 8))
+        return flags
+
     def wait_for(self, needle: str, timeout: float = 30.0, after: int = 0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -109,6 +121,8 @@ class SanCluster:
     def gateway_args(self, name: str) -> list[str]:
         args = ["gateway", "--name", name, "--controller", f"{self.net.addr('ctl')}:{LISTEN}", "--cluster", str(self.certs)]
         args += ["--storage", str(self.data / "pools")]
+        if name == "gw2":  # one gateway reads and writes the pool files with direct I/O, as on another host
+            args += ["--direct-io", "on"]
         return [*args, "--portal", f"{self.net.addr(name)}:{PORTAL}", "--iqn", IQN, "--suspend-timeout", "60"]
 
     def start(self) -> None:
@@ -176,6 +190,10 @@ def test_data_written_through_one_gateway_reads_back_through_the_other(cluster: 
     # An unmap through one gateway: the other reads zeros there afterwards.
     cluster.qemu_io("gw2", "discard 1M 64k", "flush")
     cluster.qemu_io("gw1", "read -P 0 1M 64k")
+    pools = cluster.data / "pools"
+    direct = [bool(flags & os.O_DIRECT) for flags in cluster.gateways["gw2"].open_flags(pools)]
+    assert direct and all(direct), "gw2 (--direct-io on) holds its pool files with O_DIRECT"
+    assert not any(flags & os.O_DIRECT for flags in cluster.gateways["gw1"].open_flags(pools)), "gw1: buffered"
     cluster.check()
 
 

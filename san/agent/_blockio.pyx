@@ -8,6 +8,8 @@ from libc.string cimport memset
 
 from san._fastmap cimport MapTable, extent_t, fault_t, translate_fast
 
+DIRECT = DIRECT_FD  # or-ed into a container's fd table entry when it is open with O_DIRECT
+
 cdef enum:
     MAX_EXTENTS = 64
 
@@ -87,3 +89,30 @@ def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned 
     if err:
         raise OSError(err if err > 0 else 5, f"writing container {ext[failed].container} at byte {ext[failed].offset}")
     return DONE
+
+
+def read_at(int fdv, unsigned char[:] out, uint64_t offset) -> None:
+    """Fill out from a container's fd table entry at offset (GIL released; an O_DIRECT one through a bounce buffer
+    when out is not aligned). OSError on an I/O error, EOFError when the container ends first."""
+    cdef int err
+    if out.shape[0] == 0:
+        return
+    with nogil:
+        err = transfer(fdv, &out[0], out.shape[0], offset, False)
+    if err < 0:
+        raise EOFError(f"the container ends before byte {offset + out.shape[0]}")
+    if err:
+        raise OSError(err, f"reading at byte {offset}")
+
+
+def write_at(int fdv, const unsigned char[:] data, uint64_t offset) -> None:
+    """Write data to a container's fd table entry at offset (as read_at)."""
+    cdef int err
+    if data.shape[0] == 0:
+        return
+    with nogil:
+        err = transfer(fdv, <unsigned char *>&data[0], data.shape[0], offset, True)
+    if err < 0:
+        raise EOFError(f"the container ends before byte {offset + data.shape[0]}")
+    if err:
+        raise OSError(err, f"writing at byte {offset}")

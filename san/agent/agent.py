@@ -9,6 +9,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -23,6 +24,7 @@ from san.storage.label import LabelError, read_label
 
 log = logging.getLogger("san.agent")
 T = TypeVar("T")
+DIRECT_IO = ("off", "auto", "on")  # auto: block devices (a shared disk) with O_DIRECT, files through the page cache
 REPORT_DELAY = 0.2
 REPORT_RETRY = 1.0
 UNMAP_CHUNK = 65536
@@ -56,8 +58,11 @@ class Volume:
 class Agent:
     """Holds volatile map tables; everything it knows can be rebuilt by faulting to the controller."""
 
-    def __init__(self, link: ControllerLink) -> None:
+    def __init__(self, link: ControllerLink, direct_io: str = "off") -> None:
+        if direct_io not in DIRECT_IO:
+            raise ValueError(f"direct I/O {direct_io!r} is not one of {', '.join(DIRECT_IO)}")
         self.link = link
+        self.direct_io = direct_io
         self.volumes: dict[int, Volume] = {}
         self.containers = ContainerSet()
         self.drops = 0  # times every mapping was dropped (drop_all): an answer from before says nothing of now
@@ -150,6 +155,14 @@ class Agent:
                 if label is None or label.container_uuid != command.uuid:
                     self.containers.detach(command.container)
                     raise ContainerError(f"{command.path} does not carry the label of container {command.container}")
+            if self.direct_io == "on" or (self.direct_io == "auto" and stat.S_ISBLK(os.fstat(fd).st_mode)):
+                try:
+                    alignment = self.containers.set_direct(command.container)
+                except ContainerError:
+                    self.containers.detach(command.container)
+                    raise
+                if alignment > 512:
+                    log.warning("%s takes direct I/O in %d-byte units: 512-byte-block vdisks fail on it", command.path, alignment)
             return Response(), None
         if op is Op.DETACH_CONTAINER:
             self.containers.detach(command.container)

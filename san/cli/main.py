@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a directory whose files may be containers (found by their labels; block devices are always searched); repeatable",
     )
+    role.add_argument(
+        "--direct-io",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="open containers with O_DIRECT, bypassing this host's page cache: auto for block devices (a disk shared "
+        "by gateways on several hosts), on for files too (shared over a file system that does not keep caches "
+        "coherent), off only when every gateway runs on the host that holds the storage (default %(default)s)",
+    )
     role.add_argument("--portal", action="append", type=_hostport, help="HOST:PORT for iSCSI (repeatable; default 0.0.0.0:3260)")
     role.add_argument(
         "--iqn", default=default_iqn(), help="the target's iSCSI name, the same on every gateway (default %(default)s)"
@@ -615,6 +623,7 @@ def run_gateway(args: argparse.Namespace) -> int:
         Limits(args.max_connections, args.max_connections_per_address),
         args.storage,
         args.controller_name,
+        args.direct_io,
     )
     return run_loop(gateway(options))
 

@@ -69,10 +69,11 @@ class Gateway:
         frontend: str = "iscsi",
         limits: Limits | None = None,
         storage: Storage | None = None,
+        direct_io: str = "off",
     ) -> None:
         self.frontend = resolve_frontend(frontend)
         self.storage = storage
-        self.agent = Agent(link)
+        self.agent = Agent(link, direct_io)
         self.view = View()
         self.disks: dict[int, Disk] = {}
         self.open_access = open_access

@@ -1,6 +1,7 @@
 """Container files and block devices: create, claim (open exclusively), size, read/write extents, zero, flush.
 
-Zeroing uses fallocate(PUNCH_HOLE), then ZERO_RANGE, then plain zero writes, whichever the container supports."""
+Zeroing uses fallocate(PUNCH_HOLE), then ZERO_RANGE, then plain zero writes, whichever the container supports. A
+gateway opens shared containers with direct I/O (set_direct), so its reads never come from a stale page cache."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import stat
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from san.agent._blockio import DIRECT, read_at, write_at
 from san.storage.label import LABEL_BYTES, LabelError, read_label
 from san.storage.paths import identity, open_nofollow, unlink_nofollow
 
@@ -223,6 +226,7 @@ class ContainerSet:
     fds: dict[int, int] = field(default_factory=dict)
     paths: dict[int, str] = field(default_factory=dict)
     dirty: set[int] = field(default_factory=set)
+    direct: dict[int, int] = field(default_factory=dict)  # containers open with O_DIRECT -> their I/O alignment
     # The same fds as a C array indexed by container id (-1: not attached), for the agent's Cython I/O path.
     fd_table: array[int] = field(default_factory=lambda: array("i", [-1]) * (MAX_CONTAINER_ID + 1))
 
@@ -244,6 +248,7 @@ class ContainerSet:
         if 0 <= container_id <= MAX_CONTAINER_ID:
             self.fd_table[container_id] = -1
         self.dirty.discard(container_id)
+        self.direct.pop(container_id, None)
         if fd is not None:
             os.close(fd)
 
@@ -257,21 +262,44 @@ class ContainerSet:
         except KeyError:
             raise ContainerError(f"container {container_id} is not attached") from None
 
+    def set_direct(self, container_id: int) -> int:
+        """Bypass the page cache for an attached container from now on (O_DIRECT): what another host wrote to shared
+        storage is read from the storage. Returns the alignment its offsets and lengths need (512 or 4096 bytes);
+        ContainerError when the file system cannot do direct I/O."""
+        fd = self.fd(container_id)
+        path = self.paths[container_id]
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError as exc:
+            raise ContainerError(f"{path} cannot be opened with direct I/O: {exc.strerror or exc}") from None
+        with mmap.mmap(-1, mmap.PAGESIZE) as page:  # page-aligned memory, as O_DIRECT wants
+            for alignment in (512, 4096):
+                try:
+                    os.preadv(fd, [memoryview(page)[:alignment]], 0)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise ContainerError(f"cannot read {path} with direct I/O: {exc.strerror or exc}") from None
+            else:
+                raise ContainerError(f"{path} takes no direct I/O of 512 or 4096 bytes")
+        self.direct[container_id] = alignment
+        self.fd_table[container_id] = fd | DIRECT
+        return alignment
+
     def read_into(self, container_id: int, offset: int, buffer: memoryview) -> None:
         """Fill buffer from the container at offset; past the end of the container reads as an error."""
-        fd = self.fd(container_id)
-        done = 0
-        while done < len(buffer):
-            count = os.preadv(fd, [buffer[done:]], offset + done)
-            if count == 0:
-                raise ContainerError(f"container {container_id} ends before byte {offset + done}")
-            done += count
+        self.fd(container_id)
+        try:
+            read_at(self.fd_table[container_id], buffer, offset)
+        except EOFError:
+            raise ContainerError(f"container {container_id} ends before byte {offset + len(buffer)}") from None
 
     def write_from(self, container_id: int, offset: int, buffer: memoryview) -> None:
-        fd = self.fd(container_id)
-        done = 0
-        while done < len(buffer):
-            done += os.pwritev(fd, [buffer[done:]], offset + done)
+        self.fd(container_id)
+        try:
+            write_at(self.fd_table[container_id], buffer, offset)
+        except EOFError:
+            raise ContainerError(f"container {container_id} ends before byte {offset + len(buffer)}") from None
         self.dirty.add(container_id)
 
     def zero(self, container_id: int, runs: Iterable[tuple[int, int]], keep_allocated: bool = False) -> None:
