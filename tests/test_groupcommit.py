@@ -206,3 +206,48 @@ def test_a_fua_write_is_answered_only_once_its_new_mapping_is_committed(tmp_path
             await service.stop()
 
     asyncio.run(body())
+
+
+def test_the_loop_serves_reads_while_a_management_commit_waits_for_the_disk(tmp_path: Path) -> None:
+    """Pool, vdisk, host and zone changes commit in the metadata thread: I/O is answered meanwhile. (The slow disk:
+    the store's commit, which fsyncs, made to wait.)"""
+    slow = threading.Event()
+
+    async def body() -> None:
+        service = Service(str(tmp_path / "data"))
+        await service.start()
+        try:
+            c, agent = service.controller, service.agent
+            await c.create_pool("p", 64 * MIB)
+            v = await c.create_vdisk("v", "p", 32 * MIB)
+            await agent.write(v.id, 0, b"x" * 512)
+            await agent.flush()
+            real = c.store.commit
+
+            def commit() -> None:
+                if slow.is_set():
+                    assert threading.current_thread() is not threading.main_thread(), "a commit on the event loop"
+                    time.sleep(0.5)
+                real()
+
+            c.store.commit = commit  # type: ignore[method-assign]
+            slow.set()
+            changes = {
+                "pool create": c.create_pool("q", 64 * MIB),
+                "vdisk create": c.create_vdisk("w", "p", 16 * MIB),
+                "host create": c.zoning.create_host("h", "iqn.2024-01.org.example:h"),
+                "zone add": c.zoning.add("h", "v"),
+                "vdisk delete": c.delete_vdisk("w"),
+            }
+            for what, change in changes.items():
+                running = asyncio.ensure_future(change)
+                await asyncio.sleep(0.05)
+                assert await agent.read(v.id, 0, 1) == b"x" * 512
+                assert not running.done(), f"a read was answered while {what} waited for the disk"
+                await running
+            assert c.vdisk("v") and [z.lun for z in c.zoning.zones] == [0] and "q" in {p.name for p in c.pools.values()}
+        finally:
+            slow.clear()
+            await service.stop()
+
+    asyncio.run(body())

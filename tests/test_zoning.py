@@ -180,15 +180,15 @@ def test_a_pool_past_its_warning_threshold_tells_each_nexus_once(server: SanServ
     initiator = RawInitiator(server.iscsi_port, BOB)
     try:
         assert initiator.login(TARGET).bhs[36:38] == b"\0\0"
+        seen: list[tuple[int, int, int]] = []  # the attention may come with one of the writes, or after them
         for segment in (7, 5, 3, 1, 6):
             lba = segment * 2048
             response = initiator.command(9, struct.pack(">BBIBHB", 0x2A, 0, lba, 0, 1, 0), b"x" * 512)
             if response.status == 0x02:
-                assert sense_of(response) == (0x6, 0x38, 0x07)
+                seen.append(sense_of(response))
                 response = initiator.command(9, struct.pack(">BBIBHB", 0x2A, 0, lba, 0, 1, 0), b"x" * 512)
             assert response.status == 0
         deadline = time.monotonic() + 5
-        seen: list[tuple[int, int, int]] = []
         while time.monotonic() < deadline and not seen:
             response = initiator.command(9, bytes(6))
             if response.status == 0x02:

@@ -298,7 +298,7 @@ class PoolManager:
                 raise Conflict(f"san serves at most {MAX_CONTAINERS} containers")
             real = self._container_path(path or os.path.join(self.data_dir, POOLS_DIR, f"{name}.img"))
             kind, owned, size_bytes, nsegments, checked = self._plan(real, size, segment_size, existing)
-            pool, container = self._make(
+            pool, container = await self._make(
                 name, real, kind, owned, size_bytes, nsegments, segment_size, warn_percent, allocate_ahead, checked
             )
         c.pools[pool.id] = pool
@@ -307,7 +307,7 @@ class PoolManager:
         c.low_reserve(pool.id)
         return pool
 
-    def _make(
+    async def _make(
         self,
         name: str,
         real: str,
@@ -347,9 +347,7 @@ class PoolManager:
             if kind == "file" and not owned:
                 os.fchmod(fd, 0o600)
             self._refuse_labelled(fd, real)
-            made = c.metadata.commit(change)
-            assert made is not None
-            return made
+            return await c.metadata.commit_async(change)  # the label is written (and synced) in the metadata thread
         except BaseException as exc:
             if labelled and created is None and container_id in c.containers.fds:
                 wipe_label(c.containers.fds[container_id])
@@ -498,7 +496,7 @@ class PoolManager:
                 raise Conflict(f"pool {name!r} still has vdisks: {', '.join(users)}")
             online = c.online(pool.id)
             containers = c.pool_containers(pool)
-            c.metadata.commit(lambda store: store.delete_pool(pool.id))
+            await c.metadata.commit_async(lambda store: store.delete_pool(pool.id))
             for container in containers:
                 await c.agents.broadcast(Command(Op.DETACH_CONTAINER, container=container.id), check=False)
                 fd = c.containers.fds.get(container.id)

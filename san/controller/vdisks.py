@@ -93,7 +93,7 @@ class VDiskManager:
                 return vdisk
 
             try:
-                vdisk = c.metadata.commit(change)
+                vdisk = await c.metadata.commit_async(change)
             except BaseException:
                 allocator.release(segments_of(runs))
                 raise
@@ -107,7 +107,7 @@ class VDiskManager:
                 await c.export(vdisk)
             except AgentFailure:
                 await c.agents.broadcast(Command(Op.DELETE_TABLE, vdisk=vdisk.id), check=False)
-                c.metadata.commit(lambda store: store.delete_vdisk(vdisk.id))
+                await c.metadata.commit_async(lambda store: store.delete_vdisk(vdisk.id))
                 del c.vdisks[vdisk.id]
                 raise
             return vdisk
@@ -165,7 +165,7 @@ class VDiskManager:
         ready = VDisk(**{**vdisk.to_dict(), "state": "ready"})
         while True:
             try:
-                c.metadata.commit(lambda store: store.update_vdisk(ready))
+                await c.metadata.commit_async(lambda store: store.update_vdisk(ready))
                 break
             except StoreFailure:
                 await asyncio.sleep(RETRY_SECONDS)
@@ -201,7 +201,7 @@ class VDiskManager:
             try:
                 if runs:
                     await asyncio.to_thread(c.zero_runs, pool.id, runs, True)
-                c.metadata.commit(change)
+                await c.metadata.commit_async(change)
             except BaseException:
                 allocator.release(segments_of(runs))
                 raise
@@ -232,7 +232,7 @@ class VDiskManager:
                     store.delete_vdisk(vdisk.id)
                     return freed
 
-                freed = c.metadata.commit(change)
+                freed = await c.metadata.commit_async(change)
             except BaseException:
                 vdisk.state = "ready"
                 if dropped:  # every agent reported what it mapped, then dropped its table and grant: it goes back
@@ -266,6 +266,6 @@ class VDiskManager:
         async with c.locks.hold(*self._locks(name, pool)):
             if state & ~(NOWRITE | ERROR) or start < 0 or count < 1 or start + count > vdisk.nsegments(pool.segment_size):
                 raise InvalidRequest(f"bad state {state} or segments {start}+{count} for vdisk {shown(name)}")
-            c.metadata.commit(lambda store: store.set_mapping_state(vdisk.id, start, start + count, state))
+            await c.metadata.commit_async(lambda store: store.set_mapping_state(vdisk.id, start, start + count, state))
             c.metadata.reload(vdisk.id)
             await c.agents.broadcast(Command(Op.SET_STATE, vdisk=vdisk.id, start=start, count=count, bits=state))

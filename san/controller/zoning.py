@@ -79,7 +79,7 @@ class Zoning:
             other = self.by_iqn(iqn)
             if other is not None:
                 raise Conflict(f"{iqn} is already host {other.name!r}")
-            host = self.metadata.commit(lambda store: store.add_host(name, iqn, (*chap, *mutual)))
+            host = await self.metadata.commit_async(lambda store: store.add_host(name, iqn, (*chap, *mutual)))
             assert host is not None
             self.hosts[host.id] = host
         if not chap[0]:
@@ -94,7 +94,7 @@ class Zoning:
             if zoned:
                 names = ", ".join(sorted(self.vdisks()[z.vdisk_id].name for z in zoned))
                 raise Conflict(f"host {name!r} still sees {names}; remove its zones first")
-            self.metadata.commit(lambda store: store.delete_host(host.id))
+            await self.metadata.commit_async(lambda store: store.delete_host(host.id))
             del self.hosts[host.id]
         self._changed()
 
@@ -116,7 +116,7 @@ class Zoning:
             if lun in used:
                 raise Conflict(f"host {host.name!r} already has LUN {lun}")
             zone = Zone(host.id, vdisk.id, lun, read_only)
-            self.metadata.commit(lambda store: store.add_zone(zone))
+            await self.metadata.commit_async(lambda store: store.add_zone(zone))
             self.zones.append(zone)
         self._changed()
         return zone
@@ -128,7 +128,7 @@ class Zoning:
             zone = next((z for z in self.zones if z.host_id == host.id and z.vdisk_id == vdisk.id), None)
             if zone is None:
                 raise NotFound(f"{vdisk.name!r} is not zoned to host {host.name!r}")
-            self.metadata.commit(lambda store: store.delete_zone(host.id, vdisk.id))
+            await self.metadata.commit_async(lambda store: store.delete_zone(host.id, vdisk.id))
             self.zones.remove(zone)
         self._changed()
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from san.errors import StoreFailure
 from san.groupcommit import GroupCommit
@@ -146,6 +146,46 @@ class Metadata:
             raise
         self._done(freed + orphans, actions)
         return result
+
+    async def commit_async(self, change: Callable[[SQLiteStore], T]) -> T:
+        """commit(change) with the transaction in the worker thread (change(store) runs there: it may touch only the
+        store), while the event loop serves on. A management change is committed or not as a whole: if the caller
+        is cancelled meanwhile, it still gets the outcome (to record it in memory), and the cancellation is raised
+        at its next await."""
+        while self.flight is not None:  # one transaction at a time
+            flight = self.flight
+            await asyncio.wait([asyncio.wrap_future(flight.future)])
+            self._settle(flight)
+        changed, orphans, actions = self._take()
+        results: list[T] = []
+
+        def run() -> list[Segment]:
+            freed, result = self._transaction(changed, change)
+            results.append(cast(T, result))
+            return freed
+
+        future = self.worker.submit(run)
+        flight = self.flight = _Flight(future, changed, orphans, actions)
+        waiting = asyncio.wrap_future(future)
+        cancelled = False
+        while not waiting.done():
+            try:
+                await asyncio.shield(waiting)
+            except asyncio.CancelledError:
+                cancelled = cancelled or not waiting.done()
+            except BaseException:
+                break  # the transaction's own failure: raised below, once settled
+        self._settle(flight)
+        if cancelled:
+            task = asyncio.current_task()
+            if task is not None:
+                task.cancel()
+        if future.cancelled():
+            raise StoreFailure("metadata commit failed: the metadata thread stopped before it ran")
+        error = future.exception()
+        if error is not None:
+            raise error
+        return results[0]
 
     async def _flush(self) -> None:
         """One grouped flush: the pending changes committed in the worker thread; the loop serves on meanwhile."""
