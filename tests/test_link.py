@@ -20,7 +20,7 @@ from san.cluster.pki import Cluster, ClusterError
 from san.protocol.codec import VERSION, Envelope, frame
 from san.protocol.link import Link, LinkClosed
 from san.protocol.messages import Action, Fault, Flush, Heartbeat, Message, Response
-from san.protocol.network import PeerRefused, connect, listen
+from san.protocol.network import Listener, PeerRefused, connect, listen
 
 RUNNING: set[asyncio.Future[None]] = set()  # link tasks, referenced until their test ends
 
@@ -170,7 +170,7 @@ def test_cluster_files_are_private(clusters: tuple[Cluster, Cluster]) -> None:
         ours.add("gw1")
 
 
-async def tls_server(cluster: Cluster, seen: list[str]) -> tuple[asyncio.Server, int]:
+async def tls_server(cluster: Cluster, seen: list[str]) -> tuple[Listener, int]:
     async def connected(peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         seen.append(peer)
         link = Link(reader, writer, echo, peer)
@@ -255,5 +255,46 @@ def test_a_certificate_for_a_name_that_is_not_a_node_is_refused(clusters: tuple[
         assert await asyncio.wait_for(reader.read(), 5) == b""
         assert seen == []
         server.close()
+
+    asyncio.run(body())
+
+
+def test_connections_that_never_finish_their_handshake_keep_no_gateway_out(clusters: tuple[Cluster, Cluster]) -> None:
+    """300 TCP connections that send nothing: at most max_handshakes of them are held (the oldest are closed as new
+    ones come), and a node of the cluster still connects at once."""
+    ours, _ = clusters
+
+    async def body() -> None:
+        seen: list[str] = []
+
+        async def connected(peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen.append(peer)
+            await reader.read()
+
+        server = await listen(ours, "controller", "127.0.0.1", 0, connected, max_handshakes=16)
+        port = server.sockets[0].getsockname()[1]
+        stale = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+        await asyncio.sleep(0.5)
+        peer, _, writer = await connect(ours, "gw1", "127.0.0.1", port, timeout=5)
+        assert peer == "controller"
+        await asyncio.sleep(0.2)
+        assert seen == ["gw1"]
+
+        def closed(sock: socket.socket) -> bool:
+            sock.settimeout(0.01)
+            try:
+                return sock.recv(1) == b""
+            except ConnectionResetError:
+                return True
+            except TimeoutError:
+                return False
+
+        held = sum(not closed(sock) for sock in stale)
+        assert held <= 16, f"{held} connections still in their handshake"
+        for sock in stale:
+            sock.close()
+        writer.close()
+        server.close()
+        await server.wait_closed()
 
     asyncio.run(body())

@@ -29,7 +29,7 @@ from san.protocol.messages import (
     Release,
     Response,
 )
-from san.protocol.network import listen
+from san.protocol.network import Listener, listen
 
 if TYPE_CHECKING:
     from san.controller.service import ControllerService
@@ -113,7 +113,7 @@ class AgentListener:
         self.name = name
         self.lease = lease
         self.timeout = timeout
-        self.server: asyncio.Server | None = None
+        self.server: Listener | None = None
         self.links: set[Link] = set()
 
     async def start(self, host: str, port: int) -> None:
