@@ -110,7 +110,7 @@ async def gateway(options: GatewayOptions) -> int:
     except (ClusterError, FrontendUnavailable, OSError) as exc:
         log.error("%s", exc)
         return 1
-    session.attach(gw.agent, gw.handle, gw.registered)
+    session.attach(gw.agent, gw.handle, gw.registered, gw.census)
     running = asyncio.ensure_future(session.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -117,7 +117,7 @@ class Service:
         else:
             await self.listener.start("127.0.0.1", 0)
             self.session.controllers = [("127.0.0.1", self.listener.port)]
-            self.session.attach(self.gateway.agent, self.gateway.handle, self.gateway.registered)
+            self.session.attach(self.gateway.agent, self.gateway.handle, self.gateway.registered, self.gateway.census)
             self.running = asyncio.ensure_future(self.session.run())
             await self.session.ready.wait()
             while not self.gateway.view.version:  # the Config comes last when an agent is added

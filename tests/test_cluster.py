@@ -8,6 +8,7 @@ for longer than the lease stops I/O within lease + 2 s, which completes, correct
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -176,6 +177,14 @@ def cluster(tmp_path: Path) -> Iterator[SanCluster]:
 
 
 def test_data_written_through_one_gateway_reads_back_through_the_other(cluster: SanCluster) -> None:
+    # The controller counts a host's sessions on every gateway (from their heartbeats: within a lease).
+    logged_in = [cluster.initiator("gw1"), cluster.initiator("gw2")]
+    deadline = time.monotonic() + 2 * LEASE
+    while json.loads(cluster.cli("host", "show", "h", "--json"))["sessions"] != 2:
+        assert time.monotonic() < deadline, cluster.cli("host", "show", "h", "--json")
+        time.sleep(0.2)
+    for initiator in logged_in:
+        initiator.close()
     cluster.qemu_io("gw1", "write -P 0x5a 1M 64k", "flush")
     cluster.qemu_io("gw2", "read -P 0x5a 1M 64k", "write -P 0x33 2M 4k", "flush")
     cluster.qemu_io("gw1", "read -P 0x33 2M 4k", "read -P 0 4M 64k")

@@ -111,6 +111,10 @@ def test_nothing_is_answered_before_registration_and_a_name_is_its_certificates(
         assert isinstance(registered, Registered) and registered.lease == LEASE
         assert (await link.send(Heartbeat(registered.epoch + 1), 5)).reason is Reason.FENCED  # type: ignore[union-attr]
         assert (await link.send(Heartbeat(registered.epoch), 5)).action is Action.OK  # type: ignore[union-attr]
+        assert service.sessions("iqn.2024-01.org.example:h") == 0
+        census = Heartbeat(registered.epoch, sessions=(("iqn.2024-01.org.example:h", 2),))
+        assert (await link.send(census, 5)).action is Action.OK  # type: ignore[union-attr]
+        assert service.sessions("iqn.2024-01.org.example:h") == 2, "a host's sessions as the gateway's heartbeat said"
         await asyncio.sleep(0.2)
         assert any(isinstance(m, Config) for m in agent.received), "a registered agent is sent the configuration"
         link.close()

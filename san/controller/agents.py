@@ -39,6 +39,7 @@ class AgentSession:
     fenced: bool = False
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     joined: asyncio.Event = field(default_factory=asyncio.Event)  # it has its containers, tables and Config
+    hosts: dict[str, int] = field(default_factory=dict)  # initiator -> its sessions there, as of the last heartbeat
 
     @property
     def expires(self) -> float:

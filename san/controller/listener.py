@@ -76,6 +76,7 @@ class Endpoint:
         if isinstance(message, Heartbeat):
             if message.epoch != session.epoch or not agents.renew(session):
                 return Response(Action.FAIL, reason=Reason.FENCED, message=f"epoch {message.epoch} is over")
+            session.hosts = {iqn: count for iqn, count in message.sessions if count > 0}
             return Response()
         if isinstance(message, (Fault, Allocated, Release, Flush)):
             await session.joined.wait()  # until grants elsewhere are taken back and its tables are there

@@ -102,8 +102,9 @@ class ControllerService:
             await asyncio.shield(self.pushing)
 
     def sessions(self, iqn: str) -> int | None:
-        """A host's sessions are the gateways' to count: unknown here."""
-        return None
+        """A host's iSCSI sessions on every gateway, as of each one's last heartbeat (None with no gateway)."""
+        live = [s for s in self.controller.agents.sessions if not s.fenced]
+        return sum(s.hosts.get(iqn, 0) for s in live) if live else None
 
     def _vdisk_changed(self, event: str, vdisk: VDisk) -> None:
         self.publish()

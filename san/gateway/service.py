@@ -10,6 +10,7 @@ import asyncio
 import copy
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -113,6 +114,10 @@ class Gateway:
             await self.settled()
             if self.lio_error is not None:
                 raise FrontendUnavailable(f"cannot configure LIO: {self.lio_error}")
+
+    def census(self) -> tuple[tuple[str, int], ...]:
+        """The iSCSI sessions here, as (initiator name, count), for the controller (`san host show`)."""
+        return tuple(Counter(s.initiator for s in self.target.sessions.values() if s.initiator).items())
 
     def registered(self) -> None:
         """A new registration: the next Config is taken whatever its version (the controller may have restarted)."""

@@ -63,6 +63,7 @@ class ControllerSession:
         self.handler: Handler | None = None
         self.agent: Agent | None = None
         self.on_registered: Callable[[], None] | None = None
+        self.census: Callable[[], tuple[tuple[str, int], ...]] | None = None
         self.link: Link | None = None
         self.ready = asyncio.Event()
         self.epoch = 0
@@ -73,10 +74,18 @@ class ControllerSession:
         self.drops = 0  # times the agent dropped its mappings (a lapse, a new registration)
         self.stopping = False
 
-    def attach(self, agent: Agent, handler: Handler, on_registered: Callable[[], None] | None = None) -> None:
+    def attach(
+        self,
+        agent: Agent,
+        handler: Handler,
+        on_registered: Callable[[], None] | None = None,
+        census: Callable[[], tuple[tuple[str, int], ...]] | None = None,
+    ) -> None:
+        """The agent and the handler of the controller's requests; census() the iSCSI sessions for each heartbeat."""
         self.agent = agent
         self.handler = handler
         self.on_registered = on_registered
+        self.census = census
 
     async def send(self, message: Fault | Allocated | Release | Flush) -> Response:
         """The controller's answer; while it is unreachable, wait (up to suspend_timeout), then FAIL UNAVAILABLE."""
@@ -180,7 +189,8 @@ class ControllerSession:
                 break
             sent = time.monotonic()
             try:
-                answer = await link.send(Heartbeat(self.epoch), self.lease / 2)
+                census = self.census() if self.census is not None else ()
+                answer = await link.send(Heartbeat(self.epoch, sessions=census), self.lease / 2)
             except LinkClosed:
                 if link.closed.is_set() or time.monotonic() > self.valid_until:
                     raise

@@ -81,10 +81,12 @@ class Registered:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Agent -> controller: renew the lease of this epoch (FAIL with FENCED: the epoch is over, register again)."""
+    """Agent -> controller: renew the lease of this epoch (FAIL with FENCED: the epoch is over, register again), with
+    the iSCSI sessions the gateway has now, as (initiator name, count)."""
 
     epoch: int
     request: int = 0
+    sessions: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
