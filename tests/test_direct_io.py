@@ -18,8 +18,9 @@ import pytest
 from san._fastmap import ZERO
 from san.agent._blockio import DIRECT
 from san.agent.agent import Agent
-from san.protocol.messages import Command, Op, Response
+from san.protocol.messages import Action, Command, Op, Response
 from san.storage.containers import ContainerError, ContainerSet
+from san.storage.label import Label, new_id, write_label
 
 MIB = 1 << 20
 SEGMENT_BLOCKS = 2048  # 1 MiB segments of 512-byte blocks
@@ -102,15 +103,17 @@ def test_a_write_by_another_host_is_read_through_direct_io(shared_disk: tuple[Pa
 
 
 def test_a_direct_write_reaches_the_shared_disk_before_it_is_acknowledged(shared_disk: tuple[Path, str]) -> None:
-    """Through the Cython path (unaligned iSCSI-like buffers, so through a bounce buffer) and the Python one: the file
-    behind the device holds the data once the write returns, and this host's cache of the device holds none of it."""
+    """Through the Cython path (unaligned iSCSI-like buffers, so through a bounce buffer) and the Python one, each in a
+    thread: the file behind the device holds the data once the write returns, and this host's cache of the device
+    holds none of it."""
     backing, device = shared_disk
 
     async def body() -> None:
         agent = await _agent_on(device, "auto")
         try:
             data = bytearray(b"\x00" + b"\x33" * 8192)
-            assert agent.write_now(1, 16, memoryview(data)[1:]), "the fast path: every block mapped"
+            assert not agent.write_now(1, 16, memoryview(data)[1:]), "never on the event loop: it waits for the device"
+            await agent.write(1, 16, memoryview(data)[1:])  # every block mapped: in a thread, through a bounce buffer
             await agent.write(1, 3 * SEGMENT_BLOCKS - 8, b"\x44" * 8192)  # across segments 2 and 3
             with backing.open("rb") as behind:
                 behind.seek(16 * 512)
@@ -144,3 +147,30 @@ def test_direct_containers_move_any_buffer_and_refuse_unaligned_offsets(tmp_path
             containers.read_into(1, 100, memoryview(bytearray(512)))  # not on a sector boundary: refused, not bent
     finally:
         containers.close()
+
+
+def test_a_direct_container_attached_again_keeps_its_label_check(tmp_path: Path) -> None:
+    """A gateway that registers again is sent every ATTACH_CONTAINER again: the label of a container it already
+    holds with O_DIRECT is read through an aligned buffer, so the container stays (it used to fail every other time)."""
+    path = tmp_path / "pool.img"
+    path.write_bytes(bytes(8 * MIB))
+    one = new_id()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        write_label(fd, Label(new_id(), one, new_id(), 1, 1, MIB, 8, "p"))
+    finally:
+        os.close(fd)
+
+    async def body() -> None:
+        agent = Agent(FakeController(), "on")
+        attach = Command(Op.ATTACH_CONTAINER, container=1, path=str(path), uuid=one)
+        try:
+            for _ in range(3):
+                assert (await agent.handle(attach)).action is Action.OK
+                assert agent.containers.fd_table[1] & DIRECT
+            wrong = Command(Op.ATTACH_CONTAINER, container=1, path=str(path), uuid=new_id())
+            assert (await agent.handle(wrong)).action is Action.FAIL, "another container's label is still refused"
+        finally:
+            agent.close()
+
+    asyncio.run(body())

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from san.errors import StoreFailure
 from san.groupcommit import GroupCommit
 from san.service import Service
 
@@ -249,5 +251,47 @@ def test_the_loop_serves_reads_while_a_management_commit_waits_for_the_disk(tmp_
         finally:
             slow.clear()
             await service.stop()
+
+    asyncio.run(body())
+
+
+def test_a_flush_waiting_for_a_failed_management_commit_still_succeeds(tmp_path: Path) -> None:
+    """A host create whose commit fails (the store refuses it once) while an agent's flush waits for it: the create
+    fails alone; the flush commits the agent's mapping itself and succeeds (hosts see no SYNCHRONIZE CACHE error)."""
+    failing = threading.Event()
+
+    async def body() -> None:
+        service = Service(str(tmp_path / "data"))
+        await service.start()
+        try:
+            c, agent = service.controller, service.agent
+            await c.create_pool("p", 64 * MIB)
+            v = await c.create_vdisk("v", "p", 32 * MIB)
+            real = c.store.commit
+
+            def commit() -> None:
+                if failing.is_set():
+                    failing.clear()
+                    time.sleep(0.3)
+                    raise sqlite3.OperationalError("disk I/O error")
+                real()
+
+            c.store.commit = commit  # type: ignore[method-assign]
+            await agent.write(v.id, 0, b"x" * 512)  # a new mapping, pending in the controller
+            failing.set()
+            creating = asyncio.ensure_future(c.zoning.create_host("h", "iqn.2024-01.org.example:h"))
+            await asyncio.sleep(0.05)
+            await agent.flush()
+            with pytest.raises(StoreFailure):
+                await creating
+            assert c.metadata.pending == 0, "the flush committed the mapping"
+        finally:
+            await service.stop()
+        restarted = Service(str(tmp_path / "data"))
+        await restarted.start()
+        try:
+            assert await restarted.agent.read(restarted.controller.vdisk("v").id, 0, 1) == b"x" * 512
+        finally:
+            await restarted.stop()
 
     asyncio.run(body())

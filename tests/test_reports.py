@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 from san._fastmap import ZERO
-from san.agent.agent import Agent
+from san.agent.agent import Agent, AgentIOError
 from san.protocol.messages import LOAD_CHUNK, Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.service import LOCAL_AGENT, Service
 from san.store.check import check_store
@@ -297,3 +297,55 @@ def test_a_report_tops_up_the_grant_of_the_one_agent_serving_the_vdisk(tmp_path:
 
     asyncio.run(body())
     assert check_store(str(tmp_path / "data" / "san.db"))[0] == []
+
+
+def test_ios_waiting_for_one_question_share_its_failure(tmp_path: Path) -> None:
+    """The controller unreachable: the one load asked for a cold chunk fails (UNAVAILABLE, after the suspend timeout
+    in a gateway), and the 15 reads waiting for it fail with it, at once, instead of each asking again in turn."""
+    asked: list[Fault] = []
+
+    class FakeController:
+        async def send(self, message: object) -> Response:
+            assert isinstance(message, Fault)
+            asked.append(message)
+            await asyncio.sleep(0.3)
+            return Response(Action.FAIL, reason=Reason.UNAVAILABLE, message="no controller", request=message.request)
+
+    async def body() -> None:
+        agent, attach, create = _fake_agent(tmp_path / "pool.img", FakeController(), 64)
+        await agent.handle(attach)
+        await agent.handle(create)
+        started = asyncio.get_running_loop().time()
+        outcomes = await asyncio.gather(*(agent.read(1, s * 2048, 1) for s in range(16)), return_exceptions=True)
+        elapsed = asyncio.get_running_loop().time() - started
+        assert all(isinstance(o, AgentIOError) and o.reason is Reason.UNAVAILABLE for o in outcomes), outcomes
+        assert len(asked) == 1 and elapsed < 0.6, (len(asked), elapsed)
+        agent.close()
+
+    asyncio.run(body())
+
+
+def test_nothing_granted_while_a_revoke_runs_is_kept(tmp_path: Path) -> None:
+    """The report a revoke makes is answered with a grant (the controller's second agent went away meanwhile): the
+    agent keeps none of it, since the controller takes the vdisk's whole grant back once the revoke is answered."""
+
+    class FakeController:
+        async def send(self, message: object) -> Response:
+            if isinstance(message, Fault):
+                grant = ((1, 100), (1, 101))
+                return Response(Action.RETRY, message.segment, ((1, 10, 0),), grant=grant, request=message.request)
+            return Response(grant=((1, 200), (1, 201)), request=getattr(message, "request", 0))
+
+    async def body() -> None:
+        agent, attach, create = _fake_agent(tmp_path / "pool.img", FakeController())
+        await agent.handle(attach)
+        await agent.handle(create)
+        agent.volumes[1].table.set_entries(0, [(0, 0, ZERO)] * 16)
+        await agent.write(1, 0, b"0" * 512)  # faults: its answer grants 100 and 101
+        await agent.write(1, 2048, b"1" * 512)  # mapped from the grant, not yet reported
+        assert agent.volumes[1].unreported
+        assert (await agent.handle(Command(Op.REVOKE_GRANT, vdisk=1))).action is Action.OK
+        assert not agent.volumes[1].grant and not agent.volumes[1].unreported
+        agent.close()
+
+    asyncio.run(body())

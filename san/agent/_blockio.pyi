@@ -7,7 +7,9 @@ AGAIN: int
 def read_blocks(
     table: MapTable, fds: object, lba: int, nblocks: int, out: bytearray | memoryview, nowait: bool = False
 ) -> int: ...
-def write_blocks(table: MapTable, fds: object, lba: int, data: bytes | bytearray | memoryview, written: set[int]) -> int: ...
+def write_blocks(
+    table: MapTable, fds: object, lba: int, data: bytes | bytearray | memoryview, written: set[int], nowait: bool = False
+) -> int: ...
 
 DIRECT: int
 

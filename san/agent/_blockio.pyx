@@ -60,9 +60,12 @@ def read_blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblocks
     return DONE
 
 
-def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned char[:] data, set written) -> int:
-    """Write data (whole blocks) at lba when every block is mapped for writing: DONE, or FAULT with nothing written.
-    The containers written are added to `written` (they need a flush before the data is durable)."""
+def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned char[:] data, set written,
+                 bint nowait=False) -> int:
+    """Write data (whole blocks) at lba when every block is mapped for writing: DONE, or FAULT with nothing written,
+    or with nowait AGAIN with nothing written when a container is open with O_DIRECT (the write waits for the device:
+    the caller does it in a thread). The containers written are added to `written` (they need a flush before the
+    data is durable)."""
     cdef extent_t ext[MAX_EXTENTS]
     cdef fault_t fault
     cdef uint64_t nblocks = data.shape[0] // table.block_size
@@ -74,6 +77,8 @@ def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned 
     for i in range(n):
         if ext[i].container < 0 or ext[i].container >= fds.shape[0] or fds[ext[i].container] < 0:
             raise OSError(f"container {ext[i].container} is not attached")
+        if nowait and fds[ext[i].container] & DIRECT_FD:
+            return AGAIN
     cdef const unsigned char *base = &data[0] if data.shape[0] else NULL
     cdef int slot = table.io_start_c()
     with nogil:

@@ -20,7 +20,7 @@ from san.groupcommit import GroupCommit
 from san.protocol.messages import LOAD_CHUNK, Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.protocol.transport import ControllerLink
 from san.storage.containers import ContainerError, ContainerSet
-from san.storage.label import LabelError, read_label
+from san.storage.label import LabelError
 
 log = logging.getLogger("san.agent")
 T = TypeVar("T")
@@ -40,6 +40,20 @@ class AgentIOError(Exception):
 
 
 @dataclass
+class _Claim:
+    """A question to the controller that other I/O waits for instead of asking again: they share its failure (the
+    controller unreachable past the suspend timeout fails them all at once, not one after another)."""
+
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    error: AgentIOError | None = None
+
+    async def wait(self) -> None:
+        await self.done.wait()
+        if self.error is not None:
+            raise AgentIOError(self.error.reason, str(self.error))
+
+
+@dataclass
 class Volume:
     """An agent's view of one vdisk: its map table, its size in blocks, its grant of zeroed segments
     (container, segment) to map on first writes without asking, and the mappings made from it not yet reported."""
@@ -49,8 +63,8 @@ class Volume:
     grant: dict[tuple[int, int], None] = field(default_factory=dict)  # in the order granted
     unreported: list[tuple[int, int, int]] = field(default_factory=list)
     releasing: list[tuple[int, int, asyncio.Event]] = field(default_factory=list)
-    faulting: dict[int, asyncio.Event] = field(default_factory=dict)  # segments a first write is asking for
-    loading: dict[int, asyncio.Event] = field(default_factory=dict)  # chunks (LOAD_CHUNK) whose entries are asked for
+    faulting: dict[int, _Claim] = field(default_factory=dict)  # segments a first write is asking for
+    loading: dict[int, _Claim] = field(default_factory=dict)  # chunks (LOAD_CHUNK) whose entries are asked for
     topped: int = 0  # the grant's size when it was last topped up: a report goes early once half of it is used
     revokes: int = 0  # times the grant was revoked: an answer asked for before the last one brings no grant
 
@@ -116,6 +130,9 @@ class Agent:
             await self._report(vdisk, volume)
         except AgentIOError as exc:
             return Response(Action.FAIL, reason=exc.reason, message=f"could not report the grant's mappings: {exc}")
+        finally:  # nothing granted while the revoke ran is kept either: the controller takes it all back
+            volume.grant.clear()
+            volume.revokes += 1
         return Response()
 
     async def _report_quietly(self, vdisk: int, volume: Volume) -> None:
@@ -146,10 +163,10 @@ class Agent:
     def _apply(self, command: Command) -> tuple[Response, Volume | None]:
         op = command.op
         if op is Op.ATTACH_CONTAINER:
-            fd = self.containers.attach(command.container, command.path)
+            fd = self.containers.attach(command.container, command.path)  # the fd it has, when attached already
             if command.uuid:
                 try:
-                    label = read_label(fd)
+                    label = self.containers.label(command.container)
                 except (OSError, LabelError):
                     label = None
                 if label is None or label.container_uuid != command.uuid:
@@ -225,11 +242,7 @@ class Agent:
                 if isinstance(result, MapFault):
                     await self._resolve(vdisk, volume, hold, result, False, view, lba, pos, end)
                     continue
-                at = (pos - lba) * block_size
-                for container, offset, length in result:
-                    if container >= 0:
-                        self.containers.read_into(container, offset, view[at : at + length])
-                    at += length
+                await self._transfer(result, view[(pos - lba) * block_size :], False)
                 pos = end
         except (ContainerError, OSError) as exc:
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
@@ -257,7 +270,7 @@ class Agent:
     def write_now(self, vdisk: int, lba: int, view: memoryview) -> bool:
         """write() without FUA when every block is already mapped for writing; False (nothing written) otherwise."""
         volume = self._volume(vdisk, lba, len(view) // self._block_size(vdisk))
-        return self._write_from(volume, lba, view) != FAULT
+        return self._write_from(volume, lba, view) not in (FAULT, AGAIN)
 
     def _block_size(self, vdisk: int) -> int:
         volume = self.volumes.get(vdisk)
@@ -265,9 +278,10 @@ class Agent:
             raise AgentIOError(Reason.NO_VDISK, f"vdisk {vdisk} is not served here")
         return volume.table.block_size
 
-    def _write_from(self, volume: Volume, lba: int, view: memoryview) -> int:
+    def _write_from(self, volume: Volume, lba: int, view: memoryview, nowait: bool = True) -> int:
+        """write_blocks(): DONE, FAULT, or (nowait) AGAIN when it would wait for a device opened with O_DIRECT."""
         try:
-            return write_blocks(volume.table, self.containers.fd_table, lba, view, self.containers.dirty)
+            return write_blocks(volume.table, self.containers.fd_table, lba, view, self.containers.dirty, nowait)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise self._no_space(volume, lba, len(view) // volume.table.block_size) from None
@@ -305,8 +319,12 @@ class Agent:
             raise AgentIOError(Reason.OUT_OF_RANGE, f"{len(view)} bytes is not a whole number of {block_size}-byte blocks")
         nblocks = len(view) // block_size
         self._volume(vdisk, lba, nblocks)
-        if not fua and self._write_from(volume, lba, view) != FAULT:
-            return
+        if not fua:
+            outcome = self._write_from(volume, lba, view)
+            if outcome == AGAIN:  # direct I/O: the device is waited for in a thread, never on the event loop
+                outcome = await asyncio.to_thread(self._write_from, volume, lba, view, False)
+            if outcome != FAULT:
+                return
         hold = _Hold(table)
         written: set[int] = set()
         try:
@@ -316,7 +334,7 @@ class Agent:
                 if isinstance(result, MapFault):
                     pos = await self._resolve(vdisk, volume, hold, result, True, view, lba, pos, end, written)
                     continue
-                self._write_extents(result, view[(pos - lba) * block_size :], written)
+                await self._transfer(result, view[(pos - lba) * block_size :], True, written)
                 pos = end
             if fua:
                 await self._sync(written)
@@ -331,11 +349,25 @@ class Agent:
             while self.durable < needed:
                 await self.metadata_commit()
 
-    def _write_extents(self, extents: list[tuple[int, int, int]], view: memoryview, written: set[int]) -> None:
+    async def _transfer(
+        self, extents: list[tuple[int, int, int]], view: memoryview, write: bool, written: set[int] | None = None
+    ) -> None:
+        """Move the extents of a request between view and the containers (a read leaves unmapped ones as they are);
+        in a thread when a container is open with O_DIRECT (it waits for the device)."""
+        if any(container in self.containers.direct for container, _, _ in extents):
+            await asyncio.to_thread(self._transfer_now, extents, view, write, written)
+        else:
+            self._transfer_now(extents, view, write, written)
+
+    def _transfer_now(self, extents: list[tuple[int, int, int]], view: memoryview, write: bool, written: set[int] | None) -> None:
         at = 0
         for container, offset, length in extents:
-            self.containers.write_from(container, offset, view[at : at + length])
-            written.add(container)
+            if write:
+                self.containers.write_from(container, offset, view[at : at + length])
+                assert written is not None
+                written.add(container)
+            elif container >= 0:
+                self.containers.read_into(container, offset, view[at : at + length])
             at += length
 
     async def _resolve(
@@ -364,15 +396,7 @@ class Agent:
             prefix = table.translate(pos, seg_start - pos, write)
             if isinstance(prefix, MapFault):
                 return pos
-            at = (pos - lba) * block_size
-            if write:
-                assert written is not None
-                self._write_extents(prefix, view[at:], written)
-            else:
-                for container, offset, length in prefix:
-                    if container >= 0:
-                        self.containers.read_into(container, offset, view[at : at + length])
-                    at += length
+            await self._transfer(prefix, view[(pos - lba) * block_size :], write, written)
             pos = seg_start
         for start, stop, released in volume.releasing:
             if start <= fault.segment < stop:
@@ -395,7 +419,7 @@ class Agent:
                 if volume.unreported:
                     await self._away(vdisk, volume, hold, self._report(vdisk, volume))
                     return pos  # look again: while it reported, a grant may have come and mapped this segment
-        claims: dict[int, asyncio.Event] | None = None
+        claims: dict[int, _Claim] | None = None
         if fault.state & INVALID:  # one load per chunk in flight: its answer fills the chunk for every I/O in it
             claims, key = volume.loading, fault.segment // LOAD_CHUNK
             loading = claims.get(key)
@@ -406,13 +430,17 @@ class Agent:
             claims, key = volume.faulting, fault.segment
         asked = Fault(vdisk, fault.segment, fault.state, write, zero_data, next(self.requests))
         revokes = volume.revokes
+        claim = _Claim()
         if claims is not None:
-            claims[key] = asyncio.Event()
+            claims[key] = claim
         try:
             response = await self._away(vdisk, volume, hold, self._ask(asked))
+        except AgentIOError as exc:
+            claim.error = exc
+            raise
         finally:
             if claims is not None:
-                claims.pop(key).set()
+                claims.pop(key).done.set()
         self._take_grant(volume, revokes, response.grant)
         if response.action is Action.COMPLETE:
             return seg_end
@@ -466,13 +494,17 @@ class Agent:
             asyncio.get_running_loop().call_later(REPORT_DELAY, self._report_later)
 
     @staticmethod
-    def _take_grant(volume: Volume, revokes: int, grant: tuple[tuple[int, int], ...]) -> None:
+    def _take_grant(volume: Volume, revokes: int, grant: tuple[tuple[int, int], ...], early: bool = False) -> None:
         """Add the segments an answer granted, unless the grant was revoked after its question was sent (the
         controller took them back with the rest). The next early report comes once half of what is held is used;
-        none while the controller had nothing to give (its reserve is refilling: the grant's end faults)."""
-        if revokes == volume.revokes:
+        none after an early report got nothing (the controller's reserve is refilling: the grant's end faults)."""
+        if revokes != volume.revokes:
+            return
+        if grant:
             volume.grant.update(dict.fromkeys(grant))
-            volume.topped = len(volume.grant) if grant else 0
+            volume.topped = len(volume.grant)
+        elif early:
+            volume.topped = 0
 
     def _report_later(self) -> None:
         task = asyncio.ensure_future(self._report_all())
@@ -523,7 +555,7 @@ class Agent:
                 raise
             if drops == self.drops:  # else drop_all() emptied the list; what is there now is unreported
                 del volume.unreported[: len(entries)]
-                self._take_grant(volume, revokes, response.grant)
+                self._take_grant(volume, revokes, response.grant, self.topping_up)
 
     async def _ask(self, message: Fault | Allocated | Release | Flush) -> Response:
         """Send a message (made with a new request id); its answer, or AgentIOError when it failed."""

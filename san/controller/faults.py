@@ -48,6 +48,7 @@ class FaultPolicy:
         self.owners: dict[int, str] = {}  # vdisk -> the agent that holds its grant
         self.grant_targets: dict[int, int] = {}  # grows while a vdisk's grant keeps running dry
         self.vdisk_locks: dict[int, asyncio.Lock] = {}  # with several agents: one mapping change per vdisk at a time
+        self.revoking: set[int] = set()  # vdisks whose grant is being taken back: nothing is granted meanwhile
 
     async def handle(self, message: AgentMessage, agent: str = "") -> Response:
         """The answer to one agent's message. With other agents serving the vdisk, they are told first, one change
@@ -208,7 +209,7 @@ class FaultPolicy:
 
     def _grant(self, vdisk: VDisk, allocator: PoolAllocator, after: Segment, agent: str) -> tuple[Segment, ...]:
         """Top up the vdisk's grant from the reserve, when one agent serves it (so no two agents map a segment twice)."""
-        if len(self.controller.agents) != 1 or self.owners.get(vdisk.id, agent) != agent:
+        if len(self.controller.agents) != 1 or self.owners.get(vdisk.id, agent) != agent or vdisk.id in self.revoking:
             return ()
         grant = self.grants.setdefault(vdisk.id, {})
         target = self.grant_targets.get(vdisk.id, self.grant_segments)
@@ -239,7 +240,12 @@ class FaultPolicy:
         does not answer is fenced, and its grant comes back once its lease has lapsed."""
         for session in holders:
             for vdisk_id in [v for v, owner in self.owners.items() if owner == session.name]:
-                response = await self.controller.agents.send(session, Command(Op.REVOKE_GRANT, vdisk=vdisk_id), check=False)
+                self.revoking.add(vdisk_id)
+                try:
+                    command = Command(Op.REVOKE_GRANT, vdisk=vdisk_id)
+                    response = await self.controller.agents.send(session, command, check=False)
+                finally:
+                    self.revoking.discard(vdisk_id)
                 vdisk = self.controller.vdisks.get(vdisk_id)
                 if response.action is Action.FAIL:
                     log.error("agent %s could not give back vdisk %d's grant: %s", session.name, vdisk_id, response.message)

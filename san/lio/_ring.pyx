@@ -8,7 +8,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from san._fastmap cimport MapTable, extent_t, fault_t, translate_fast
-from san.agent._blockio cimport read_nowait, transfer
+from san.agent._blockio cimport DIRECT_FD, read_nowait, transfer
 
 cdef extern from *:
     """
@@ -150,8 +150,8 @@ cdef int _blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblock
     for i in range(n):
         if ext[i].container >= fds.shape[0] or (ext[i].container >= 0 and fds[ext[i].container] < 0):
             return 1
-        if write and ext[i].container < 0:
-            return 1
+        if write and (ext[i].container < 0 or fds[ext[i].container] & DIRECT_FD):
+            return 1  # an O_DIRECT write waits for the device: not on the event loop
     cdef int slot = table.io_start_c()
     with nogil:
         for i in range(n):

@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from san.model import Host, VDisk, Zone
 
 Entry = tuple[int, int, int]
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: heartbeats carry the session census
 MAX_TEXT = 1 << 16
 MAX_ITEMS = 1 << 16
 LOAD_CHUNK = 1024  # a fault on an INVALID entry is answered with the aligned chunk of this many segments around it

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -31,9 +32,7 @@ class PeerRefused(Exception):
 class Listener:
     """A listening socket and its accept loop (what listen() returns): sockets, close(), wait_closed()."""
 
-    def __init__(
-        self, sock: socket.socket, accepting: asyncio.Task[None], handshaking: dict[asyncio.Task[None], socket.socket]
-    ) -> None:
+    def __init__(self, sock: socket.socket, accepting: asyncio.Task[None], handshaking: dict[socket.socket, str]) -> None:
         self.sockets = [sock]
         self.accepting = accepting
         self.handshaking = handshaking
@@ -42,12 +41,18 @@ class Listener:
         """Stop accepting, close the listening socket and end the handshakes under way (connections made stay)."""
         self.accepting.cancel()
         self.sockets[0].close()
-        for task in list(self.handshaking):
-            task.cancel()
+        for client in list(self.handshaking):
+            _end(client)
 
     async def wait_closed(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await self.accepting
+
+
+def _end(client: socket.socket) -> None:
+    """End a connection still in its handshake without closing its fd under a transport that may own it."""
+    with contextlib.suppress(OSError):
+        client.shutdown(socket.SHUT_RDWR)
 
 
 async def listen(
@@ -62,31 +67,39 @@ async def listen(
 ) -> Listener:
     """Accept gateways on host:port; connected(peer name, reader, writer) runs for each verified one, at most
     max_peers at once (more are closed at once). A connection counts from its accept: at most max_handshakes are in
-    their TLS handshake at once (the oldest is closed for a new one), each for at most handshake_timeout seconds;
-    TLS is the first thing on every accepted socket, so nothing is read from it in the clear."""
+    their TLS handshake at once (for a new one, the oldest of the address that has the most is ended), each for at
+    most handshake_timeout seconds; TLS is the first thing on every accepted socket, nothing is read in the clear."""
     context = cluster.context(name, server=True)
     loop = asyncio.get_running_loop()
     peers: set[asyncio.Task[None]] = set()
-    handshaking: dict[asyncio.Task[None], socket.socket] = {}  # in the order accepted
+    handshaking: dict[socket.socket, str] = {}  # -> its peer's address, in the order accepted
+    ended: set[socket.socket] = set()  # handshakes ended here for newer ones (not logged one by one)
     tasks: set[asyncio.Task[None]] = set()
     sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=512)
     sock.setblocking(False)
 
     async def accept() -> None:
+        complained = evicted = 0.0
         while True:
             try:
                 client, address = await loop.sock_accept(sock)
-            except OSError as exc:  # out of fds, or the like: a short pause, not a busy loop
-                log.error("cannot accept a gateway connection: %s", exc)
+            except OSError as exc:  # out of fds, or the like: a short pause, not a busy loop (and one line in 10 s)
+                if loop.time() - complained > 10:
+                    complained = loop.time()
+                    log.error("cannot accept a gateway connection: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
             if len(handshaking) >= max_handshakes:
-                oldest = next(iter(handshaking))
-                log.warning("closing the oldest of %d connections still in their TLS handshake", max_handshakes)
+                busiest = Counter(handshaking.values()).most_common(1)[0][0]
+                oldest = next(c for c, host in handshaking.items() if host == busiest)
+                if loop.time() - evicted > 10:
+                    evicted = loop.time()
+                    log.warning("ending TLS handshakes from %s: %d connections are in theirs", busiest, max_handshakes)
                 del handshaking[oldest]
-                oldest.cancel()
+                ended.add(oldest)
+                _end(oldest)  # its handshake fails, and its task cleans up
+            handshaking[client] = str(address[0])
             task = loop.create_task(serve(client, address))
-            handshaking[task] = client
             tasks.add(task)  # a reference until it ends
             task.add_done_callback(tasks.discard)
 
@@ -98,13 +111,17 @@ async def listen(
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, client, ssl=context, ssl_handshake_timeout=handshake_timeout
             )
-        except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError) as exc:
-            if not isinstance(exc, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            client.close()
+            raise
+        except Exception as exc:  # whatever ends a handshake ends only that connection
+            if client not in ended:
                 log.warning("refused a peer from %s: %s", address, exc or type(exc).__name__)
             client.close()
             return
         finally:
-            handshaking.pop(task, None)
+            handshaking.pop(client, None)
+            ended.discard(client)
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         try:
             peer = cluster.peer_name(writer.get_extra_info("peercert"))

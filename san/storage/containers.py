@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from san.agent._blockio import DIRECT, read_at, write_at
-from san.storage.label import LABEL_BYTES, LabelError, read_label
+from san.storage.label import LABEL_BYTES, Label, LabelError, read_label
+from san.storage.label import decode as decode_label
 from san.storage.paths import identity, open_nofollow, unlink_nofollow
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -285,6 +286,16 @@ class ContainerSet:
         self.direct[container_id] = alignment
         self.fd_table[container_id] = fd | DIRECT
         return alignment
+
+    def label(self, container_id: int) -> Label | None:
+        """The label of an attached container, read through its fd table entry (so also with O_DIRECT)."""
+        self.fd(container_id)
+        buffer = bytearray(LABEL_BYTES)
+        try:
+            read_at(self.fd_table[container_id], buffer, 0)
+        except EOFError:
+            raise LabelError(f"container {container_id} is too small to hold a label") from None
+        return decode_label(bytes(buffer))
 
     def read_into(self, container_id: int, offset: int, buffer: memoryview) -> None:
         """Fill buffer from the container at offset; past the end of the container reads as an error."""

@@ -150,12 +150,9 @@ class Metadata:
     async def commit_async(self, change: Callable[[SQLiteStore], T]) -> T:
         """commit(change) with the transaction in the worker thread (change(store) runs there: it may touch only the
         store), while the event loop serves on. A management change is committed or not as a whole: if the caller
-        is cancelled meanwhile, it still gets the outcome (to record it in memory), and the cancellation is raised
-        at its next await."""
-        while self.flight is not None:  # one transaction at a time
-            flight = self.flight
-            await asyncio.wait([asyncio.wrap_future(flight.future)])
-            self._settle(flight)
+        is cancelled once its commit has begun, the cancellation is withdrawn: the caller gets the outcome and goes
+        on to record it in memory."""
+        await self._no_flight()
         changed, orphans, actions = self._take()
         results: list[T] = []
 
@@ -164,7 +161,11 @@ class Metadata:
             results.append(cast(T, result))
             return freed
 
-        future = self.worker.submit(run)
+        try:
+            future = self.worker.submit(run)
+        except RuntimeError:  # the worker is shut down (the service is stopping)
+            self._restore(changed, orphans, actions)
+            raise StoreFailure("metadata commit failed: the store is closing") from None
         flight = self.flight = _Flight(future, changed, orphans, actions)
         waiting = asyncio.wrap_future(future)
         cancelled = False
@@ -176,10 +177,9 @@ class Metadata:
             except BaseException:
                 break  # the transaction's own failure: raised below, once settled
         self._settle(flight)
-        if cancelled:
-            task = asyncio.current_task()
-            if task is not None:
-                task.cancel()
+        task = asyncio.current_task()
+        if cancelled and task is not None:
+            task.uncancel()  # the operation runs to its end: what it committed is recorded in memory too
         if future.cancelled():
             raise StoreFailure("metadata commit failed: the metadata thread stopped before it ran")
         error = future.exception()
@@ -189,9 +189,7 @@ class Metadata:
 
     async def _flush(self) -> None:
         """One grouped flush: the pending changes committed in the worker thread; the loop serves on meanwhile."""
-        if self.flight is not None:  # a management commit is landing it: wait in the loop, not in a thread
-            await asyncio.wrap_future(self.flight.future)
-        self._land()
+        await self._no_flight()
         changed, orphans, actions = self._take()
         if not changed and not orphans and not actions:
             return
@@ -207,6 +205,16 @@ class Metadata:
                 self._settle(flight)
             raise  # cancelled while the commit runs: _land() settles it, whoever needs the store next
         self._settle(flight)
+
+    async def _no_flight(self) -> None:
+        """Wait in the loop until no commit is in flight (one transaction at a time); its failure is its own."""
+        while self.flight is not None:
+            flight = self.flight
+            waiting = asyncio.wrap_future(flight.future)
+            await asyncio.wait([waiting])
+            if not waiting.cancelled():
+                waiting.exception()  # retrieved: the flight's owner reports it
+            self._settle(flight)
 
     def _land(self) -> None:
         """Wait for a commit in flight (blocking: it is one fsync) and take its outcome."""
