@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import subprocess
 import tempfile
@@ -101,6 +102,7 @@ def prepare(api: str, portal: int, source: Path) -> None:
 
 def measure(api: str, portal: int, source: Path, seconds: int, count: int) -> dict[str, float]:
     prepare(api, portal, source)
+    os.sync()  # the 1 GiB just written is on disk before either target is timed: no writeback under the first writes
     san = [san_bin(), "--api", api]
     found = {"firstwrite": first_writes(portal, count)}
     run(*san, "zone", "remove", "bench", "fresh")
