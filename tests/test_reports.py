@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from san._fastmap import ZERO
 from san.agent.agent import Agent, AgentIOError
 from san.protocol.messages import LOAD_CHUNK, Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
@@ -349,3 +351,37 @@ def test_nothing_granted_while_a_revoke_runs_is_kept(tmp_path: Path) -> None:
         agent.close()
 
     asyncio.run(body())
+
+
+def test_a_nearly_full_pool_takes_back_idle_grants_before_it_says_no_space(tmp_path: Path) -> None:
+    """Vdisk a was written once and holds a grant of free segments it may never use; vdisk b then fills the pool.
+    b's last first writes get a's unused granted segments (a reports what it mapped and gives back the rest) rather
+    than NO SPACE, and a's acknowledged block stays."""
+
+    async def body() -> None:
+        service = Service(str(tmp_path / "data"), reserve_segments=8)
+        await service.start()
+        try:
+            c, agent = service.controller, service.agent
+            pool = await c.create_pool("p", 17 * MIB)  # 16 segments of 1 MiB after the label's
+            a = await c.create_vdisk("a", "p", 16 * MIB)
+            b = await c.create_vdisk("b", "p", 32 * MIB)
+            await asyncio.sleep(0.2)  # the reserve fills
+            await agent.write(a.id, 0, b"a" * 512)
+            held = len(c.policy.grants.get(a.id, {}))
+            assert held >= 2, f"a holds a grant of {held} segments"
+            free = c.usage(pool).capacity_bytes // MIB - 1 - held
+            for segment in range(free + held):
+                await agent.write(b.id, segment * 2048, bytes([segment + 1]) * 512)
+            for segment in range(free + held):
+                assert await agent.read(b.id, segment * 2048, 1) == bytes([segment + 1]) * 512
+            assert await agent.read(a.id, 0, 1) == b"a" * 512
+            with pytest.raises(AgentIOError) as full:
+                await agent.write(b.id, (free + held) * 2048, b"z" * 512)
+            assert full.value.reason is Reason.NO_SPACE, "now the pool is full"
+            await agent.flush()
+        finally:
+            await service.stop()
+
+    asyncio.run(body())
+    assert check_store(str(tmp_path / "data" / "san.db"))[0] == []

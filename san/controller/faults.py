@@ -93,6 +93,9 @@ class FaultPolicy:
             return self.release(message)
         await self._stock(message.vdisk)
         response = self.handle_fault(message, agent)
+        if response.reason is Reason.NO_SPACE and await self._reclaim(message.vdisk):
+            await self._stock(message.vdisk)  # what came back is free: zero some of it into the reserve
+            response = self.handle_fault(message, agent)
         if response.action is Action.RETRY and response.entries:
             await self._tell_others(agent, message.vdisk, response.start, list(response.entries))
         return response
@@ -240,17 +243,39 @@ class FaultPolicy:
         does not answer is fenced, and its grant comes back once its lease has lapsed."""
         for session in holders:
             for vdisk_id in [v for v, owner in self.owners.items() if owner == session.name]:
-                self.revoking.add(vdisk_id)
-                try:
-                    command = Command(Op.REVOKE_GRANT, vdisk=vdisk_id)
-                    response = await self.controller.agents.send(session, command, check=False)
-                finally:
-                    self.revoking.discard(vdisk_id)
-                vdisk = self.controller.vdisks.get(vdisk_id)
-                if response.action is Action.FAIL:
-                    log.error("agent %s could not give back vdisk %d's grant: %s", session.name, vdisk_id, response.message)
-                elif vdisk is not None and self.owners.get(vdisk_id) == session.name:
-                    self.controller.allocators[vdisk.pool_id].release(self.return_grant(vdisk))
+                await self._revoke(session, vdisk_id)
+
+    async def _revoke(self, session: AgentSession, vdisk_id: int) -> int:
+        """Take one vdisk's grant back from its holder; the number of segments that went back to the pool."""
+        self.revoking.add(vdisk_id)
+        try:
+            response = await self.controller.agents.send(session, Command(Op.REVOKE_GRANT, vdisk=vdisk_id), check=False)
+        finally:
+            self.revoking.discard(vdisk_id)
+        vdisk = self.controller.vdisks.get(vdisk_id)
+        if response.action is Action.FAIL:
+            log.error("agent %s could not give back vdisk %d's grant: %s", session.name, vdisk_id, response.message)
+        elif vdisk is not None and self.owners.get(vdisk_id) == session.name:
+            returned = self.return_grant(vdisk)
+            self.controller.allocators[vdisk.pool_id].release(returned)
+            return len(returned)
+        return 0
+
+    async def _reclaim(self, vdisk_id: int) -> bool:
+        """The vdisk's pool has no free segment: take back the grants of its other vdisks (idle segments held for
+        first writes that may never come). Whether any segment came back."""
+        vdisk = self.controller.vdisks.get(vdisk_id)
+        if vdisk is None:
+            return False
+        holders = {s.name: s for s in self.controller.agents.sessions if not s.fenced}
+        returned = 0
+        for other, owner in list(self.owners.items()):
+            held = self.controller.vdisks.get(other)
+            if held is not None and held.pool_id == vdisk.pool_id and self.grants.get(other) and owner in holders:
+                returned += await self._revoke(holders[owner], other)
+        if returned:
+            log.info("pool %d was full: %d granted segments taken back for new writes", vdisk.pool_id, returned)
+        return returned > 0
 
     def agent_gone(self, name: str) -> None:
         """An agent's session ended (fenced, lease lapsed or registered anew is handled by the new session's
