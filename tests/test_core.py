@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -519,12 +520,7 @@ def test_unmap_survives_a_restart_only_once_flushed(tmp_path: Path) -> None:
 
 
 def test_reads_that_would_wait_for_the_disk_run_in_a_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    threaded: list[str] = []
-    real_to_thread = asyncio.to_thread
-
-    async def counting(function, *args):  # type: ignore[no-untyped-def]
-        threaded.append(getattr(function, "__name__", "?"))
-        return await real_to_thread(function, *args)
+    threaded: list[str] = []  # the threads that read without nowait (that may wait for the disk)
 
     async def body(s: Service) -> None:
         c = s.controller
@@ -532,14 +528,21 @@ def test_reads_that_would_wait_for_the_disk_run_in_a_thread(tmp_path: Path, monk
         v = await c.create_vdisk("v", "p", 16 * MIB)
         await s.agent.write(v.id, 4096, block("cold") * 16)
         await s.agent.flush()
-        monkeypatch.setattr(asyncio, "to_thread", counting)
+        real = s.agent._read_into
+
+        def watched(volume, lba, nblocks, buffer, nowait):  # type: ignore[no-untyped-def]
+            if not nowait:
+                threaded.append(threading.current_thread().name)
+            return real(volume, lba, nblocks, buffer, nowait)
+
+        monkeypatch.setattr(s.agent, "_read_into", watched)
         assert bytes(await s.agent.read(v.id, 4096, 16)) == block("cold") * 16
-        assert "_read_into" not in threaded, "cached data is read in place"
+        assert threaded == [], "cached data is read in place"
         container = c.pool_containers(pool)[0]
         os.posix_fadvise(s.agent.containers.fd(container.id), 0, 0, os.POSIX_FADV_DONTNEED)
         assert s.agent.read_now(v.id, 4096, 16) is None, "the fast path does not wait for a disk"
         assert bytes(await s.agent.read(v.id, 4096, 16)) == block("cold") * 16
-        assert "_read_into" in threaded
+        assert threaded and threading.main_thread().name not in threaded, threaded
 
     run(str(tmp_path), body)
 

@@ -10,7 +10,8 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -26,6 +27,7 @@ log = logging.getLogger("san.agent")
 T = TypeVar("T")
 DIRECT_IO = ("off", "auto", "on")  # auto: block devices (a shared disk) with O_DIRECT, files through the page cache
 REPORT_DELAY = 0.2
+IO_THREADS = 32
 REPORT_RETRY = 1.0
 UNMAP_CHUNK = 65536
 ZERO_WRITE_BYTES = 1 << 20
@@ -89,12 +91,19 @@ class Agent:
         self.full: set[int] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.data_flush = GroupCommit(self._sync)
+        self.io_threads = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.metadata_commit = GroupCommit(self._commit)
 
     def close(self) -> None:
         for task in self.tasks:
             task.cancel()
+        self.io_threads.shutdown(wait=True)  # no container I/O left running when the fds close
         self.containers.close()
+
+    async def _in_io_thread(self, work: Callable[..., T], *args: object) -> T:
+        """Container I/O that waits for a device (not cached, or O_DIRECT), on one of IO_THREADS threads: as many
+        such I/Os in flight at once as a disk queue takes, not asyncio's handful of default threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.io_threads, work, *args)
 
     async def handle(self, command: Command) -> Response:
         """Carry out a controller command; with the blocking flag, answer once earlier I/O has ended. A table is
@@ -230,7 +239,7 @@ class Agent:
         buffer = bytearray(nblocks * block_size)
         outcome = self._read_into(volume, lba, nblocks, buffer, True)
         if outcome == AGAIN:  # not cached: read it in a thread, so the event loop never waits for a disk
-            outcome = await asyncio.to_thread(self._read_into, volume, lba, nblocks, buffer, False)
+            outcome = await self._in_io_thread(self._read_into, volume, lba, nblocks, buffer, False)
         if outcome == DONE:
             return buffer
         view = memoryview(buffer)
@@ -322,7 +331,7 @@ class Agent:
         if not fua:
             outcome = self._write_from(volume, lba, view)
             if outcome == AGAIN:  # direct I/O: the device is waited for in a thread, never on the event loop
-                outcome = await asyncio.to_thread(self._write_from, volume, lba, view, False)
+                outcome = await self._in_io_thread(self._write_from, volume, lba, view, False)
             if outcome != FAULT:
                 return
         hold = _Hold(table)
@@ -355,7 +364,7 @@ class Agent:
         """Move the extents of a request between view and the containers (a read leaves unmapped ones as they are);
         in a thread when a container is open with O_DIRECT (it waits for the device)."""
         if any(container in self.containers.direct for container, _, _ in extents):
-            await asyncio.to_thread(self._transfer_now, extents, view, write, written)
+            await self._in_io_thread(self._transfer_now, extents, view, write, written)
         else:
             self._transfer_now(extents, view, write, written)
 
