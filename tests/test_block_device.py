@@ -4,11 +4,11 @@ The device's old bytes must never show through a vdisk, and deleting the pool le
 
 import asyncio
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopdev import loop_device as loop_device_over
 
 from san.model import MIB
 from san.service import Service
@@ -18,14 +18,8 @@ from san.service import Service
 def loop_device(tmp_path: Path) -> Iterator[str]:
     backing = tmp_path / "disk.img"
     backing.write_bytes(b"\xee" * (32 * MIB))
-    attach = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=False)
-    if attach.returncode != 0:
-        pytest.skip(f"no loop device here (needs root and /dev/loop-control): {attach.stderr.strip()}")
-    device = attach.stdout.strip()
-    try:
+    with loop_device_over(backing) as device:
         yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def test_pool_on_a_block_device_never_shows_its_old_bytes(tmp_path: Path, loop_device: str) -> None:

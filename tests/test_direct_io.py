@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loopdev import loop_device
 
 from san._fastmap import ZERO
 from san.agent._blockio import DIRECT
@@ -38,14 +38,8 @@ def shared_disk(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A file and a loop device over it: (the file, the device)."""
     backing = tmp_path / "shared.img"
     backing.write_bytes(b"\x11" * (16 * MIB))
-    attach = subprocess.run(["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=False)
-    if attach.returncode != 0:
-        pytest.skip(f"no loop device here (needs root and /dev/loop-control): {attach.stderr.strip()}")
-    device = attach.stdout.strip()
-    try:
+    with loop_device(backing) as device:
         yield backing, device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=False)
 
 
 def _cached(path: Path | str, offset: int, length: int) -> bool:

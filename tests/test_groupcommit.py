@@ -10,6 +10,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import pytest
 from san.errors import StoreFailure
 from san.groupcommit import GroupCommit
 from san.service import Service
+from san.store.sqlite import SQLiteStore
 
 MIB = 1 << 20
 
@@ -210,6 +212,17 @@ def test_a_fua_write_is_answered_only_once_its_new_mapping_is_committed(tmp_path
     asyncio.run(body())
 
 
+def before_commits(store: SQLiteStore, step: Callable[[], None]) -> None:
+    """Run step (in whatever thread commits) before each of the store's commits: the slow or failing disk."""
+    real = store.commit
+
+    def commit() -> None:
+        step()
+        real()
+
+    store.commit = commit  # type: ignore[method-assign]
+
+
 def test_the_loop_serves_reads_while_a_management_commit_waits_for_the_disk(tmp_path: Path) -> None:
     """Pool, vdisk, host and zone changes commit in the metadata thread: I/O is answered meanwhile. (The slow disk:
     the store's commit, which fsyncs, made to wait.)"""
@@ -224,15 +237,13 @@ def test_the_loop_serves_reads_while_a_management_commit_waits_for_the_disk(tmp_
             v = await c.create_vdisk("v", "p", 32 * MIB)
             await agent.write(v.id, 0, b"x" * 512)
             await agent.flush()
-            real = c.store.commit
 
-            def commit() -> None:
+            def slowly() -> None:
                 if slow.is_set():
                     assert threading.current_thread() is not threading.main_thread(), "a commit on the event loop"
                     time.sleep(0.5)
-                real()
 
-            c.store.commit = commit  # type: ignore[method-assign]
+            before_commits(c.store, slowly)
             slow.set()
             changes = {
                 "pool create": c.create_pool("q", 64 * MIB),
@@ -267,16 +278,14 @@ def test_a_flush_waiting_for_a_failed_management_commit_still_succeeds(tmp_path:
             c, agent = service.controller, service.agent
             await c.create_pool("p", 64 * MIB)
             v = await c.create_vdisk("v", "p", 32 * MIB)
-            real = c.store.commit
 
-            def commit() -> None:
+            def refuse_once() -> None:
                 if failing.is_set():
                     failing.clear()
                     time.sleep(0.3)
                     raise sqlite3.OperationalError("disk I/O error")
-                real()
 
-            c.store.commit = commit  # type: ignore[method-assign]
+            before_commits(c.store, refuse_once)
             await agent.write(v.id, 0, b"x" * 512)  # a new mapping, pending in the controller
             failing.set()
             creating = asyncio.ensure_future(c.zoning.create_host("h", "iqn.2024-01.org.example:h"))

@@ -16,6 +16,7 @@ import pytest
 
 from san._fastmap import ZERO
 from san.agent.agent import Agent, AgentIOError
+from san.model import VDisk
 from san.protocol.messages import LOAD_CHUNK, Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
 from san.service import LOCAL_AGENT, Service
 from san.store.check import check_store
@@ -92,16 +93,23 @@ def test_an_acknowledged_write_survives_a_failed_report(tmp_path: Path) -> None:
     asyncio.run(after_crash())
 
 
+async def _written_once(service: Service) -> VDisk:
+    """A thin vdisk with one block written: its first write fault brought the agent a grant."""
+    c = service.controller
+    await c.create_pool("p", 64 * MIB)
+    v = await c.create_vdisk("v", "p", 32 * MIB)
+    await asyncio.sleep(0.1)  # the reserve fills
+    await service.agent.write(v.id, 0, b"a".ljust(512, b"."))
+    return v
+
+
 def test_repeated_reports_and_releases_answer_ok(tmp_path: Path) -> None:
     async def body() -> None:
         service = Service(str(tmp_path / "data"))
         await service.start()
         try:
             c = service.controller
-            await c.create_pool("p", 64 * MIB)
-            v = await c.create_vdisk("v", "p", 32 * MIB)
-            await asyncio.sleep(0.1)
-            await service.agent.write(v.id, 0, b"a".ljust(512, b"."))
+            v = await _written_once(service)
             granted = next(iter(c.policy.grants[v.id]))
             report = Allocated(v.id, ((3, *granted),), request=41)
             first = await c.handle(report, LOCAL_AGENT)
@@ -279,10 +287,7 @@ def test_a_report_tops_up_the_grant_of_the_one_agent_serving_the_vdisk(tmp_path:
         await service.start()
         try:
             c = service.controller
-            await c.create_pool("p", 64 * MIB)
-            v = await c.create_vdisk("v", "p", 32 * MIB)
-            await asyncio.sleep(0.1)
-            await service.agent.write(v.id, 0, b"a".ljust(512, b"."))
+            v = await _written_once(service)
             volume = service.agent.volumes[v.id]
             granted = list(volume.grant)
             volume.grant.clear()  # the agent's own use of the grant is not under test here

@@ -439,13 +439,14 @@ class Agent:
             claims, key = volume.faulting, fault.segment
         asked = Fault(vdisk, fault.segment, fault.state, write, zero_data, next(self.requests))
         revokes = volume.revokes
-        claim = _Claim()
+        claim = None
         if claims is not None:
-            claims[key] = claim
+            claim = claims[key] = _Claim()
         try:
             response = await self._away(vdisk, volume, hold, self._ask(asked))
         except AgentIOError as exc:
-            claim.error = exc
+            if claim is not None:
+                claim.error = exc
             raise
         finally:
             if claims is not None:
