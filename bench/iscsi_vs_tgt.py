@@ -78,14 +78,15 @@ def san_bin() -> str:
 
 
 @contextlib.contextmanager
-def san_target(work: Path) -> Iterator[tuple[str, int]]:
+def san_target(work: Path, *extra: str, name: str = "san") -> Iterator[tuple[str, int]]:
+    """`san serve` (data in work/name, with extra options): its API URL and its portal."""
     api, portal = free_port(), free_port()
-    log = open(work / "san.log", "w")  # noqa: SIM115 - closed below
-    command = [san_bin(), "serve", "--data", str(work / "san"), "--api", f"127.0.0.1:{api}"]
-    command += ["--portal", f"127.0.0.1:{portal}", "--iqn", SAN_IQN, "--log-level", "warning"]
+    log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed below
+    command = [san_bin(), "serve", "--data", str(work / name), "--api", f"127.0.0.1:{api}"]
+    command += ["--portal", f"127.0.0.1:{portal}", "--iqn", SAN_IQN, "--log-level", "warning", *extra]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_api(f"http://127.0.0.1:{api}", proc, work / "san.log", "san serve")
+        wait_api(f"http://127.0.0.1:{api}", proc, work / f"{name}.log", "san serve")
         yield f"http://127.0.0.1:{api}", portal
     finally:
         proc.send_signal(signal.SIGTERM)

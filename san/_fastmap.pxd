@@ -38,6 +38,39 @@ ctypedef struct fault_t:
     uint64_t segment
     uint32_t state
 
+# Per-vdisk I/O statistics, one set per kind of command, counted in C by the frontends and read at scrape time.
+cdef enum:
+    IO_READ = 0
+    IO_WRITE = 1
+    IO_UNMAP = 2
+    IO_FLUSH = 3
+    IO_KINDS = 4
+    LATENCY_BUCKETS = 20  # the bounds below, then +Inf
+
+cdef extern from *:
+    """
+    #include <time.h>
+    /* Upper bounds (ns) of the latency histogram's buckets: 10 us to 10 s, roughly 1-2.5-5 per decade. */
+    static const unsigned long long san_latency_bounds[19] = {
+        10000ULL, 25000ULL, 50000ULL, 100000ULL, 250000ULL, 500000ULL, 1000000ULL, 2500000ULL, 5000000ULL,
+        10000000ULL, 25000000ULL, 50000000ULL, 100000000ULL, 250000000ULL, 500000000ULL, 1000000000ULL,
+        2500000000ULL, 5000000000ULL, 10000000000ULL};
+    static inline unsigned long long san_now_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (unsigned long long)ts.tv_sec * 1000000000ULL + (unsigned long long)ts.tv_nsec;
+    }
+    """
+    const unsigned long long san_latency_bounds[19]
+    unsigned long long san_now_ns() nogil
+
+ctypedef struct iostat_t:
+    uint64_t commands     # completed GOOD
+    uint64_t bytes        # moved by them (read, written, unmapped)
+    uint64_t errors       # completed with any other status
+    uint64_t latency_ns   # sum over the GOOD ones, arrival to response
+    uint64_t buckets[LATENCY_BUCKETS]  # per bucket, not cumulative
+
 
 cdef class MapTable:
     cdef entry_t **pages
@@ -59,6 +92,7 @@ cdef class MapTable:
     cdef bint firing
     cdef list waiters
     cdef list next_waiters
+    cdef iostat_t stats[IO_KINDS]
 
     cdef int translate_c(self, uint64_t lba, uint64_t nblocks, bint is_write,
                          extent_t *out, int max_out, fault_t *fault) noexcept nogil
@@ -104,3 +138,17 @@ cdef inline void prefetch_entry(MapTable table, uint64_t lba) noexcept nogil:
     """Start loading lba's entry into cache; a frontend holding a batch of commands calls it ahead of translate_fast()."""
     if lba < (table.nsegments << table.seg_shift):
         __builtin_prefetch(entry_at(table, lba >> table.seg_shift))
+
+
+cdef inline void io_account(MapTable table, int kind, uint64_t nbytes, uint64_t arrived_ns) noexcept nogil:
+    """Count one command of `kind` that completed GOOD, moved nbytes and arrived at arrived_ns (san_now_ns())."""
+    cdef iostat_t *stat = &table.stats[kind]
+    cdef unsigned long long now = san_now_ns()
+    cdef uint64_t took = now - arrived_ns if now > arrived_ns else 0
+    cdef int bucket = 0
+    stat.commands += 1
+    stat.bytes += nbytes
+    stat.latency_ns += took
+    while bucket < LATENCY_BUCKETS - 1 and took > san_latency_bounds[bucket]:
+        bucket += 1
+    stat.buckets[bucket] += 1

@@ -14,6 +14,19 @@ ZEROS: int
 MAX_CONTAINER: int
 MAX_SEGMENT: int
 MAX_ENTRIES: int
+IO_KIND_NAMES: tuple[str, ...]
+READ_IO: int
+WRITE_IO: int
+UNMAP_IO: int
+FLUSH_IO: int
+LATENCY_BOUNDS: tuple[float, ...]
+
+class IOStat(NamedTuple):
+    commands: int
+    bytes: int
+    errors: int
+    latency_seconds: float
+    buckets: tuple[int, ...]
 
 class MapFault(NamedTuple):
     segment: int
@@ -42,6 +55,9 @@ class MapTable:
     def set_alternate(self, segment: int, container: int, alt_segment: int, bitmap: bytes | None = None) -> None: ...
     def mark_alternate(self, segment: int, first_block: int, nblocks: int, in_alt: bool = True) -> None: ...
     def clear_alternate(self, segment: int) -> None: ...
+    def account(self, kind: int, nbytes: int, arrived_ns: int) -> None: ...
+    def account_error(self, kind: int) -> None: ...
+    def io_stats(self) -> list[IOStat]: ...
     def io_start(self) -> int: ...
     def io_end(self, slot: int) -> None: ...
     def barrier(self, callback: Callable[[], object]) -> None: ...

@@ -19,6 +19,10 @@ ZEROS = -1
 MAX_CONTAINER = 0xFFFE
 MAX_SEGMENT = 0xFFFFFFFE
 MAX_ENTRIES = 1 << 32
+IO_KIND_NAMES = ("read", "write", "unmap", "flush")  # index: IO_READ, IO_WRITE, IO_UNMAP, IO_FLUSH
+READ_IO, WRITE_IO, UNMAP_IO, FLUSH_IO = IO_READ, IO_WRITE, IO_UNMAP, IO_FLUSH
+LATENCY_BOUNDS = tuple(san_latency_bounds[i] / 1e9 for i in range(LATENCY_BUCKETS - 1))  # seconds; then +Inf
+IOStat = namedtuple("IOStat", "commands bytes errors latency_seconds buckets")
 
 cdef uint32_t NO_ALT = 0xFFFFFFFF
 cdef size_t PAGE_BYTES = PAGE_ENTRIES * sizeof(entry_t)
@@ -107,6 +111,7 @@ cdef class MapTable:
         self.free_alt = NO_ALT
         self.io_count[0] = 0
         self.io_count[1] = 0
+        memset(self.stats, 0, sizeof(self.stats))
         self.cur_slot = 0
         self.draining = False
         self.firing = False
@@ -397,6 +402,31 @@ cdef class MapTable:
         self.waiters.append(callback)
         if not self.firing:
             self._start_drain()
+
+    def account(self, int kind, uint64_t nbytes, uint64_t arrived_ns):
+        """Count a command of kind (READ_IO, WRITE_IO, UNMAP_IO, FLUSH_IO) that completed GOOD having moved nbytes;
+        arrived_ns is when it arrived, from time.monotonic_ns()."""
+        if not 0 <= kind < IO_KINDS:
+            raise ValueError(f"no I/O kind {kind}")
+        io_account(self, kind, nbytes, arrived_ns)
+
+    def account_error(self, int kind):
+        """Count a command of kind that completed with a status other than GOOD."""
+        if not 0 <= kind < IO_KINDS:
+            raise ValueError(f"no I/O kind {kind}")
+        self.stats[kind].errors += 1
+
+    def io_stats(self):
+        """The I/O statistics so far, an IOStat per kind (in IO_KIND_NAMES order); buckets are per bucket of
+        LATENCY_BOUNDS and +Inf, not cumulative."""
+        cdef int kind
+        cdef iostat_t *stat
+        found = []
+        for kind in range(IO_KINDS):
+            stat = &self.stats[kind]
+            found.append(IOStat(stat.commands, stat.bytes, stat.errors, stat.latency_ns / 1e9,
+                                tuple(stat.buckets[i] for i in range(LATENCY_BUCKETS))))
+        return found
 
     @property
     def inflight(self) -> int:

@@ -14,7 +14,7 @@ import signal
 from dataclasses import dataclass, field
 
 from san.api.app import create_app
-from san.api.auth import AuthSetupError, check_listen, load_token
+from san.api.auth import METRICS_TOKEN, AuthSetupError, check_listen, load_token
 from san.api.server import run_api, tls_context
 from san.cluster.pki import Cluster, ClusterError
 from san.controller.listener import AgentListener
@@ -24,6 +24,8 @@ from san.gateway.service import FrontendUnavailable, Gateway
 from san.gateway.session import ControllerSession
 from san.gateway.storage import Storage
 from san.iscsi.server import Limits
+from san.metrics.collectors import GatewayCollector
+from san.metrics.endpoint import MetricsServer, registry_of
 from san.serve import raise_fd_limit
 from san.storage.paths import check_trusted
 
@@ -58,6 +60,10 @@ class GatewayOptions:
     storage: list[str] = field(default_factory=list)
     controller_name: str = "controller"
     direct_io: str = "auto"
+    metrics: tuple[str, int] | None = None  # where to serve /metrics (None: no metrics, no I/O counting)
+    metrics_cert: str | None = None
+    metrics_key: str | None = None
+    metrics_token_file: str | None = None
 
 
 async def controller(options: ControllerOptions) -> int:
@@ -85,7 +91,8 @@ async def controller(options: ControllerOptions) -> int:
     log.info("listening for gateways on %s:%d (lease %g s)", options.listen[0], listener.port, options.lease)
     what = f"san controller serving data {service.data_dir}"
     try:
-        started = await run_api(create_app(service, token), host, port, options.api_cert, options.api_key, token, what)
+        app = create_app(service, token, service.metrics())
+        started = await run_api(app, host, port, options.api_cert, options.api_key, token, what)
     finally:
         await listener.stop()
         await service.stop()
@@ -106,10 +113,19 @@ async def gateway(options: GatewayOptions) -> int:
             cluster, options.name, options.controllers, options.suspend_timeout, controller_names=(options.controller_name,)
         )
         storage = Storage(options.storage)
-        gw = Gateway(session, options.portals, options.target_name, False, options.frontend, limits, storage, options.direct_io)
-    except (ClusterError, FrontendUnavailable, OSError) as exc:
+        metrics_token = None
+        if options.metrics is not None:
+            check_listen(options.metrics[0], tls_context(options.metrics_cert, options.metrics_key) is not None)
+            metrics_token = load_token(options.cluster, options.metrics_token_file, METRICS_TOKEN)
+        gw = Gateway(session, options.portals, options.target_name, False, options.frontend, limits, storage,
+                     options.direct_io, io_stats=options.metrics is not None)  # fmt: skip
+    except (AuthSetupError, ClusterError, FrontendUnavailable, OSError) as exc:
         log.error("%s", exc)
         return 1
+    metrics: MetricsServer | None = None
+    if options.metrics is not None and metrics_token is not None:
+        registry = registry_of(GatewayCollector(gw.agent, gw.vdisk_name, gw.target, session))
+        metrics = MetricsServer(registry, *options.metrics, metrics_token, options.metrics_cert, options.metrics_key)
     session.attach(gw.agent, gw.handle, gw.registered, gw.census)
     running = asyncio.ensure_future(session.run())
     stop = asyncio.Event()
@@ -123,11 +139,23 @@ async def gateway(options: GatewayOptions) -> int:
         session.stop()
         running.cancel()
         return 1
+    if metrics is not None:
+        try:
+            await metrics.start()
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%d: %s", metrics.host, metrics.port, exc.strerror or exc)
+            await gw.stop()
+            session.stop()
+            running.cancel()
+            gw.close()
+            return 1
     shown = ", ".join(f"{h}:{p}" for h, p in gw.target.portals)
     log.info("gateway %s: iSCSI target %s on %s, controller %s", options.name, options.target_name, shown, options.controllers)
     try:
         await stop.wait()
     finally:
+        if metrics is not None:
+            await metrics.stop()
         await gw.stop()
         session.stop()
         running.cancel()

@@ -39,6 +39,7 @@ class Options:
     api_key: str | None = None
     api_token_file: str | None = None
     limits: Limits = field(default_factory=Limits)
+    metrics: bool = True  # /metrics on the API, and each command counted in its vdisk's I/O statistics
 
 
 def raise_fd_limit(limits: Limits) -> Limits:
@@ -85,6 +86,7 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
             frontend=options.frontend,
             allow_paths=options.allow_paths,
             limits=limits,
+            io_stats=options.metrics,
         )
     except (DataDirLocked, DataDirUnsafe, FrontendUnavailable, StoreRefused, OSError) as exc:
         log.error("%s", exc)
@@ -118,7 +120,8 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
             return 1
     what = f"san serving data {service.data_dir}"
     try:
-        started = await run_api(create_app(service, token), host, port, options.api_cert, options.api_key, token, what)
+        app = create_app(service, token, service.metrics() if options.metrics else None)
+        started = await run_api(app, host, port, options.api_cert, options.api_key, token, what)
     finally:
         await service.stop()
     if not started:

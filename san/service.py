@@ -10,6 +10,8 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from san.agent.agent import Agent
 from san.cluster.pki import Cluster
 from san.controller.controller import Controller
@@ -22,6 +24,8 @@ from san.iscsi.server import IscsiServer, Limits
 from san.iscsi.target import Access, Target
 from san.lio.config import LioConfig
 from san.lio.handler import TcmuHandler
+from san.metrics.collectors import ControllerCollector, GatewayCollector
+from san.metrics.endpoint import registry_of
 from san.model import VDisk
 from san.protocol.transport import ControllerLink, LocalAgentLink, LocalControllerLink
 from san.scsi.disk import Disk
@@ -47,6 +51,7 @@ class Service:
         allow_paths: tuple[str, ...] = (),
         limits: Limits | None = None,
         network: str | None = None,
+        io_stats: bool = True,
     ) -> None:
         frontend = resolve_frontend(frontend)  # before the data directory is taken
         self.controller_service = ControllerService(data_dir, commit_interval, reserve_segments, allow_paths)
@@ -58,7 +63,7 @@ class Service:
             cluster = Cluster.init(network, [NETWORK_CONTROLLER, LOCAL_AGENT])
             self.listener = AgentListener(self.controller_service, cluster, NETWORK_CONTROLLER, NETWORK_LEASE)
             link = self.session = ControllerSession(cluster, LOCAL_AGENT, [])
-        self.gateway = Gateway(link, portals, target_name, open_access, frontend, limits)
+        self.gateway = Gateway(link, portals, target_name, open_access, frontend, limits, io_stats=io_stats)
 
     @property
     def controller(self) -> Controller:
@@ -108,6 +113,16 @@ class Service:
     def sessions(self, iqn: str) -> int | None:
         """The host's iSCSI sessions on this process's target."""
         return sum(1 for s in self.target.sessions.values() if s.initiator == iqn)
+
+    def metrics(self) -> CollectorRegistry:
+        """What /metrics serves: the controller's figures and this process's gateway's."""
+        controller = self.controller
+
+        def name(vdisk_id: int) -> str | None:
+            vdisk = controller.vdisks.get(vdisk_id)
+            return vdisk.name if vdisk is not None else None
+
+        return registry_of(ControllerCollector(controller, self.sessions), GatewayCollector(self.agent, name, self.target))
 
     async def start(self) -> None:
         await self.controller_service.start()

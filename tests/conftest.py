@@ -226,9 +226,10 @@ class ClusterServer(SanServer):
     """`san controller` and one `san gateway` on 127.0.0.1 as two processes: the API is the controller's, the
     iSCSI portal (iscsi_port) the gateway's; log_text() is both logs."""
 
-    def __init__(self, data: Path, cwd: Path, iqn: str) -> None:
+    def __init__(self, data: Path, cwd: Path, iqn: str, gateway_extra: tuple[str, ...] = ()) -> None:
         super().__init__(data, cwd)
         self.iqn = iqn
+        self.gateway_extra = gateway_extra
         self.listen = free_port()
         self.certs = cwd / "cluster"
         self.gateway: subprocess.Popen[str] | None = None
@@ -242,7 +243,7 @@ class ClusterServer(SanServer):
         controller = ["controller", "--data", self.data, "--listen", listen, "--cluster", certs]
         controller += ["--api", f"127.0.0.1:{self.port}"]
         gateway = ["gateway", "--name", "gw1", "--controller", listen, "--cluster", certs, "--storage", f"{self.data}/pools"]
-        gateway += ["--portal", f"127.0.0.1:{self.iscsi_port}", "--iqn", self.iqn]
+        gateway += ["--portal", f"127.0.0.1:{self.iscsi_port}", "--iqn", self.iqn, *self.gateway_extra]
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(
                 [*san_command(), *controller], stdout=log, stderr=subprocess.STDOUT, text=True, cwd=self.cwd, env=self.env()

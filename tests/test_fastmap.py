@@ -5,6 +5,7 @@ Hypothesis drives both tables with the same random commands and compares every t
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,19 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import san
-from san._fastmap import ERROR, INVALID, NOWRITE, ZERO, MapFault, MapTable
+from san._fastmap import (
+    ERROR,
+    INVALID,
+    IO_KIND_NAMES,
+    LATENCY_BOUNDS,
+    NOWRITE,
+    READ_IO,
+    UNMAP_IO,
+    WRITE_IO,
+    ZERO,
+    MapFault,
+    MapTable,
+)
 from san.agent.refmap import RefMapTable
 
 BUILD = tempfile.TemporaryDirectory(prefix="san-cdef-")  # a fresh build: pyximport misses .pxd changes
@@ -229,3 +242,22 @@ def test_a_barrier_registered_by_a_firing_callback_fires_too() -> None:
 def test_tables_past_the_entry_limit_are_refused() -> None:
     with pytest.raises(ValueError):
         MapTable(0x1555555555555556, 1)
+
+
+def test_io_statistics_count_commands_bytes_errors_and_latency_buckets() -> None:
+    table = MapTable(4, 2048)
+    now = time.monotonic_ns()
+    table.account(READ_IO, 4096, now - 30_000)  # 30 us ago: the 25-50 us bucket
+    table.account(READ_IO, 8192, now - 2_000_000_000)  # 2 s ago: the 1-2.5 s bucket
+    table.account(UNMAP_IO, 1 << 20, now)
+    table.account_error(WRITE_IO)
+    reads, writes, unmaps, flushes = table.io_stats()
+    assert (reads.commands, reads.bytes, reads.errors) == (2, 12288, 0)
+    assert reads.buckets[LATENCY_BOUNDS.index(5e-05)] == 1 and reads.buckets[LATENCY_BOUNDS.index(2.5)] == 1
+    assert sum(reads.buckets) == 2 and 2.0 < reads.latency_seconds < 3.0
+    assert (writes.commands, writes.errors, sum(writes.buckets)) == (0, 1, 0)
+    assert (unmaps.commands, unmaps.bytes) == (1, 1 << 20)
+    assert flushes == (0, 0, 0, 0.0, (0,) * (len(LATENCY_BOUNDS) + 1))
+    assert IO_KIND_NAMES == ("read", "write", "unmap", "flush")
+    with pytest.raises(ValueError):
+        table.account(7, 0, now)

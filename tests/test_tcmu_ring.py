@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from san._fastmap import READ_IO, WRITE_IO
 from san.lio._ring import CMD, PAD, TMR, Ring, RingError
 from san.model import MIB
 from san.service import Service
@@ -202,6 +203,13 @@ def test_serve_carries_out_plain_reads_and_writes_in_the_ring(tmp_path: Path) ->
         assert kernel.area[DATA_OFF + 32768 : DATA_OFF + 36864] == bytes(4096)
         assert bytes(await s.agent.read(v.id, 0, 16)) == expected
         assert containers.dirty  # the write is waiting for a flush like any other
+        # Counted in C as they were answered; what went back to the SCSI layer is counted there, once answered.
+        reads, writes = volume.table.io_stats()[READ_IO], volume.table.io_stats()[WRITE_IO]
+        assert (reads.commands, reads.bytes, writes.commands, writes.bytes) == (2, 8192 + 4096, 1, 4096)
+        assert sum(reads.buckets) == 2 and sum(writes.buckets) == 1 and reads.latency_seconds > 0
+        kernel.command(7, struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0), ((DATA_OFF + 65536, 4096),))
+        assert ring.serve(volume.table, containers.fd_table, volume.nblocks, True, containers.dirty, False)[1] == 1
+        assert volume.table.io_stats()[READ_IO].commands == 2, "with metrics off nothing is counted"
 
     async def main() -> None:
         service = Service(str(tmp_path))

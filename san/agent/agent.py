@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from san._fastmap import INVALID, ZERO, MapFault, MapTable
+from prometheus_client import Histogram
+
+from san._fastmap import ERROR, INVALID, LATENCY_BOUNDS, NOWRITE, ZERO, MapFault, MapTable
 from san.agent._blockio import AGAIN, DONE, FAULT, read_blocks, write_blocks
 from san.groupcommit import GroupCommit
 from san.protocol.messages import LOAD_CHUNK, Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
@@ -93,6 +95,13 @@ class Agent:
         self.data_flush = GroupCommit(self._sync)
         self.io_threads = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.metadata_commit = GroupCommit(self._commit)
+        self.fault_seconds = Histogram(
+            "san_fault_resolution_seconds",
+            "Time from a fault sent to the controller to its answer, by the entry state that faulted",
+            ["state"],
+            registry=None,
+            buckets=LATENCY_BOUNDS,
+        )
 
     def close(self) -> None:
         for task in self.tasks:
@@ -443,7 +452,8 @@ class Agent:
         if claims is not None:
             claim = claims[key] = _Claim()
         try:
-            response = await self._away(vdisk, volume, hold, self._ask(asked))
+            with self.fault_seconds.labels(_state_name(fault.state)).time():
+                response = await self._away(vdisk, volume, hold, self._ask(asked))
         except AgentIOError as exc:
             if claim is not None:
                 claim.error = exc
@@ -662,6 +672,14 @@ class Agent:
         await self._report_all()
         await self._ask(Flush(next(self.requests)))
         self.durable = max(self.durable, covers)
+
+
+def _state_name(state: int) -> str:
+    """What a fault is about, by its most telling state bit."""
+    for bit, name in ((ERROR, "error"), (INVALID, "invalid"), (ZERO, "zero"), (NOWRITE, "nowrite")):
+        if state & bit:
+            return name
+    return "none"
 
 
 def _unmapped(state: int, alternate: object) -> bool:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import san
@@ -20,6 +21,7 @@ from san.api.bodies import HostCreate, PoolCreate, VDiskCreate, VDiskGrow, ZoneC
 from san.api.limits import BodyLimit
 from san.controller.controller import Controller
 from san.errors import SanError
+from san.metrics.endpoint import metrics_response
 from san.model import Host, Pool, VDisk, Zone
 
 
@@ -39,8 +41,9 @@ class Managed(Protocol):
     def sessions(self, iqn: str) -> int | None: ...
 
 
-def create_app(service: Managed, token: str) -> FastAPI:
-    """The FastAPI application serving one service; token is the bearer token every request must carry."""
+def create_app(service: Managed, token: str, metrics: CollectorRegistry | None = None) -> FastAPI:
+    """The FastAPI application serving one service; token is the bearer token every request must carry. With a
+    metrics registry, GET /metrics serves it to Prometheus (with the token too)."""
     controller = service.controller
     app = FastAPI(title="san management API", version=san.__version__, docs_url=None, redoc_url=None)
     started = time.time()
@@ -98,6 +101,12 @@ def create_app(service: Managed, token: str) -> FastAPI:
             "allocated_bytes": controller.allocated_bytes(vdisk),
             "progress": controller.progress.get(vdisk.id, 1.0),
         }
+
+    if metrics is not None:
+
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus_metrics(request: Request) -> Response:
+            return metrics_response(metrics, request)
 
     @app.get("/status")
     async def status() -> dict[str, Any]:

@@ -22,6 +22,7 @@ from san.throttle import Throttle
 
 log = logging.getLogger("san.api")
 TOKEN_NAME = "api-token"
+METRICS_TOKEN = "metrics-token"  # a gateway's, in its cluster directory: what Prometheus sends to its /metrics
 PUBLIC_PATHS = frozenset({"/openapi.json"})
 
 
@@ -126,9 +127,10 @@ def check_listen(host: str, tls: bool) -> None:
         )
 
 
-def load_token(data_dir: str, token_file: str | None = None) -> str:
-    """The API token: from token_file, else DATA/api-token (made on first start: 256 random bits, mode 0600)."""
-    path = token_file or os.path.join(data_dir, TOKEN_NAME)
+def load_token(data_dir: str, token_file: str | None = None, name: str = TOKEN_NAME) -> str:
+    """The API token: from token_file, else DATA/api-token (made on first start: 256 random bits, mode 0600);
+    name makes it another token kept the same way (a gateway's metrics token)."""
+    path = token_file or os.path.join(data_dir, name)
     if token_file is None and not os.path.lexists(path):
         token = secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

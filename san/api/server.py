@@ -34,9 +34,9 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return context
 
 
-async def run_api(app: FastAPI, host: str, port: int, cert: str | None, key: str | None, token: str, what: str) -> bool:
-    """Serve app until a signal; False if it could not listen. what names the service in the log."""
-    config = uvicorn.Config(
+def http_config(app: FastAPI, host: str, port: int, cert: str | None, key: str | None) -> uvicorn.Config:
+    """uvicorn's settings for one of san's HTTP listeners (the API, a gateway's metrics)."""
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -48,7 +48,11 @@ async def run_api(app: FastAPI, host: str, port: int, cert: str | None, key: str
         ssl_keyfile=key,
         ssl_version=ssl.PROTOCOL_TLS_SERVER,
     )
-    server = uvicorn.Server(config)
+
+
+async def run_api(app: FastAPI, host: str, port: int, cert: str | None, key: str | None, token: str, what: str) -> bool:
+    """Serve app until a signal; False if it could not listen. what names the service in the log."""
+    server = uvicorn.Server(http_config(app, host, port, cert, key))
     for signum in (signal.SIGTERM, signal.SIGINT):
         # uvicorn restores these after serving and re-raises the signal it caught: it must land here, not kill us.
         signal.signal(signum, lambda *_: setattr(server, "should_exit", True))

@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="iscsi: the built-in target (default); lio: the kernel's LIO target with san's TCMU handler; "
         "auto: lio when LIO and target_core_user are loaded, else iscsi",
     )
+    serve.add_argument(
+        "--metrics",
+        choices=["on", "off"],
+        default="on",
+        help="on: Prometheus metrics at the API's /metrics, each command counted in its vdisk's statistics (default %(default)s)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     demo = commands.add_parser("demo", help="serve a demo thin vdisk that every initiator may use (demo mode)")
@@ -189,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     role.add_argument("--max-connections", type=int, default=1024, help="iSCSI connections open at once (default 1024)")
     role.add_argument(
         "--max-connections-per-address", type=int, default=64, help="iSCSI connections from one address (default 64)"
+    )
+    role.add_argument(
+        "--metrics",
+        type=_hostport,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (this gateway's vdisk I/O, faults, lease, sessions) at http://HOST:PORT/metrics; "
+        "beyond loopback only with --metrics-cert/--metrics-key (default: none, and no I/O counting)",
+    )
+    role.add_argument("--metrics-cert", help="TLS certificate (PEM) for the metrics listener")
+    role.add_argument("--metrics-key", help="TLS private key (PEM) for the metrics listener")
+    role.add_argument(
+        "--metrics-token-file",
+        help="file (mode 0600) holding the bearer token Prometheus sends (default: CLUSTER/metrics-token, made at first start)",
     )
     role.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -624,6 +643,10 @@ def run_gateway(args: argparse.Namespace) -> int:
         args.storage,
         args.controller_name,
         args.direct_io,
+        args.metrics if args.metrics != ("", 0) else None,
+        args.metrics_cert,
+        args.metrics_key,
+        args.metrics_token_file,
     )
     return run_loop(gateway(options))
 
@@ -658,6 +681,7 @@ def run_serve(args: argparse.Namespace) -> int:
         args.api_key,
         args.api_token_file,
         Limits(args.max_connections, args.max_connections_per_address),
+        args.metrics == "on",
     )
     return run_loop(serve(options))
 

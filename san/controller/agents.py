@@ -14,6 +14,7 @@ import itertools
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +55,7 @@ class Agents:
         self.sessions: list[AgentSession] = []
         self.epochs = itertools.count(time.time_ns())  # every registration a new epoch, across restarts too
         self.on_gone: Callable[[AgentSession], None] | None = None
+        self.registrations: Counter[str] = Counter()  # per agent name, since the controller started
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -68,6 +70,7 @@ class Agents:
             self._drop(old, "registered again")
         session = AgentSession(name, next(self.epochs), link, lease)
         self.sessions.append(session)
+        self.registrations[name] += 1
         return session
 
     def renew(self, session: AgentSession) -> bool:

@@ -13,11 +13,15 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from san.controller.agents import AgentSession
 from san.controller.allocator import PoolAllocator
 from san.controller.controller import Controller
 from san.datadir import DataDir
 from san.errors import StoreFailure
+from san.metrics.collectors import ControllerCollector
+from san.metrics.endpoint import registry_of
 from san.model import VDisk
 from san.protocol.messages import Config
 
@@ -105,6 +109,10 @@ class ControllerService:
         """A host's iSCSI sessions on every gateway, as of each one's last heartbeat (None with no gateway)."""
         live = [s for s in self.controller.agents.sessions if not s.fenced]
         return sum(s.hosts.get(iqn, 0) for s in live) if live else None
+
+    def metrics(self) -> CollectorRegistry:
+        """What the controller's /metrics serves."""
+        return registry_of(ControllerCollector(self.controller, self.sessions))
 
     def _vdisk_changed(self, event: str, vdisk: VDisk) -> None:
         self.publish()

@@ -71,6 +71,7 @@ class Gateway:
         limits: Limits | None = None,
         storage: Storage | None = None,
         direct_io: str = "off",
+        io_stats: bool = True,
     ) -> None:
         self.frontend = resolve_frontend(frontend)
         self.storage = storage
@@ -78,7 +79,7 @@ class Gateway:
         self.view = View()
         self.disks: dict[int, Disk] = {}
         self.open_access = open_access
-        self.target = Target(target_name, portals or [], self.access)
+        self.target = Target(target_name, portals or [], self.access, io_stats=io_stats)
         self.iscsi = IscsiServer(self.target, limits) if portals and self.frontend == "iscsi" else None
         self.tcmu: TcmuHandler | None = None
         self.lio: LioConfig | None = None
@@ -88,7 +89,7 @@ class Gateway:
         self.lio_error: str | None = None
         self.stopping = False
         if self.frontend == "lio":
-            self.tcmu = TcmuHandler(self._disk_for_config)
+            self.tcmu = TcmuHandler(self._disk_for_config, io_stats)
             self.lio = LioConfig(target_name, portals or [], open_access)
 
     async def handle(self, message: Command | Config) -> Response:
@@ -114,6 +115,11 @@ class Gateway:
             await self.settled()
             if self.lio_error is not None:
                 raise FrontendUnavailable(f"cannot configure LIO: {self.lio_error}")
+
+    def vdisk_name(self, vdisk_id: int) -> str | None:
+        """The name of a vdisk this gateway serves (for its metrics)."""
+        vdisk = self.view.vdisks.get(vdisk_id)
+        return vdisk.name if vdisk is not None else None
 
     def census(self) -> tuple[tuple[str, int], ...]:
         """The iSCSI sessions here, as (initiator name, count), for the controller (`san host show`)."""

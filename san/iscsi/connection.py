@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -80,6 +81,7 @@ class Task:
     r2t_sn: int = 0
     started: bool = False
     aborted: bool = False
+    arrived: int = 0  # time.monotonic_ns() when its command PDU came in
 
 
 class Connection:
@@ -613,7 +615,7 @@ class Connection:
             self._reject(pdu.bhs, RejectReason.TASK_IN_PROGRESS if itt != RESERVED_TAG else RejectReason.INVALID_PDU_FIELD)
             return []
         read, write = bool(flags & 0x40), bool(flags & 0x20)
-        task = Task(itt, lun, cdb, edtl, read, write, pdu.immediate)
+        task = Task(itt, lun, cdb, edtl, read, write, pdu.immediate, arrived=time.monotonic_ns())
         immediate = len(pdu.data)
         if immediate and (
             not write or immediate > edtl or not self.params.immediate_data or immediate > self.params.first_burst_length
@@ -717,7 +719,8 @@ class Connection:
         return self._more_data(task)
 
     def complete(self, task: Task, reply: Reply) -> None:
-        """Send a finished task's data and status (Data-In with status collapsed into the last PDU when possible)."""
+        """Send a finished task's data and status (Data-In with status collapsed into the last PDU when possible),
+        and count it in its vdisk's I/O statistics."""
         if task.aborted:
             for waiting, *_ in self.tmf_waiting:
                 waiting.discard(task.itt)
@@ -725,6 +728,13 @@ class Connection:
         if self.tasks.get(task.itt) is not task or task.aborted or self.closing:
             return
         del self.tasks[task.itt]
+        self._respond(task, reply)
+        if self.target.io_stats and self.session is not None:
+            zoned = self.session.view.luns.get(task.lun)
+            if zoned is not None:
+                zoned.disk.account(task.cdb[0], reply, task.arrived)
+
+    def _respond(self, task: Task, reply: Reply) -> None:
         lun = task.lun
         if task.read and reply.status == Status.GOOD and len(reply.data) == task.edtl and self._single_pdu(task.edtl):
             stat_sn, exp, top = self._numbers()  # the common read: one Data-In PDU carrying the status

@@ -41,6 +41,7 @@ class Target:
     next_tsih: int = 1
     guard: LoginGuard = field(default_factory=LoginGuard)
     refusals: Throttle = field(default_factory=Throttle)
+    io_stats: bool = True  # count each command in its vdisk's I/O statistics (off: metrics are off)
 
     def allocate_tsih(self) -> int:
         used = {s.tsih for s in self.sessions.values()}

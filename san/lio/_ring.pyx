@@ -7,7 +7,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from san._fastmap cimport MapTable, extent_t, fault_t, translate_fast
+from san._fastmap cimport IO_READ, IO_WRITE, MapTable, extent_t, fault_t, io_account, san_now_ns, translate_fast
 from san.agent._blockio cimport DIRECT_FD, read_nowait, transfer
 
 cdef extern from *:
@@ -222,13 +222,15 @@ cdef class Ring:
         PAD and TMR entries are passed over (TMRs are the kernel's notice of aborts it handles itself)."""
         return self._walk(None, None, 0, False, None)[0]
 
-    def serve(self, MapTable table, const int[:] fds, uint64_t nblocks, bint writes, set written):
+    def serve(self, MapTable table, const int[:] fds, uint64_t nblocks, bint writes, set written, bint count=True):
         """fetch(), but plain READ/WRITE 10/16 (no FUA, DPO or protection; writes only when `writes`) whose blocks
-        the map table has at hand are carried out here and answered GOOD. Returns (the other commands, as fetch()
-        gives them, and how many were answered). Written containers are added to `written` (they need a flush)."""
-        return self._walk(table, fds, nblocks, writes, written)
+        the map table has at hand are carried out here and answered GOOD, and counted in the table's I/O statistics
+        when `count`. Returns (the other commands, as fetch() gives them, and how many were answered). Written
+        containers are added to `written` (they need a flush)."""
+        return self._walk(table, fds, nblocks, writes, written, count)
 
-    cdef tuple _walk(self, MapTable table, const int[:] fds, uint64_t nblocks, bint writes, set written):
+    cdef tuple _walk(self, MapTable table, const int[:] fds, uint64_t nblocks, bint writes, set written,
+                     bint counting=False):
         if not self.held:
             return [], 0
         cdef list found = []
@@ -241,6 +243,8 @@ cdef class Ring:
         cdef uint16_t cmd_id
         cdef uint64_t offset, count, limit = <uint64_t>self.buffer.len
         cdef const uint8_t *cdb
+        cdef uint64_t arrived = 0, moved
+        cdef bint write
         if head >= size or head % 8:
             raise RingError(f"cmd_head {head} is not a place in a {size}-byte ring")
         while self.next != head:
@@ -266,8 +270,14 @@ cdef class Ring:
                     raise RingError(f"data buffer outside the mapped area at entry {self.next}")
             cmd_id = entry.hdr.cmd_id
             self.next = (self.next + length) % size  # this entry's slot may take an answer from here on
+            if counting:
+                arrived = san_now_ns()
             if table is not None and self._fast(entry, cdb, table, fds, nblocks, writes, written):
-                self.complete(cmd_id, 0, b"", -1 if cdb[0] in (WRITE_10, WRITE_16) else self._data_length(entry))
+                write = cdb[0] == WRITE_10 or cdb[0] == WRITE_16
+                moved = self._data_length(entry)
+                self.complete(cmd_id, 0, b"", -1 if write else <long>moved)
+                if counting:
+                    io_account(table, IO_WRITE if write else IO_READ, moved, arrived)
                 answered += 1
                 continue
             cdb_len = _cdb_length(cdb)

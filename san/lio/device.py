@@ -8,6 +8,7 @@ import contextlib
 import logging
 import mmap
 import os
+import time
 
 from san.lio._ring import Ring, RingError
 from san.scsi.disk import Data, Disk, Nexus, Reply
@@ -32,10 +33,11 @@ def map_size(minor: int) -> int:
 class TcmuDevice:
     """A vdisk as LIO sees it: commands are fetched from the ring when the kernel signals, answered in any order."""
 
-    def __init__(self, name: str, minor: int, disk: Disk) -> None:
+    def __init__(self, name: str, minor: int, disk: Disk, io_stats: bool = True) -> None:
         self.name = name
         self.minor = minor
         self.disk = disk
+        self.io_stats = io_stats  # count each command in the vdisk's I/O statistics
         self.fd = os.open(f"/dev/uio{minor}", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             self.area = mmap.mmap(self.fd, map_size(minor), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -100,7 +102,7 @@ class TcmuDevice:
             if volume is not None and disk.fast_ready(LIO_NEXUS):
                 writes = disk.unit.write_cache  # with the cache off, writes go through the SCSI layer (durable)
                 commands, answered = ring.serve(volume.table, agent.containers.fd_table, volume.nblocks, writes,
-                                                agent.containers.dirty)  # fmt: skip
+                                                agent.containers.dirty, self.io_stats)  # fmt: skip
                 self.completed += answered
             else:
                 commands = ring.fetch()
@@ -109,20 +111,23 @@ class TcmuDevice:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.fd)
             return
+        arrived = time.monotonic_ns()
         for cmd_id, cdb, iovs, bidi in commands:
             try:
-                self._dispatch(memory, cmd_id, cdb, iovs, bidi)
+                self._dispatch(memory, cmd_id, cdb, iovs, bidi, arrived)
             except Exception:  # one command's failure must not cost the others their answers
                 log.exception("%s: command %s failed", self.name, cdb[:1].hex())
                 with contextlib.suppress(Exception):
-                    self._answer(cmd_id, iovs, INTERNAL_ERROR)
+                    self._answer(cmd_id, iovs, INTERNAL_ERROR, cdb, arrived)
         ring.skip_idle()
         self._notify()
 
-    def _dispatch(self, memory: memoryview, cmd_id: int, cdb: bytes, iovs: tuple[tuple[int, int], ...], bidi: int) -> None:
+    def _dispatch(
+        self, memory: memoryview, cmd_id: int, cdb: bytes, iovs: tuple[tuple[int, int], ...], bidi: int, arrived: int
+    ) -> None:
         """Answer a command at once when the fast path can; otherwise start it as a task."""
         if bidi:
-            self._answer(cmd_id, iovs, Reply(Status.CHECK_CONDITION, sense=invalid_opcode().sense))
+            self._answer(cmd_id, iovs, Reply(Status.CHECK_CONDITION, sense=invalid_opcode().sense), cdb, arrived)
             return
         buffer: memoryview | None = None
         data_out: Data = b""
@@ -133,22 +138,22 @@ class TcmuDevice:
             data_out = self.ring.gather(iovs, MAX_DATA_OUT)
         reply = self.disk.execute_now(LIO_NEXUS, cdb, data_out, buffer)
         if reply is not None:
-            self._answer(cmd_id, iovs, reply)
+            self._answer(cmd_id, iovs, reply, cdb, arrived)
             return
-        task = asyncio.ensure_future(self._slow(cmd_id, cdb, iovs, data_out))
+        task = asyncio.ensure_future(self._slow(cmd_id, cdb, iovs, data_out, arrived))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _slow(self, cmd_id: int, cdb: bytes, iovs: tuple[tuple[int, int], ...], data_out: Data) -> None:
+    async def _slow(self, cmd_id: int, cdb: bytes, iovs: tuple[tuple[int, int], ...], data_out: Data, arrived: int) -> None:
         try:
             reply = await self.disk.execute(LIO_NEXUS, cdb, data_out)
         except Exception:
             log.exception("%s: command %s failed", self.name, cdb[:1].hex())
             reply = INTERNAL_ERROR
-        self._answer(cmd_id, iovs, reply)
+        self._answer(cmd_id, iovs, reply, cdb, arrived)
         self._notify()
 
-    def _answer(self, cmd_id: int, iovs: tuple[tuple[int, int], ...], reply: Reply) -> None:
+    def _answer(self, cmd_id: int, iovs: tuple[tuple[int, int], ...], reply: Reply, cdb: bytes, arrived: int) -> None:
         read_len = -1  # only data-in sets it: for a WRITE the kernel would take it as an underflow
         data = reply.data
         if reply.status == Status.GOOD and len(data):
@@ -156,6 +161,8 @@ class TcmuDevice:
             read_len = len(data) if in_ring else self.ring.scatter(iovs, memoryview(data).cast("B"))
         self.ring.complete(cmd_id, reply.status, reply.sense, read_len)
         self.completed += 1
+        if self.io_stats:
+            self.disk.account(cdb[0], reply, arrived)
 
     def _notify(self) -> None:
         if self.completed and self.fd >= 0:

@@ -38,8 +38,9 @@ def _write(path: str, value: str) -> None:
 class TcmuHandler:
     """Devices of subtype `san`, each bound to the SCSI unit that `disk_for(config)` names (None: refuse it)."""
 
-    def __init__(self, disk_for: Callable[[str], Disk | None]) -> None:
+    def __init__(self, disk_for: Callable[[str], Disk | None], io_stats: bool = True) -> None:
         self.disk_for = disk_for
+        self.io_stats = io_stats  # count each command in its vdisk's I/O statistics
         self.devices: dict[str, TcmuDevice] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.netlink = TcmuNetlink(self._event)
@@ -103,7 +104,7 @@ class TcmuHandler:
         if old is not None:
             old.close()
         try:
-            device = TcmuDevice(name, minor, disk)
+            device = TcmuDevice(name, minor, disk, self.io_stats)
         except Exception as exc:
             log.error("%s: cannot map /dev/uio%d: %s", name, minor, exc)
             return -errno.EIO

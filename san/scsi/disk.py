@@ -9,6 +9,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from san._fastmap import FLUSH_IO, READ_IO, UNMAP_IO, WRITE_IO
 from san.agent.agent import Agent, AgentIOError
 from san.protocol.messages import Reason
 from san.scsi import pages
@@ -35,6 +36,14 @@ from san.scsi.sense import (
 
 Data = bytes | bytearray | memoryview
 FAST_OPCODES = frozenset({Op.READ_10, Op.READ_16, Op.WRITE_10, Op.WRITE_16})
+# The commands the vdisk's I/O statistics count, by kind (a WRITE SAME that unmaps says so in its reply).
+IO_KIND: dict[int, int] = {
+    **dict.fromkeys((Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16), READ_IO),
+    **dict.fromkeys((Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16, Op.WRITE_AND_VERIFY_10, Op.WRITE_AND_VERIFY_12,
+                     Op.WRITE_AND_VERIFY_16, Op.COMPARE_AND_WRITE, Op.WRITE_SAME_10, Op.WRITE_SAME_16), WRITE_IO),
+    Op.UNMAP: UNMAP_IO,
+    **dict.fromkeys((Op.SYNCHRONIZE_CACHE_10, Op.SYNCHRONIZE_CACHE_16), FLUSH_IO),
+}  # fmt: skip
 # Commands whose medium errors are read errors (the rest fail writing or flushing).
 READING = frozenset({Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16, Op.VERIFY_10, Op.VERIFY_12, Op.VERIFY_16,
                      Op.PRE_FETCH_10, Op.PRE_FETCH_16, Op.SERVICE_ACTION_IN_16})  # fmt: skip
@@ -95,6 +104,8 @@ class Reply:
     data: Data = b""
     sense: bytes = b""
     wanted: int = -1  # bytes of data-out the CDB called for (the frontend's residual), -1 when it took none
+    moved: int = 0  # bytes a write or an unmap changed on the medium (a read's are its data)
+    unmapped: bool = False  # a WRITE SAME that unmapped (it counts as an unmap, not a write)
 
 
 @dataclass
@@ -192,13 +203,27 @@ class Disk:
             view = memoryview(data_out).cast("B")
             if len(view) < wanted or not self.agent.write_now(self.vdisk, lba, view[:wanted]):
                 return None
-            return Reply(wanted=wanted)
+            return Reply(wanted=wanted, moved=wanted)
         except CheckCondition as condition:
             return self._check_condition(nexus, condition)
         except AgentIOError as exc:
             return self._agent_failed(nexus, exc, cdb[0])
         except struct.error:
             return None
+
+    def account(self, opcode: int, reply: Reply, arrived: int) -> None:
+        """Count a command once answered in the vdisk's I/O statistics (kept in C in its map table); arrived is when
+        the frontend took it in, from time.monotonic_ns()."""
+        kind = IO_KIND.get(opcode)
+        volume = self.agent.volumes.get(self.vdisk) if kind is not None else None
+        if volume is None or kind is None:
+            return
+        if reply.status != Status.GOOD:
+            volume.table.account_error(kind)
+        elif kind == READ_IO:
+            volume.table.account(kind, len(reply.data), arrived)
+        else:
+            volume.table.account(UNMAP_IO if reply.unmapped else kind, reply.moved, arrived)
 
     def _agent_failed(self, nexus: Nexus, exc: AgentIOError, opcode: int) -> Reply:
         """The reply to an I/O the agent could not do: BUSY while the controller is unreachable (the initiator
@@ -428,7 +453,7 @@ class Disk:
         if len(data):
             fua = verify or (cdb[0] != Op.WRITE_6 and bool(cdb[1] & 0x08))
             await self._write(lba, data, fua)
-        return Reply(wanted=wanted)
+        return Reply(wanted=wanted, moved=len(data))
 
     def _whole_blocks(self, data_out: Data, wanted: int) -> memoryview:
         """The whole blocks of data-out up to what the CDB asked for: an initiator that sent less writes less
@@ -490,7 +515,7 @@ class Disk:
         finally:
             self.comparing.remove(entry)
             entry[2].set()
-        return Reply(wanted=2 * nbytes)
+        return Reply(wanted=2 * nbytes, moved=nbytes)
 
     async def write_same(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
         sixteen = cdb[0] == Op.WRITE_SAME_16
@@ -513,11 +538,12 @@ class Disk:
         block = bytes(self.block_size) if ndob else bytes(self._data(data_out, self.block_size))
         if unmap and not self.unit.thin:
             raise invalid_field(1, 3)
-        if unmap and block == bytes(self.block_size):
+        unmapping = bool(unmap) and block == bytes(self.block_size)
+        if unmapping:
             await self._unmap(lba, nblocks)
         else:
             await self._write(lba, memoryview(block * nblocks), False)
-        return Reply(wanted=0 if ndob else self.block_size)
+        return Reply(wanted=0 if ndob else self.block_size, moved=nblocks * self.block_size, unmapped=unmapping)
 
     async def _unmap(self, lba: int, nblocks: int) -> None:
         await self._after_compares(lba, lba + nblocks)
@@ -545,7 +571,7 @@ class Disk:
         for lba, nblocks in extents:
             if nblocks:
                 await self._unmap(lba, nblocks)
-        return Reply(wanted=length)
+        return Reply(wanted=length, moved=sum(nblocks for _, nblocks in extents) * self.block_size)
 
     async def pre_fetch(self, nexus: Nexus, cdb: bytes, data_out: Data) -> Reply:
         lba, nblocks, _ = self._lba_length(cdb)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -61,6 +62,7 @@ class Metadata:
         self.failures = 0
         self.commits = 0
         self.flight: _Flight | None = None
+        self.observe_commit: Callable[[float], None] = lambda seconds: None  # each transaction's time (metrics)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="metadata")
         self.flush = GroupCommit(self._flush)
 
@@ -245,6 +247,7 @@ class Metadata:
         if anything fails."""
         store = self.store
         freed: list[Segment] = []
+        began = time.monotonic()
         try:
             store.begin()
             for vdisk_id, entries in changed.items():
@@ -252,6 +255,7 @@ class Metadata:
                 store.add_mappings(vdisk_id, sorted(m for m in entries.values() if m is not None))
             result = change(store) if change is not None else None
             store.commit()
+            self.observe_commit(time.monotonic() - began)
         except (sqlite3.Error, StoreError, OSError) as exc:
             self.abort()
             raise StoreFailure(f"metadata commit failed: {exc}") from exc
