@@ -6,6 +6,7 @@ The pool, vdisk and gateway figures are checked against what the API says; /metr
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import subprocess
 import urllib.error
@@ -38,6 +39,7 @@ def scrape(url: str, token: str | None) -> Samples:
         text = response.read().decode()
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
+        samples.setdefault(family.name, {})  # a family with no sample yet (no grant held) is still served
         for sample in family.samples:
             samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return samples
@@ -171,6 +173,27 @@ def test_a_gateway_serves_its_own_metrics(tmp_path: Path) -> None:
         assert value(controller, "san_gateway_registrations_total", gateway="gw1") == 1
         assert value(controller, "san_gateway_lease_seconds", gateway="gw1") > 0
         assert "san_vdisk_commands_total" not in controller, "the controller serves no I/O: its gateways count it"
+        dashboard = (Path(__file__).parent.parent / "docs" / "grafana" / "san-dashboard.json").read_text()
+        used = set(re.findall(r"\bsan_[a-z_]+", dashboard)) - {"san_dashboard"}
+        served = set(controller) | set(after)
+        assert used and used <= served, f"the dashboard uses metrics nobody serves: {used - served}"
     finally:
         assert cluster.running, cluster.log_text()
         assert cluster.stop() == 0, cluster.log_text()
+
+
+def test_san_top_shows_the_vdisk_being_written(server: SanServer) -> None:
+    commands = []
+    for i in range(6000):
+        commands += ["-c", f"write -P 9 {(i % 4096) * BLOCK} {BLOCK}"]
+    options = f"driver=iscsi,transport=tcp,portal=127.0.0.1:{server.iscsi_port},target={TARGET},lun=0,initiator-name={INITIATOR}"
+    writer = subprocess.Popen(["qemu-io", "--image-opts", *commands, options], stdout=subprocess.DEVNULL)
+    try:
+        shown = server.ok("top", "--interval", "0.5", "--count", "2")
+    finally:
+        assert writer.wait(timeout=300) == 0
+    lines = [line.split() for line in shown.splitlines()]
+    header = next(line for line in lines if line and line[0] == "VDISK")
+    rows = [dict(zip(header, line, strict=True)) for line in lines if line and line[0] == "vm1"]
+    assert len(rows) == 2, shown
+    assert any(float(row["w/s"]) > 0 and float(row["w_ms"]) > 0 for row in rows), shown

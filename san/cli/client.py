@@ -77,6 +77,20 @@ class Client:
                 )
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        payload = self._send(method, path, body)
+        try:
+            return json.loads(payload) if payload else None
+        except ValueError:
+            raise ApiError(f"the san API at {self.base} answered something that is not JSON") from None
+
+    def text(self, path: str) -> str:
+        """GET a resource that is text, not JSON (/metrics)."""
+        try:
+            return self._send("GET", path, None).decode()
+        except UnicodeDecodeError:
+            raise ApiError(f"{self.base}{path} answered something that is not text") from None
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None) -> bytes:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method)
         request.add_header("Content-Type", "application/json")
@@ -99,10 +113,7 @@ class Client:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ApiError(f"cannot reach the san API at {self.base}: {reason}") from None
-        try:
-            return json.loads(payload) if payload else None
-        except ValueError:
-            raise ApiError(f"the san API at {self.base} answered something that is not JSON") from None
+        return bytes(payload)
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)

@@ -225,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[client], help="show the service's status")
     status.add_argument("--json", action="store_true")
 
+    top = commands.add_parser("top", parents=[client], help="per-vdisk IOPS, MB/s and latency, refreshed (from /metrics)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default %(default)s)")
+    top.add_argument("--count", type=int, help="refresh this many times, then exit (default: until interrupted)")
+    top.add_argument(
+        "--gateway",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a gateway's metrics listener (san gateway --metrics), added to the API's figures; repeatable",
+    )
+
     pool = commands.add_parser("pool", help="manage pools").add_subparsers(dest="action", required=True, metavar="ACTION")
     create = pool.add_parser("create", parents=[client], help="create a pool on a new sparse file or an existing file/device")
     create.add_argument("name")
@@ -495,6 +506,12 @@ def _wait_thick(client: Client, vdisk: dict[str, Any]) -> dict[str, Any]:
 
 def run_client(args: argparse.Namespace) -> int:
     client = Client(args.api, args.token_file, args.ca_file)
+    if args.command == "top":
+        from san.cli.top import top
+
+        if not args.interval > 0 or (args.count is not None and args.count < 1):
+            raise ApiError("--interval must be positive and --count at least 1")
+        return top([client, *(Client(url, None, args.ca_file) for url in args.gateway)], args.interval, args.count)
     if args.command == "status":
         status = client.get("/status")
         if args.json:
