@@ -188,8 +188,14 @@ def create_app(service: Managed, token: str, metrics: CollectorRegistry | None =
         return {**host.to_dict(), "zones": zones, "sessions": service.sessions(host.iqn)}
 
     @app.get("/hosts")
-    async def list_hosts() -> list[dict[str, Any]]:
-        return [host_json(h) for h in sorted(zoning.hosts.values(), key=lambda h: h.name)]
+    async def list_hosts(secrets: bool = False) -> list[dict[str, Any]]:
+        """Every host; with secrets=true their CHAP secrets too (for `san config export --with-secrets`)."""
+        shown = [host_json(h) for h in sorted(zoning.hosts.values(), key=lambda h: h.name)]
+        if secrets:
+            for entry in shown:
+                host = zoning.host(entry["name"])
+                entry.update(chap_secret=host.chap_secret, mutual_secret=host.mutual_secret)
+        return shown
 
     @app.post("/hosts", status_code=201)
     async def create_host(body: HostCreate) -> dict[str, Any]:

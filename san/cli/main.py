@@ -225,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[client], help="show the service's status")
     status.add_argument("--json", action="store_true")
 
+    config = commands.add_parser("config", help="export or import the configuration as JSON").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    export = config.add_parser("export", parents=[client], help="pools, vdisks, hosts and zones (definitions, not data) as JSON")
+    export.add_argument("--out", metavar="FILE", help="write to FILE (atomically, mode 0600; a FILE there is kept under backup/)")
+    export.add_argument("--with-secrets", action="store_true", help="include the hosts' CHAP secrets (keep the file safe)")
+    imported = config.add_parser(
+        "import", parents=[client], help="make what a file describes (what exists and matches is kept; conflicts change nothing)"
+    )
+    imported.add_argument("file", metavar="FILE")
+    imported.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
+
     top = commands.add_parser("top", parents=[client], help="per-vdisk IOPS, MB/s and latency, refreshed (from /metrics)")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default %(default)s)")
     top.add_argument("--count", type=int, help="refresh this many times, then exit (default: until interrupted)")
@@ -494,6 +506,36 @@ def _run_zoning(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(client: Client, args: argparse.Namespace) -> int:
+    from san.cli import config
+
+    if args.action == "export":
+        document = config.export(client, args.with_secrets)
+        if args.out is None:
+            print(json.dumps(document, indent=2, sort_keys=True))
+            return 0
+        try:
+            backup = config.save(document, args.out)
+        except OSError as exc:
+            raise ApiError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+        counts = ", ".join(f"{len(document[k])} {k}" for k in ("pools", "vdisks", "hosts", "zones"))
+        print(f"configuration saved to {args.out} ({counts}){f'; the previous one is {backup}' if backup else ''}")
+        return 0
+    todo = config.plan(client, config.load(args.file))
+    if todo.conflicts:
+        raise config.ConfigConflict(todo.conflicts)
+    steps = [what for what, *_ in todo.steps + todo.grows]
+    if args.dry_run:
+        for what in steps:
+            print(f"would {what}")
+        print(f"{len(steps)} change(s), {todo.unchanged} unchanged (dry run: nothing was changed)")
+        return 0
+    for what in config.apply(client, todo):
+        print(what)
+    print(f"{len(steps)} change(s), {todo.unchanged} unchanged")
+    return 0
+
+
 def _wait_thick(client: Client, vdisk: dict[str, Any]) -> dict[str, Any]:
     label = f"allocating {vdisk['name']}"
     while vdisk["state"] == "allocating":
@@ -506,6 +548,8 @@ def _wait_thick(client: Client, vdisk: dict[str, Any]) -> dict[str, Any]:
 
 def run_client(args: argparse.Namespace) -> int:
     client = Client(args.api, args.token_file, args.ca_file)
+    if args.command == "config":
+        return _run_config(client, args)
     if args.command == "top":
         from san.cli.top import top
 
@@ -728,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_client(args)
     except ApiError as exc:
         print(f"san: {plain(exc)}", file=sys.stderr)
+        for line in getattr(exc, "lines", ()):  # a refused import: one line per conflict
+            print(plain(line), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,246 @@
+"""`san config export` and `san config import`: the configuration (pools, vdisks, hosts, zones; definitions, not
+data) as one JSON document, and that document applied back through the API.
+
+Import plans first: what exists and matches is left alone, a vdisk smaller than in the file grows, what is missing
+is made; anything else is a conflict, one line each, and then nothing changes. If a step fails part way, what this
+import made is deleted again. Export writes atomically (mode 0600) and keeps dated backups of the file it replaces,
+the 10 newest, as targetcli's saveconfig does."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+from san.cli.client import ApiError, Client
+
+FORMAT = 1
+BACKUPS = 10
+
+
+class ConfigConflict(ApiError):
+    """The document cannot be applied as it is; lines says why, one line per conflict."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(f"{len(lines)} conflict(s); nothing was changed:")
+        self.lines = lines
+
+
+def export(client: Client, with_secrets: bool = False) -> dict[str, Any]:
+    """The current configuration; CHAP secrets only with with_secrets."""
+    pools = []
+    for pool in client.get("/pools"):
+        container = pool["containers"][0] if pool["containers"] else {}
+        entry: dict[str, Any] = {
+            "name": pool["name"],
+            "segment_size": pool["segment_size"],
+            "warn_percent": pool["warn_percent"],
+            "allocate_ahead": pool["allocate_ahead"],
+        }
+        if container.get("owned", True):
+            entry["size"] = pool["capacity_bytes"]  # san's own file: made anew, this size (its label segment aside)
+        else:
+            entry["path"] = container["path"]
+            entry["existing"] = container["kind"] == "file"
+        pools.append(entry)
+    vdisks = [
+        {"name": v["name"], "pool": v["pool"], "size": v["size_bytes"], "block_size": v["block_size"], "thin": v["thin"]}
+        for v in client.get("/vdisks")
+    ]
+    hosts = []
+    for host in client.get("/hosts?secrets=true" if with_secrets else "/hosts"):
+        entry = {"name": host["name"], "iqn": host["iqn"], "chap_user": host["chap_user"], "mutual_user": host["mutual_user"]}
+        if with_secrets:
+            entry.update(chap_secret=host.get("chap_secret", ""), mutual_secret=host.get("mutual_secret", ""))
+        hosts.append(entry)
+    zones = [{"host": z["host"], "vdisk": z["vdisk"], "lun": z["lun"], "read_only": z["read_only"]} for z in client.get("/zones")]
+    return {"san_config": FORMAT, "pools": pools, "vdisks": vdisks, "hosts": hosts, "zones": zones}
+
+
+def save(document: dict[str, Any], path: str) -> str | None:
+    """Write document to path atomically, mode 0600; a file already there is kept as a dated backup (its path is
+    returned) in path's directory under backup/, the newest BACKUPS of them."""
+    directory = os.path.dirname(os.path.abspath(path))
+    backup = None
+    if os.path.exists(path):
+        backups = os.path.join(directory, "backup")
+        os.makedirs(backups, mode=0o700, exist_ok=True)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        backup = os.path.join(backups, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        with open(path, "rb") as old:
+            _write(backup, old.read())
+        kept = sorted(n for n in os.listdir(backups) if n.startswith(f"{stem}-") and n.endswith(".json"))
+        for name in kept[:-BACKUPS]:
+            os.unlink(os.path.join(backups, name))
+    _write(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
+    return backup
+
+
+def _write(path: str, data: bytes) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def load(path: str) -> dict[str, Any]:
+    """A document from a file, its shape checked (every error one line)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.loads(f.read(16 << 20))
+    except OSError as exc:
+        raise ApiError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ApiError(f"{path} is not a san configuration: {exc}") from None
+    if not isinstance(document, dict) or document.get("san_config") != FORMAT:
+        raise ApiError(f"{path} is not a san configuration (format {FORMAT})")
+    for key, fields in SHAPE.items():
+        items = document.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ApiError(f"{path}: {key} must be a list of objects")
+        for item in items:
+            missing = [f for f in fields if f not in item]
+            unknown = sorted(set(item) - set(fields) - OPTIONAL[key])
+            if missing or unknown:
+                what = f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}"
+                raise ApiError(f"{path}: an entry of {key} ({item.get('name', item.get('host', '?'))}): {what}")
+    return document
+
+
+SHAPE = {
+    "pools": ("name", "segment_size", "warn_percent", "allocate_ahead"),
+    "vdisks": ("name", "pool", "size", "block_size", "thin"),
+    "hosts": ("name", "iqn", "chap_user", "mutual_user"),
+    "zones": ("host", "vdisk", "lun", "read_only"),
+}
+OPTIONAL = {"pools": {"size", "path", "existing"}, "vdisks": set(), "hosts": {"chap_secret", "mutual_secret"}, "zones": set()}
+
+
+@dataclass
+class Plan:
+    """What an import does: each step a (description, method, path, body) in order; conflicts stop it."""
+
+    steps: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+    grows: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+
+def plan(client: Client, document: dict[str, Any]) -> Plan:
+    """Compare the document with what the API has now."""
+    out = Plan()
+    pools = {p["name"]: p for p in client.get("/pools")}
+    for pool in document.get("pools", []):
+        have = pools.get(pool["name"])
+        if have is None:
+            body = {k: pool[k] for k in ("name", "segment_size", "warn_percent", "allocate_ahead")}
+            body.update({k: pool[k] for k in ("size", "path", "existing") if k in pool})
+            out.steps.append((f"create pool {pool['name']}", "POST", "/pools", body))
+            continue
+        differs = [k for k in ("segment_size", "warn_percent", "allocate_ahead") if have[k] != pool[k]]
+        container = have["containers"][0] if have["containers"] else {}
+        if "path" in pool and container.get("path") != pool["path"]:
+            differs.append("path")
+        if "size" in pool and container.get("owned", True) and have["capacity_bytes"] != pool["size"]:
+            differs.append("size")
+        if differs:
+            out.conflicts.append(f"pool {pool['name']} exists with another {', '.join(differs)}")
+        else:
+            out.unchanged += 1
+    vdisks = {v["name"]: v for v in client.get("/vdisks")}
+    for vdisk in document.get("vdisks", []):
+        have = vdisks.get(vdisk["name"])
+        if have is None:
+            body = {"name": vdisk["name"], "pool": vdisk["pool"], "size": vdisk["size"], "block_size": vdisk["block_size"]}
+            out.steps.append((f"create vdisk {vdisk['name']}", "POST", "/vdisks", {**body, "thick": not vdisk["thin"]}))
+            continue
+        differs = [k for k, mine in (("pool", "pool"), ("block_size", "block_size"), ("thin", "thin")) if have[k] != vdisk[mine]]
+        if have["size_bytes"] > vdisk["size"]:
+            differs.append("size (larger than the file's: a vdisk never shrinks)")
+        if differs:
+            out.conflicts.append(f"vdisk {vdisk['name']} exists with another {', '.join(differs)}")
+        elif have["size_bytes"] < vdisk["size"]:
+            path = f"/vdisks/{quote(vdisk['name'], safe='')}/grow"
+            out.grows.append((f"grow vdisk {vdisk['name']} to {vdisk['size']} bytes", "POST", path, {"size": vdisk["size"]}))
+        else:
+            out.unchanged += 1
+    hosts = {h["name"]: h for h in client.get("/hosts?secrets=true")}
+    for host in document.get("hosts", []):
+        have = hosts.get(host["name"])
+        if have is None:
+            secrets = {"chap_secret": host.get("chap_secret", ""), "mutual_secret": host.get("mutual_secret", "")}
+            for user, secret in (("chap_user", "chap_secret"), ("mutual_user", "mutual_secret")):
+                if host[user] and not secrets[secret]:
+                    out.conflicts.append(
+                        f"host {host['name']} has a {user} but the file holds no secret for it (export with --with-secrets)"
+                    )
+            body = {k: host[k] for k in ("name", "iqn", "chap_user", "mutual_user")}
+            out.steps.append((f"create host {host['name']}", "POST", "/hosts", {**body, **secrets}))
+            continue
+        keys = ["iqn", "chap_user", "mutual_user"] + [k for k in ("chap_secret", "mutual_secret") if k in host]
+        differs = [k for k in keys if have.get(k, "") != host[k]]
+        if differs:
+            out.conflicts.append(f"host {host['name']} exists with another {', '.join(differs)}")
+        else:
+            out.unchanged += 1
+    zones = {(z["host"], z["vdisk"]): z for z in client.get("/zones")}
+    luns = {(z["host"], z["lun"]): z["vdisk"] for z in zones.values()}
+    for zone in document.get("zones", []):
+        have = zones.get((zone["host"], zone["vdisk"]))
+        where = f"zone {zone['host']}/{zone['vdisk']}"
+        if have is None:
+            taken = luns.get((zone["host"], zone["lun"]))
+            if taken is not None:
+                out.conflicts.append(f"{where}: host {zone['host']} already sees {taken} at LUN {zone['lun']}")
+                continue
+            out.steps.append((f"add {where} at LUN {zone['lun']}", "POST", "/zones", dict(zone)))
+        elif (have["lun"], have["read_only"]) != (zone["lun"], zone["read_only"]):
+            out.conflicts.append(f"{where} exists at LUN {have['lun']} ({'read-only' if have['read_only'] else 'read-write'})")
+        else:
+            out.unchanged += 1
+    return out
+
+
+def apply(client: Client, todo: Plan) -> list[str]:
+    """Carry the plan out; on a failure, delete what it made (in reverse) and raise. Returns what was done."""
+    if todo.conflicts:
+        raise ConfigConflict(todo.conflicts)
+    made: list[str] = []
+    done: list[str] = []
+    try:
+        for what, method, path, body in todo.steps:
+            client.request(method, path, body)
+            made.append(_undo_path(path, body))
+            done.append(what)
+    except ApiError as exc:
+        for undo in reversed(made):
+            with contextlib.suppress(ApiError):
+                client.delete(undo)
+        raise ApiError(f"{what}: {exc}; what this import made was deleted again") from None
+    for what, method, path, body in todo.grows:  # last: a grow cannot be undone
+        client.request(method, path, body)
+        done.append(what)
+    return done
+
+
+def _undo_path(path: str, body: dict[str, Any]) -> str:
+    if path == "/zones":
+        return f"/zones/{quote(body['host'], safe='')}/{quote(body['vdisk'], safe='')}"
+    return f"{path}/{quote(body['name'], safe='')}"
