@@ -65,6 +65,7 @@ bench: venv bench-deps
 	$(PY) bench/sync_vs_tgt.py
 	$(PY) bench/cluster.py
 	$(PY) bench/lio_vs_fileio.py
+	$(PY) bench/metrics_overhead.py
 
 demo: venv
 	$(VENV)/bin/san demo --data $(DATA) --api $(API) --portal $(PORTAL)

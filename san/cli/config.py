@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from san.cli.client import ApiError, Client
+from san.client import ApiError, SanClient
 
 FORMAT = 1
 BACKUPS = 10
@@ -30,34 +30,34 @@ class ConfigConflict(ApiError):
         self.lines = lines
 
 
-def export(client: Client, with_secrets: bool = False) -> dict[str, Any]:
+def export(client: SanClient, with_secrets: bool = False) -> dict[str, Any]:
     """The current configuration; CHAP secrets only with with_secrets."""
     pools = []
-    for pool in client.get("/pools"):
-        container = pool["containers"][0] if pool["containers"] else {}
+    for pool in client.pools():
         entry: dict[str, Any] = {
-            "name": pool["name"],
-            "segment_size": pool["segment_size"],
-            "warn_percent": pool["warn_percent"],
-            "allocate_ahead": pool["allocate_ahead"],
+            "name": pool.name,
+            "segment_size": pool.segment_size,
+            "warn_percent": pool.warn_percent,
+            "allocate_ahead": pool.allocate_ahead,
         }
-        if container.get("owned", True):
-            entry["size"] = pool["capacity_bytes"]  # san's own file: made anew, this size (its label segment aside)
+        container = pool.containers[0] if pool.containers else None
+        if container is None or container.owned:
+            entry["size"] = pool.capacity_bytes  # san's own file: made anew, this size (its label segment aside)
         else:
-            entry["path"] = container["path"]
-            entry["existing"] = container["kind"] == "file"
+            entry["path"] = container.path
+            entry["existing"] = container.kind == "file"
         pools.append(entry)
     vdisks = [
-        {"name": v["name"], "pool": v["pool"], "size": v["size_bytes"], "block_size": v["block_size"], "thin": v["thin"]}
-        for v in client.get("/vdisks")
+        {"name": v.name, "pool": v.pool, "size": v.size_bytes, "block_size": v.block_size, "thin": v.thin}
+        for v in client.vdisks()
     ]
     hosts = []
-    for host in client.get("/hosts?secrets=true" if with_secrets else "/hosts"):
-        entry = {"name": host["name"], "iqn": host["iqn"], "chap_user": host["chap_user"], "mutual_user": host["mutual_user"]}
+    for host in client.hosts(secrets=with_secrets):
+        entry = {"name": host.name, "iqn": host.iqn, "chap_user": host.chap_user, "mutual_user": host.mutual_user}
         if with_secrets:
-            entry.update(chap_secret=host.get("chap_secret", ""), mutual_secret=host.get("mutual_secret", ""))
+            entry.update(chap_secret=host.chap_secret or "", mutual_secret=host.mutual_secret or "")
         hosts.append(entry)
-    zones = [{"host": z["host"], "vdisk": z["vdisk"], "lun": z["lun"], "read_only": z["read_only"]} for z in client.get("/zones")]
+    zones = [{"host": z.host, "vdisk": z.vdisk, "lun": z.lun, "read_only": z.read_only} for z in client.zones()]
     return {"san_config": FORMAT, "pools": pools, "vdisks": vdisks, "hosts": hosts, "zones": zones}
 
 
@@ -143,10 +143,10 @@ class Plan:
     unchanged: int = 0
 
 
-def plan(client: Client, document: dict[str, Any]) -> Plan:
+def plan(client: SanClient, document: dict[str, Any]) -> Plan:
     """Compare the document with what the API has now."""
     out = Plan()
-    pools = {p["name"]: p for p in client.get("/pools")}
+    pools = {p.name: p for p in client.pools()}
     for pool in document.get("pools", []):
         have = pools.get(pool["name"])
         if have is None:
@@ -154,37 +154,37 @@ def plan(client: Client, document: dict[str, Any]) -> Plan:
             body.update({k: pool[k] for k in ("size", "path", "existing") if k in pool})
             out.steps.append((f"create pool {pool['name']}", "POST", "/pools", body))
             continue
-        differs = [k for k in ("segment_size", "warn_percent", "allocate_ahead") if have[k] != pool[k]]
-        container = have["containers"][0] if have["containers"] else {}
-        if "path" in pool and container.get("path") != pool["path"]:
+        differs = [k for k in ("segment_size", "warn_percent", "allocate_ahead") if getattr(have, k) != pool[k]]
+        container = have.containers[0] if have.containers else None
+        if "path" in pool and (container is None or container.path != pool["path"]):
             differs.append("path")
-        if "size" in pool and container.get("owned", True) and have["capacity_bytes"] != pool["size"]:
+        if "size" in pool and (container is None or container.owned) and have.capacity_bytes != pool["size"]:
             differs.append("size")
         if differs:
             out.conflicts.append(f"pool {pool['name']} exists with another {', '.join(differs)}")
         else:
             out.unchanged += 1
-    vdisks = {v["name"]: v for v in client.get("/vdisks")}
+    vdisks = {v.name: v for v in client.vdisks()}
     for vdisk in document.get("vdisks", []):
-        have = vdisks.get(vdisk["name"])
-        if have is None:
+        found = vdisks.get(vdisk["name"])
+        if found is None:
             body = {"name": vdisk["name"], "pool": vdisk["pool"], "size": vdisk["size"], "block_size": vdisk["block_size"]}
             out.steps.append((f"create vdisk {vdisk['name']}", "POST", "/vdisks", {**body, "thick": not vdisk["thin"]}))
             continue
-        differs = [k for k, mine in (("pool", "pool"), ("block_size", "block_size"), ("thin", "thin")) if have[k] != vdisk[mine]]
-        if have["size_bytes"] > vdisk["size"]:
+        differs = [k for k in ("pool", "block_size", "thin") if getattr(found, k) != vdisk[k]]
+        if found.size_bytes > vdisk["size"]:
             differs.append("size (larger than the file's: a vdisk never shrinks)")
         if differs:
             out.conflicts.append(f"vdisk {vdisk['name']} exists with another {', '.join(differs)}")
-        elif have["size_bytes"] < vdisk["size"]:
+        elif found.size_bytes < vdisk["size"]:
             path = f"/vdisks/{quote(vdisk['name'], safe='')}/grow"
             out.grows.append((f"grow vdisk {vdisk['name']} to {vdisk['size']} bytes", "POST", path, {"size": vdisk["size"]}))
         else:
             out.unchanged += 1
-    hosts = {h["name"]: h for h in client.get("/hosts?secrets=true")}
+    hosts = {h.name: h for h in client.hosts(secrets=True)}
     for host in document.get("hosts", []):
-        have = hosts.get(host["name"])
-        if have is None:
+        known = hosts.get(host["name"])
+        if known is None:
             secrets = {"chap_secret": host.get("chap_secret", ""), "mutual_secret": host.get("mutual_secret", "")}
             for user, secret in (("chap_user", "chap_secret"), ("mutual_user", "mutual_secret")):
                 if host[user] and not secrets[secret]:
@@ -195,30 +195,31 @@ def plan(client: Client, document: dict[str, Any]) -> Plan:
             out.steps.append((f"create host {host['name']}", "POST", "/hosts", {**body, **secrets}))
             continue
         keys = ["iqn", "chap_user", "mutual_user"] + [k for k in ("chap_secret", "mutual_secret") if k in host]
-        differs = [k for k in keys if have.get(k, "") != host[k]]
+        differs = [k for k in keys if (getattr(known, k) or "") != host[k]]
         if differs:
             out.conflicts.append(f"host {host['name']} exists with another {', '.join(differs)}")
         else:
             out.unchanged += 1
-    zones = {(z["host"], z["vdisk"]): z for z in client.get("/zones")}
-    luns = {(z["host"], z["lun"]): z["vdisk"] for z in zones.values()}
+    zones = {(z.host, z.vdisk): z for z in client.zones()}
+    luns = {(z.host, z.lun): z.vdisk for z in zones.values()}
     for zone in document.get("zones", []):
-        have = zones.get((zone["host"], zone["vdisk"]))
+        have_zone = zones.get((zone["host"], zone["vdisk"]))
         where = f"zone {zone['host']}/{zone['vdisk']}"
-        if have is None:
+        if have_zone is None:
             taken = luns.get((zone["host"], zone["lun"]))
             if taken is not None:
                 out.conflicts.append(f"{where}: host {zone['host']} already sees {taken} at LUN {zone['lun']}")
                 continue
             out.steps.append((f"add {where} at LUN {zone['lun']}", "POST", "/zones", dict(zone)))
-        elif (have["lun"], have["read_only"]) != (zone["lun"], zone["read_only"]):
-            out.conflicts.append(f"{where} exists at LUN {have['lun']} ({'read-only' if have['read_only'] else 'read-write'})")
+        elif (have_zone.lun, have_zone.read_only) != (zone["lun"], zone["read_only"]):
+            access = "read-only" if have_zone.read_only else "read-write"
+            out.conflicts.append(f"{where} exists at LUN {have_zone.lun} ({access})")
         else:
             out.unchanged += 1
     return out
 
 
-def apply(client: Client, todo: Plan) -> list[str]:
+def apply(client: SanClient, todo: Plan) -> list[str]:
     """Carry the plan out; on a failure, delete what it made (in reverse) and raise. Returns what was done."""
     if todo.conflicts:
         raise ConfigConflict(todo.conflicts)

@@ -10,8 +10,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from san.cli.client import Client
 from san.cli.output import table
+from san.client import SanClient
 
 KINDS = ("read", "write", "unmap", "flush")
 Counters = dict[tuple[str, str], list[float]]  # (vdisk, op) -> [commands, bytes, latency sum, latency count]
@@ -84,7 +84,7 @@ def render(found: dict[str, Rates], interval: float) -> str:
     return f"san top - {stamp}, every {interval:g} s (latency: mean in ms)\n\n{body}"
 
 
-def top(sources: list[Client], interval: float, count: int | None) -> int:
+def top(sources: list[SanClient], interval: float, count: int | None) -> int:
     """Print a refreshed table every interval until interrupted (or count times); on a terminal, in place."""
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
     previous = counters([source.text("/metrics") for source in sources])

@@ -1,4 +1,4 @@
-"""A small HTTP/JSON client for the management API, for the CLI (stdlib only: it must start fast).
+"""The HTTP/JSON transport under the typed client (stdlib only: the CLI must start fast).
 
 It sends the API token (from --token-file, SAN_TOKEN_FILE, or the file the server published for that address),
 never through a proxy or a redirect, and on this machine only to a listener owned by the token file's owner;
@@ -16,12 +16,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from san.api.auth import listener_uids, read_client_token, token_path_for_url
+from san.client.errors import ApiError, error_for
 
 DEFAULT_API = "http://127.0.0.1:8080"
-
-
-class ApiError(Exception):
-    """The API refused a request, or could not be reached; str() is the line to show."""
 
 
 class NoRedirects(urllib.request.HTTPRedirectHandler):
@@ -31,7 +28,9 @@ class NoRedirects(urllib.request.HTTPRedirectHandler):
         raise urllib.error.URLError("the API answered with a redirect; not following it")
 
 
-class Client:
+class Transport:
+    """Requests to one API (or metrics listener) with its token; errors come back as ApiError subclasses."""
+
     def __init__(self, base: str, token_file: str | None = None, ca_file: str | None = None) -> None:
         self.base = base if "://" in base else f"http://{base}"
         self.base = self.base.rstrip("/")
@@ -109,7 +108,7 @@ class Client:
                     f"the API at {self.base} needs its token, and none was found for this address: run as root on the "
                     "server, or give --token-file FILE (the server's DATA/api-token)"
                 )
-            raise ApiError(str(message)) from None
+            raise error_for(exc.code, str(message)) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ApiError(f"cannot reach the san API at {self.base}: {reason}") from None

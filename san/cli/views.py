@@ -1,0 +1,118 @@
+"""How the CLI shows the API's objects: lvs-like tables and `show` listings, from the typed client's models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from san.cli.output import fields, table
+from san.client import Host, Model, Pool, VDisk, Zone
+from san.units import format_size
+
+
+def print_json(value: Model | Sequence[Model] | dict[str, Any]) -> None:
+    """What --json prints: the API's JSON, unchanged."""
+    if isinstance(value, (list, tuple)):
+        data: Any = [item.to_json() for item in value]
+    elif isinstance(value, Model):
+        data = value.to_json()
+    else:
+        data = value
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def pool_rows(pools: list[Pool]) -> str:
+    return table(
+        ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "USED%", "PROVISIONED", "VDISKS", "STATE"],
+        [
+            [
+                p.name,
+                format_size(p.segment_size),
+                format_size(p.capacity_bytes),
+                format_size(p.used_bytes),
+                format_size(p.free_bytes),
+                f"{p.used_percent:.1f}%",
+                format_size(p.provisioned_bytes),
+                p.vdisks,
+                p.state,
+            ]
+            for p in pools
+        ],
+    )
+
+
+def vdisk_rows(vdisks: list[VDisk]) -> str:
+    return table(
+        ["NAME", "POOL", "SIZE", "ALLOCATED", "TYPE", "BLOCK", "STATE"],
+        [
+            [
+                v.name,
+                v.pool,
+                format_size(v.size_bytes),
+                format_size(v.allocated_bytes),
+                "thin" if v.thin else "thick",
+                v.block_size,
+                v.state if v.state == "ready" else f"{v.state} {v.progress * 100:.0f}%",
+            ]
+            for v in vdisks
+        ],
+    )
+
+
+def show_vdisk(v: VDisk) -> str:
+    return fields(
+        [
+            ("name", v.name),
+            ("pool", v.pool),
+            ("size", f"{format_size(v.size_bytes)} ({v.size_bytes} bytes)"),
+            ("allocated", f"{format_size(v.allocated_bytes)} ({v.allocated_bytes} bytes)"),
+            ("provisioning", "thin" if v.thin else "thick"),
+            ("block size", v.block_size),
+            ("serial", v.serial),
+            ("state", v.state),
+        ]
+    )
+
+
+def show_pool(p: Pool) -> str:
+    pairs: list[tuple[str, Any]] = [
+        ("name", p.name),
+        ("state", p.state + (f": {p.problem}" if p.problem else "")),
+        ("segment size", format_size(p.segment_size)),
+        ("capacity", f"{format_size(p.capacity_bytes)} ({p.capacity_bytes} bytes)"),
+        ("used", f"{format_size(p.used_bytes)} ({p.used_percent:.1f}%)"),
+        ("free", format_size(p.free_bytes)),
+        ("provisioned", format_size(p.provisioned_bytes)),
+        ("warn at", f"{p.warn_percent}%"),
+        ("allocate ahead", f"{p.allocate_ahead} segments"),
+        ("vdisks", p.vdisks),
+    ]
+    pairs += [(f"container {c.id}", f"{c.path} ({c.kind}, {format_size(c.size_bytes)}, uuid {c.uuid})") for c in p.containers]
+    return fields(pairs)
+
+
+def zone_rows(zones: list[Zone]) -> str:
+    return table(
+        ["HOST", "LUN", "VDISK", "ACCESS"],
+        [[z.host, z.lun, z.vdisk, "read-only" if z.read_only else "read-write"] for z in zones],
+    )
+
+
+def host_rows(hosts: list[Host]) -> str:
+    return table(
+        ["NAME", "IQN", "CHAP", "LUNS", "SESSIONS"],
+        [
+            [h.name, h.iqn, ("mutual" if h.mutual_user else "one-way") if h.chap_user else "none", len(h.zones), h.sessions]
+            for h in hosts
+        ],
+    )
+
+
+def show_host(h: Host) -> str:
+    chap = "none"
+    if h.chap_user:
+        chap = f"user {h.chap_user}" + (f", mutual user {h.mutual_user}" if h.mutual_user else "")
+    pairs: list[tuple[str, Any]] = [("name", h.name), ("iqn", h.iqn), ("chap", chap), ("sessions", h.sessions)]
+    pairs += [(f"lun {z.lun}", f"{z.vdisk} ({'read-only' if z.read_only else 'read-write'})") for z in h.zones]
+    return fields(pairs)

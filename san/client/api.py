@@ -1,0 +1,107 @@
+"""SanClient: one method per API operation, taking and returning the models (san/client/models.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from san.client.errors import ApiError
+from san.client.models import Host, M, Pool, Status, VDisk, Zone
+from san.client.transport import Transport
+
+
+def _name(name: str) -> str:
+    return quote(name, safe="")
+
+
+def _answer(kind: type[M], answer: Any) -> M:
+    try:
+        return kind.from_json(answer)
+    except ValueError as exc:
+        raise ApiError(f"the API answered an unexpected {kind.__name__}: {exc}") from None
+
+
+class SanClient(Transport):
+    """One san API (`san serve` or `san controller`), with its token; see Transport for how it connects."""
+
+    def status(self) -> Status:
+        return _answer(Status, self.get("/status"))
+
+    def metrics(self) -> str:
+        """The Prometheus exposition text of /metrics."""
+        return self.text("/metrics")
+
+    # -- pools ---------------------------------------------------------------------------------------------
+
+    def pools(self) -> list[Pool]:
+        return [_answer(Pool, p) for p in self.get("/pools")]
+
+    def pool(self, name: str) -> Pool:
+        return _answer(Pool, self.get(f"/pools/{_name(name)}"))
+
+    def create_pool(
+        self,
+        name: str,
+        size: int | str | None = None,
+        path: str | None = None,
+        existing: bool = False,
+        segment_size: int | str | None = None,
+        warn_percent: int | None = None,
+        allocate_ahead: int | None = None,
+    ) -> Pool:
+        body: dict[str, Any] = {"name": name, "size": size, "path": path, "existing": existing}
+        optional = {"segment_size": segment_size, "warn_percent": warn_percent, "allocate_ahead": allocate_ahead}
+        body.update({k: v for k, v in optional.items() if v is not None})
+        return _answer(Pool, self.post("/pools", body))
+
+    def delete_pool(self, name: str) -> None:
+        self.delete(f"/pools/{_name(name)}")
+
+    # -- vdisks --------------------------------------------------------------------------------------------
+
+    def vdisks(self) -> list[VDisk]:
+        return [_answer(VDisk, v) for v in self.get("/vdisks")]
+
+    def vdisk(self, name: str) -> VDisk:
+        return _answer(VDisk, self.get(f"/vdisks/{_name(name)}"))
+
+    def create_vdisk(self, name: str, pool: str, size: int | str, thick: bool = False, block_size: int = 512) -> VDisk:
+        """A thin vdisk, or a thick one whose allocation runs on (state allocating, progress) after this returns."""
+        body = {"name": name, "pool": pool, "size": size, "thick": thick, "block_size": block_size}
+        return _answer(VDisk, self.post("/vdisks", body))
+
+    def grow_vdisk(self, name: str, size: int | str) -> VDisk:
+        return _answer(VDisk, self.post(f"/vdisks/{_name(name)}/grow", {"size": size}))
+
+    def delete_vdisk(self, name: str) -> None:
+        self.delete(f"/vdisks/{_name(name)}")
+
+    # -- hosts and zones -----------------------------------------------------------------------------------
+
+    def hosts(self, secrets: bool = False) -> list[Host]:
+        """Every host; with secrets, their CHAP secrets too."""
+        return [_answer(Host, h) for h in self.get("/hosts?secrets=true" if secrets else "/hosts")]
+
+    def host(self, name: str) -> Host:
+        return _answer(Host, self.get(f"/hosts/{_name(name)}"))
+
+    def create_host(
+        self, name: str, iqn: str, chap_user: str = "", chap_secret: str = "", mutual_user: str = "", mutual_secret: str = ""
+    ) -> Host:
+        """A host; its warnings say what is unsafe about it (no CHAP)."""
+        body = {"name": name, "iqn": iqn, "chap_user": chap_user, "chap_secret": chap_secret,
+                "mutual_user": mutual_user, "mutual_secret": mutual_secret}  # fmt: skip
+        return _answer(Host, self.post("/hosts", body))
+
+    def delete_host(self, name: str) -> None:
+        self.delete(f"/hosts/{_name(name)}")
+
+    def zones(self) -> list[Zone]:
+        return [_answer(Zone, z) for z in self.get("/zones")]
+
+    def add_zone(self, host: str, vdisk: str, lun: int | None = None, read_only: bool = False) -> Zone:
+        body = {"host": host, "vdisk": vdisk, "lun": lun, "read_only": read_only}
+        return _answer(Zone, self.post("/zones", body))
+
+    def remove_zone(self, host: str, vdisk: str) -> None:
+        self.delete(f"/zones/{_name(host)}/{_name(vdisk)}")
