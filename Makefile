@@ -34,10 +34,10 @@ apt:
 
 # Every Python package make installs (build requirements included) is pinned in constraints.txt; `make lock`
 # refreshes it from the newest releases on purpose (review the diff, run make test, commit it).
-$(VENV)/.installed: pyproject.toml setup.py constraints.txt san/_fastmap.pyx san/_fastmap.pxd | deps
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt san/_fastmap.pyx san/_fastmap.pxd targetcli-ext/pyproject.toml | deps
 	$(PYTHON) -m venv $(VENV)
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --upgrade pip
-	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -e '.[test]'
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -e '.[test]' -e ./targetcli-ext
 	touch $@
 
 lock:
@@ -51,7 +51,7 @@ lock:
 venv: $(VENV)/.installed
 
 lint: venv
-	$(VENV)/bin/ruff check san tests bench vagrant
+	$(VENV)/bin/ruff check san tests bench vagrant targetcli-ext
 	$(VENV)/bin/mypy
 
 unit: venv

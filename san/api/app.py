@@ -120,6 +120,22 @@ def create_app(service: Managed, token: str, metrics: CollectorRegistry | None =
             "agents": len(controller.agents),
         }
 
+    @app.get("/gateways")
+    async def list_gateways() -> list[dict[str, Any]]:
+        """The registered gateways: lease left (null: in-process, no lease), fenced or not, sessions per initiator."""
+        now = time.monotonic()
+        return [
+            {
+                "name": session.name,
+                "epoch": session.epoch,
+                "state": "fenced" if session.fenced else ("serving" if session.joined.is_set() else "joining"),
+                "lease_seconds": None if session.lease == float("inf") else round(max(session.expires - now, 0.0), 1),
+                "registrations": controller.agents.registrations[session.name],
+                "sessions": dict(session.hosts),
+            }
+            for session in controller.agents.sessions
+        ]
+
     @app.get("/pools")
     async def list_pools() -> list[dict[str, Any]]:
         return [pool_json(p) for p in sorted(controller.pools.values(), key=lambda p: p.name)]

@@ -6,7 +6,7 @@ from typing import Any
 from urllib.parse import quote
 
 from san.client.errors import ApiError
-from san.client.models import Host, M, Pool, Status, VDisk, Zone
+from san.client.models import Gateway, Host, M, Pool, Status, VDisk, Zone
 from san.client.transport import Transport
 
 
@@ -26,6 +26,9 @@ class SanClient(Transport):
 
     def status(self) -> Status:
         return _answer(Status, self.get("/status"))
+
+    def gateways(self) -> list[Gateway]:
+        return [_answer(Gateway, g) for g in self.get("/gateways")]
 
     def metrics(self) -> str:
         """The Prometheus exposition text of /metrics."""

@@ -124,6 +124,16 @@ class Host(Model):
 
 
 @dataclass
+class Gateway(Model):
+    name: str = ""
+    epoch: int = 0
+    state: str = ""  # joining, serving or fenced
+    lease_seconds: float | None = None  # None: inside `san serve`, no lease
+    registrations: int = 0
+    sessions: dict[str, int] = field(default_factory=dict)  # initiator -> iSCSI sessions there
+
+
+@dataclass
 class Status(Model):
     version: str = ""
     data_dir: str = ""
