@@ -55,6 +55,8 @@ class DataDir:
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
+        if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            raise DataDirUnsafe(f"{self.path} is not a directory: give --data a directory (made if missing)")
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         check_private_path(self.path)
         self._tighten(self.path, 0o700)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from san.api.app import create_app
 from san.api.auth import METRICS_TOKEN, AuthSetupError, check_listen, load_token
-from san.api.server import run_api, tls_context
+from san.api.server import check_free, run_api, tls_context
 from san.cluster.pki import Cluster, ClusterError
 from san.controller.listener import AgentListener
 from san.controller.service import ControllerService
@@ -72,6 +72,7 @@ async def controller(options: ControllerOptions) -> int:
     host, port = options.api
     try:
         check_listen(host, tls_context(options.api_cert, options.api_key) is not None)
+        check_free(host, port)
         cluster = Cluster.open(options.cluster)
         for allowed in options.allow_paths:
             check_trusted(allowed, "/")

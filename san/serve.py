@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from san.api.app import create_app
 from san.api.auth import AuthSetupError, check_listen, load_token
 from san.api.limits import MAX_CONNECTIONS
-from san.api.server import run_api, tls_context
+from san.api.server import check_free, run_api, tls_context
 from san.iscsi.server import Limits
 from san.service import DataDirLocked, DataDirUnsafe, FrontendUnavailable, Service, StoreRefused
 from san.storage.paths import check_trusted
@@ -66,6 +66,7 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
     try:
         context = tls_context(options.api_cert, options.api_key)
         check_listen(host, context is not None)
+        check_free(host, port)
     except AuthSetupError as exc:
         log.error("%s", exc)
         return 1

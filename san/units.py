@@ -39,6 +39,14 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def format_exact(size: int) -> str:
+    """The size in the largest unit that holds it whole, as parse_size() reads it back: 61441M, 60G, 4097B."""
+    for unit in ("E", "P", "T", "G", "M", "K"):
+        if size >= UNITS[unit] and size % UNITS[unit] == 0:
+            return f"{size // UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
 def format_size(size: int) -> str:
     """A short human form: 1.00G, 512.00M, 4.00K, 300B."""
     for unit in ("E", "P", "T", "G", "M", "K"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import ssl
 
 import uvicorn
@@ -32,6 +33,16 @@ def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise AuthSetupError(f"cannot load the API certificate {cert} and key {key}: {exc}") from None
     return context
+
+
+def check_free(host: str, port: int, what: str = "the management API") -> None:
+    """Raise AuthSetupError with one line when host:port cannot be listened on (in use, no such address): checked
+    before anything starts, so that nothing is made for a service that cannot serve."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family).close()
+    except OSError as exc:
+        raise AuthSetupError(f"cannot listen for {what} on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def http_config(app: FastAPI, host: str, port: int, cert: str | None, key: str | None) -> uvicorn.Config:

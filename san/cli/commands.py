@@ -14,7 +14,7 @@ import time
 from san.cli import views
 from san.cli.output import fields, plain, progress
 from san.client import ApiError, SanClient, VDisk
-from san.units import format_size
+from san.units import format_exact
 
 
 def _read_secret(path: str, what: str) -> str:
@@ -137,7 +137,7 @@ def _run_pool(client: SanClient, args: argparse.Namespace) -> int:
         path = os.path.abspath(args.path) if args.path else None
         pool = client.create_pool(args.name, args.size, path, args.existing, args.segment_size, args.warn_percent,
                                   args.allocate_ahead)  # fmt: skip
-        print(f"pool {pool.name} created: {format_size(pool.capacity_bytes)} in {format_size(pool.segment_size)} segments")
+        print(f"pool {pool.name} created: {format_exact(pool.capacity_bytes)} in {format_exact(pool.segment_size)} segments")
     elif args.action == "list":
         pools = client.pools()
         views.print_json(pools) if args.json else print(views.pool_rows(pools))
@@ -156,7 +156,7 @@ def _run_vdisk(client: SanClient, args: argparse.Namespace) -> int:
         if vdisk.state == "allocating":
             vdisk = _wait_thick(client, vdisk)
         kind = "thin" if vdisk.thin else "thick"
-        print(f"vdisk {vdisk.name} created: {format_size(vdisk.size_bytes)} {kind} in pool {vdisk.pool}")
+        print(f"vdisk {vdisk.name} created: {format_exact(vdisk.size_bytes)} {kind} in pool {vdisk.pool}")
     elif args.action == "list":
         vdisks = client.vdisks()
         views.print_json(vdisks) if args.json else print(views.vdisk_rows(vdisks))
@@ -165,7 +165,7 @@ def _run_vdisk(client: SanClient, args: argparse.Namespace) -> int:
         views.print_json(shown) if args.json else print(views.show_vdisk(shown))
     elif args.action == "grow":
         vdisk = client.grow_vdisk(args.name, args.size)
-        print(f"vdisk {vdisk.name} grown to {format_size(vdisk.size_bytes)}")
+        print(f"vdisk {vdisk.name} grown to {format_exact(vdisk.size_bytes)}")
     elif args.action == "delete":
         client.delete_vdisk(args.name)
         print(f"vdisk {args.name} deleted")

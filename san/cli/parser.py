@@ -9,6 +9,7 @@ import os
 import socket
 from typing import Any, NoReturn
 
+import san
 from san.cli.output import plain
 from san.client import DEFAULT_API
 from san.units import parse_size
@@ -19,6 +20,27 @@ def _size_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.01 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0.01 and 3600 seconds")
+    return value
+
+
+def _iscsi_name(text: str) -> str:
+    from san.controller.zoning import check_iscsi_name
+    from san.errors import InvalidRequest
+
+    try:
+        check_iscsi_name(text)
+    except InvalidRequest as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def default_iqn() -> str:
@@ -54,6 +76,7 @@ class SecretOnCommandLine(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="san", description="A software SAN target: pools, thin vdisks, iSCSI.")
+    parser.add_argument("--version", action="version", version=f"san {san.__version__}")
     parser.add_argument(
         "--api", default=os.environ.get("SAN_API", DEFAULT_API), help="management API URL (env SAN_API; default %(default)s)"
     )
@@ -96,14 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-connections-per-address", type=int, default=64, help="iSCSI connections from one address (default 64)"
     )
-    serve.add_argument("--commit-interval", type=float, default=1.0, help="seconds between metadata commits")
+    serve.add_argument(
+        "--commit-interval", type=_interval, default=1.0, help="seconds between metadata commits, 0.01-3600 (default %(default)s)"
+    )
     serve.add_argument(
         "--portal",
         action="append",
         type=_hostport,
         help="HOST:PORT for iSCSI (repeatable; default 0.0.0.0:3260); --portal none serves no iSCSI",
     )
-    serve.add_argument("--iqn", default=default_iqn(), help="the target's iSCSI name (default %(default)s)")
+    serve.add_argument("--iqn", type=_iscsi_name, default=default_iqn(), help="the target's iSCSI name (default %(default)s)")
     serve.add_argument(
         "--open-access",
         action="store_true",
@@ -122,13 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
         default="on",
         help="on: Prometheus metrics at the API's /metrics, each command counted in its vdisk's statistics (default %(default)s)",
     )
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what to log on stderr (default %(default)s)",
+    )
 
     demo = commands.add_parser("demo", help="serve a demo thin vdisk that every initiator may use (demo mode)")
     demo.add_argument("--data", required=True, help="data directory (created if missing)")
-    demo.add_argument("--api", dest="listen", type=_hostport, default=("127.0.0.1", 8080), help="HOST:PORT for the API")
-    demo.add_argument("--portal", type=_hostport, default=("127.0.0.1", 3260), help="HOST:PORT for iSCSI")
-    demo.add_argument("--iqn", default=default_iqn(), help="the target's iSCSI name (default %(default)s)")
+    demo.add_argument(
+        "--api", dest="listen", type=_hostport, default=("127.0.0.1", 8080), help="HOST:PORT for the API (default 127.0.0.1:8080)"
+    )
+    demo.add_argument(
+        "--portal", type=_hostport, default=("127.0.0.1", 3260), help="HOST:PORT for iSCSI (default 127.0.0.1:3260)"
+    )
+    demo.add_argument("--iqn", type=_iscsi_name, default=default_iqn(), help="the target's iSCSI name (default %(default)s)")
     demo.add_argument("--size", type=_size_arg, default="10G", help="size of the demo vdisk (default 10G)")
 
     check = commands.add_parser("check", help="check a data directory's store offline (exit 1 on damage)")
@@ -140,15 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     role.add_argument("--cluster", required=True, help="the cluster directory (san cluster init)")
     role.add_argument("--name", default="controller", help="this node's name in the cluster (default %(default)s)")
     role.add_argument(
-        "--api", dest="listen_api", type=_hostport, default=("127.0.0.1", 8080), help="HOST:PORT for the management API"
+        "--api",
+        dest="listen_api",
+        type=_hostport,
+        default=("127.0.0.1", 8080),
+        help="HOST:PORT for the management API (default 127.0.0.1:8080)",
     )
     role.add_argument("--api-cert", help="TLS certificate (PEM) for the API")
     role.add_argument("--api-key", help="TLS private key (PEM) for the API")
     role.add_argument("--api-token-file", help="file (mode 0600) holding the API token (default: DATA/api-token)")
     role.add_argument("--lease", type=float, default=10.0, help="seconds a gateway's lease lasts without renewal (default 10)")
-    role.add_argument("--commit-interval", type=float, default=1.0, help="seconds between metadata commits")
+    role.add_argument(
+        "--commit-interval", type=_interval, default=1.0, help="seconds between metadata commits, 0.01-3600 (default %(default)s)"
+    )
     role.add_argument("--allow-path", action="append", default=[], metavar="DIR", help="as for san serve")
-    role.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    role.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what to log on stderr (default %(default)s)",
+    )
 
     role = commands.add_parser("gateway", help="run a gateway: an agent and an iSCSI frontend, fed by the controller")
     role.add_argument("--name", required=True, help="this node's name in the cluster")
@@ -174,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     role.add_argument("--portal", action="append", type=_hostport, help="HOST:PORT for iSCSI (repeatable; default 0.0.0.0:3260)")
     role.add_argument(
-        "--iqn", default=default_iqn(), help="the target's iSCSI name, the same on every gateway (default %(default)s)"
+        "--iqn",
+        type=_iscsi_name,
+        default=default_iqn(),
+        help="the target's iSCSI name, the same on every gateway (default %(default)s)",
     )
     role.add_argument("--frontend", choices=["iscsi", "lio", "auto"], default="iscsi", help="as for san serve")
     role.add_argument(
@@ -200,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-token-file",
         help="file (mode 0600) holding the bearer token Prometheus sends (default: CLUSTER/metrics-token, made at first start)",
     )
-    role.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    role.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="what to log on stderr (default %(default)s)",
+    )
 
     cluster = commands.add_parser("cluster", help="make a cluster's certificates (controller and gateways)").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -214,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_parser("list", help="list the cluster's nodes").add_argument("directory")
 
     status = commands.add_parser("status", parents=[client], help="show the service's status")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
 
     config = commands.add_parser("config", help="export or import the configuration as JSON").add_subparsers(
         dest="action", required=True, metavar="ACTION"
@@ -250,12 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="take over an existing regular file under an --allow-path directory (its contents are overwritten)",
     )
     create.add_argument("--segment-size", type=_size_arg, default="1M", help="power of two, 64K-1G (default 1M)")
-    create.add_argument("--warn-percent", type=int, default=80, help="fullness that raises the threshold warning")
-    create.add_argument("--allocate-ahead", type=int, default=4, help="extra segments allocated for sequential writers")
-    pool.add_parser("list", parents=[client], help="list pools").add_argument("--json", action="store_true")
+    create.add_argument(
+        "--warn-percent", type=int, default=80, help="fullness (%%) that raises the threshold warning (default %(default)s)"
+    )
+    create.add_argument(
+        "--allocate-ahead", type=int, default=4, help="extra segments allocated for sequential writers (default %(default)s)"
+    )
+    pool.add_parser("list", parents=[client], help="list pools").add_argument(
+        "--json", action="store_true", help="print the API's JSON unchanged"
+    )
     show = pool.add_parser("show", parents=[client], help="show one pool")
     show.add_argument("name")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
     pool.add_parser("delete", parents=[client], help="delete an empty pool (files san created are removed)").add_argument("name")
 
     vdisk = commands.add_parser("vdisk", help="manage virtual disks").add_subparsers(
@@ -263,14 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create = vdisk.add_parser("create", parents=[client], help="create a vdisk (thin unless --thick)")
     create.add_argument("name")
-    create.add_argument("--pool", required=True)
+    create.add_argument("--pool", required=True, help="the pool its segments come from")
     create.add_argument("--size", type=_size_arg, required=True, help="size, e.g. 10G")
     create.add_argument("--thick", action="store_true", help="allocate every segment now")
-    create.add_argument("--block-size", type=int, choices=[512, 4096], default=512)
-    vdisk.add_parser("list", parents=[client], help="list vdisks").add_argument("--json", action="store_true")
+    create.add_argument(
+        "--block-size", type=int, choices=[512, 4096], default=512, help="logical block size in bytes (default %(default)s)"
+    )
+    vdisk.add_parser("list", parents=[client], help="list vdisks").add_argument(
+        "--json", action="store_true", help="print the API's JSON unchanged"
+    )
     show = vdisk.add_parser("show", parents=[client], help="show one vdisk")
     show.add_argument("name")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
     grow = vdisk.add_parser("grow", parents=[client], help="grow a vdisk")
     grow.add_argument("name")
     grow.add_argument("--size", type=_size_arg, required=True, help="new size, e.g. 20G")
@@ -290,10 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--mutual-secret-file", metavar="FILE", help="file holding the target's mutual CHAP secret, - for stdin")
     create.add_argument("--chap-secret", nargs="?", action=SecretOnCommandLine, help=argparse.SUPPRESS)
     create.add_argument("--mutual-secret", nargs="?", action=SecretOnCommandLine, help=argparse.SUPPRESS)
-    host.add_parser("list", parents=[client], help="list hosts").add_argument("--json", action="store_true")
+    host.add_parser("list", parents=[client], help="list hosts").add_argument(
+        "--json", action="store_true", help="print the API's JSON unchanged"
+    )
     show = host.add_parser("show", parents=[client], help="show one host and its LUNs")
     show.add_argument("name")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
     host.add_parser("delete", parents=[client], help="delete a host with no zones").add_argument("name")
 
     zone = commands.add_parser("zone", help="manage zoning: which host sees which vdisk").add_subparsers(
@@ -307,5 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove = zone.add_parser("remove", parents=[client], help="stop a host seeing a vdisk")
     remove.add_argument("host")
     remove.add_argument("vdisk")
-    zone.add_parser("list", parents=[client], help="list zones").add_argument("--json", action="store_true")
+    zone.add_parser("list", parents=[client], help="list zones").add_argument(
+        "--json", action="store_true", help="print the API's JSON unchanged"
+    )
     return parser

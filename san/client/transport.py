@@ -6,6 +6,7 @@ it verifies TLS against --ca-file. Errors come back as ApiError with the server'
 
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import socket
@@ -109,6 +110,8 @@ class Transport:
                     "server, or give --token-file FILE (the server's DATA/api-token)"
                 )
             raise error_for(exc.code, str(message)) from None
+        except http.client.HTTPException:  # an answer that is not HTTP (BadStatusLine), or none (RemoteDisconnected)
+            raise ApiError(f"{self.base} does not answer as the san API (is it another port, like iSCSI's?)") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ApiError(f"cannot reach the san API at {self.base}: {reason}") from None
