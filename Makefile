@@ -11,14 +11,20 @@ PORTAL ?= 127.0.0.1:3260
 # (tcmu-runner and dbus: the conformance test's second TCMU handler).
 VM_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static cpio kmod open-iscsi fio e2fsprogs util-linux \
 	vagrant vagrant-libvirt tcmu-runner dbus
-APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra $(VM_PACKAGES)
+APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra man-db systemd \
+	$(VM_PACKAGES)
+# `make demo` needs only these: it builds san and runs it (no test tools, no VM).
+DEMO_PACKAGES := python3 python3-venv python3-dev gcc make
 # Only the benchmarks need these: tgtd is the peer bench/iscsi_vs_tgt.py measures against.
 BENCH_PACKAGES := tgt
 
-.PHONY: test demo deps bench-deps apt venv lint unit bench clean lock
+.PHONY: docs test demo demo-deps deps bench-deps apt venv lint unit bench clean lock
 
 deps:
 	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES)"
+
+demo-deps:
+	@$(MAKE) --no-print-directory apt PACKAGES="$(DEMO_PACKAGES)"
 
 bench-deps:
 	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES) $(BENCH_PACKAGES)"
@@ -54,6 +60,10 @@ lint: venv
 	$(VENV)/bin/ruff check san tests bench vagrant targetcli-ext
 	$(VENV)/bin/mypy
 
+# The man page and bash completion, from the CLI's parser (commit the result; tests/test_cli_edges.py checks it).
+docs: venv
+	$(PY) -m san.cli.generate docs
+
 unit: venv
 	$(PY) -m pytest
 
@@ -67,7 +77,17 @@ bench: venv bench-deps
 	$(PY) bench/lio_vs_fileio.py
 	$(PY) bench/metrics_overhead.py
 
-demo: venv
+# The demo's own install: san and its run-time packages only, pinned like the rest (make venv adds the test tools).
+$(VENV)/.demo: pyproject.toml setup.py constraints.txt san/_fastmap.pyx san/_fastmap.pxd | demo-deps
+	$(PYTHON) -m venv $(VENV)
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install --upgrade pip
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -e .
+	touch $@
+
+# Variables: DATA (the data directory, default ./data), API (HOST:PORT of the management API, default
+# 127.0.0.1:8080), PORTAL (HOST:PORT of the iSCSI portal, default 127.0.0.1:3260).
+demo: $(VENV)/.demo
+	@echo "san is $(CURDIR)/$(VENV)/bin/san (add $(CURDIR)/$(VENV)/bin to PATH, or call it by that path)"
 	$(VENV)/bin/san demo --data $(DATA) --api $(API) --portal $(PORTAL)
 
 clean:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -140,3 +142,36 @@ def test_demo_with_the_api_port_busy_makes_nothing_and_says_why(tmp_path: Path) 
     assert "san demo:" not in output, "no banner for a demo that cannot serve"
     assert "cannot listen for the management API" in output and "Address already in use" in output
     assert not (tmp_path / "data").exists()
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_the_man_page_and_bash_completion_are_the_parsers() -> None:
+    from san.cli.generate import bash_completion, manpage
+
+    assert (ROOT / "docs" / "san.1").read_text() == manpage(), "run `make docs` and commit docs/"
+    assert (ROOT / "docs" / "san.bash-completion").read_text() == bash_completion(), "run `make docs` and commit docs/"
+    shown = subprocess.run(["man", "-l", str(ROOT / "docs" / "san.1")], capture_output=True, text=True, check=False,
+                           env={"MANWIDTH": "120", "PATH": "/usr/bin:/bin"}, timeout=60)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr  # `make test` installs man-db
+    assert "san vdisk create" in shown.stdout and "--block-size" in shown.stdout
+    script = (
+        f"source {ROOT / 'docs' / 'san.bash-completion'}; COMP_WORDS=(san vdisk create x --bl); COMP_CWORD=4;"
+        ' _shtab_san; echo "${COMPREPLY[@]}"; COMP_WORDS=(san po); COMP_CWORD=1; _shtab_san; echo "${COMPREPLY[@]}"'
+    )
+    completed = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    assert completed.stdout.split("\n")[:2] == ["--block-size", "pool"], completed
+
+
+def test_the_systemd_units_are_valid(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    assert analyze is not None, "systemd-analyze is not installed: `make test` installs systemd"
+    san = shutil.which("san", path=str(Path(sys.executable).parent))
+    assert san is not None
+    for unit in sorted((ROOT / "systemd").glob("*.service")):
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/usr/local/bin/san", san))
+        checked = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, check=False, timeout=60)
+        problems = [line for line in checked.stderr.splitlines() if "man san(1)" not in line and line.strip()]
+        assert not problems, (unit.name, problems)
