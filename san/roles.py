@@ -83,6 +83,7 @@ async def controller(options: ControllerOptions) -> int:
     listener = AgentListener(service, cluster, options.name, options.lease)
     try:
         token = load_token(service.data_dir, options.api_token_file)
+        metrics_token = load_token(service.data_dir, None, METRICS_TOKEN)
         await service.start()
         await listener.start(*options.listen)
     except (AuthSetupError, ClusterError, OSError) as exc:
@@ -92,7 +93,7 @@ async def controller(options: ControllerOptions) -> int:
     log.info("listening for gateways on %s:%d (lease %g s)", options.listen[0], listener.port, options.lease)
     what = f"san controller serving data {service.data_dir}"
     try:
-        app = create_app(service, token, service.metrics())
+        app = create_app(service, token, service.metrics(), metrics_token)
         started = await run_api(app, host, port, options.api_cert, options.api_key, token, what)
     finally:
         await listener.stop()

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from san.api.app import create_app
-from san.api.auth import AuthSetupError, check_listen, load_token
+from san.api.auth import METRICS_TOKEN, AuthSetupError, check_listen, load_token
 from san.api.limits import MAX_CONNECTIONS
 from san.api.server import check_free, run_api, tls_context
 from san.iscsi.server import Limits
@@ -94,6 +94,7 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
         return 1
     try:
         token = load_token(service.data_dir, options.api_token_file)
+        metrics_token = load_token(service.data_dir, None, METRICS_TOKEN) if options.metrics else None
         await service.start()
     except AuthSetupError as exc:
         log.error("%s", exc)
@@ -121,7 +122,7 @@ async def serve(options: Options, on_ready: Callable[[Service], Awaitable[None]]
             return 1
     what = f"san serving data {service.data_dir}"
     try:
-        app = create_app(service, token, service.metrics() if options.metrics else None)
+        app = create_app(service, token, service.metrics() if options.metrics else None, metrics_token)
         started = await run_api(app, host, port, options.api_cert, options.api_key, token, what)
     finally:
         await service.stop()

@@ -132,19 +132,47 @@ def test_a_grown_vdisk_in_the_file_grows_and_a_failed_step_undoes_the_import(ser
     saved.write_text(json.dumps(document))
     assert "grow vdisk vm1 to 50331648 bytes" in server.ok("config", "import", str(saved))
     assert server.vdisks()["vm1"]["size_bytes"] == 48 << 20
-    # A pool too big for its disk fails when made: the vdisk made before it in the same import goes again.
-    document["pools"].append({"name": "huge", "segment_size": 1 << 20, "warn_percent": 80, "allocate_ahead": 4,
-                              "size": 1 << 62})  # fmt: skip
-    document["vdisks"].append({"name": "later", "pool": "huge", "size": 1 << 20, "block_size": 512, "thin": True})
-    document["pools"].insert(0, {"name": "first", "segment_size": 1 << 20, "warn_percent": 80, "allocate_ahead": 4,
-                                 "size": 64 << 20})  # fmt: skip
+    # The last step fails (a LUN past the largest): the pool, the thin and thick vdisks, the host and the zone this
+    # import made before it are deleted again, in reverse.
+    document["pools"].append({"name": "first", "segment_size": 1 << 20, "warn_percent": 80, "allocate_ahead": 4,
+                              "size": 64 << 20})  # fmt: skip
+    document["vdisks"] += [{"name": "later", "pool": "first", "size": 1 << 20, "block_size": 512, "thin": True},
+                           {"name": "thick2", "pool": "first", "size": 4 << 20, "block_size": 512, "thin": False}]  # fmt: skip
+    document["hosts"].append({"name": "new", "iqn": "iqn.2024-01.org.example:new", "chap_user": "", "mutual_user": "",
+                              "chap_secret": "", "mutual_secret": ""})  # fmt: skip
+    document["zones"] += [{"host": "new", "vdisk": "later", "lun": 0, "read_only": False},
+                          {"host": "new", "vdisk": "thick2", "lun": 99999, "read_only": False}]  # fmt: skip
     saved.write_text(json.dumps(document))
     before = everything(server)
     failed = server.run("config", "import", str(saved))
-    assert failed.returncode == 1 and failed.stderr.startswith("san: create pool huge: ")
+    assert failed.returncode == 1 and failed.stderr.startswith("san: add zone new/thick2 at LUN 99999: "), failed.stderr
     assert failed.stderr.rstrip().endswith("what this import made was deleted again")
     assert everything(server) == before
     assert not os.path.exists(Path(server.data) / "pools" / "first.img")
+
+
+def test_the_plan_finds_what_would_fail_part_way(server: SanServer, tmp_path: Path) -> None:
+    document = json.loads(server.ok("config", "export", "--with-secrets"))
+    document["vdisks"].append({"name": "orphan", "pool": "nowhere", "size": 1 << 20, "block_size": 512, "thin": True})
+    document["vdisks"].append(dict(document["vdisks"][0]))
+    document["hosts"].append({"name": "twin", "iqn": "iqn.2024-01.org.example:web", "chap_user": "", "mutual_user": ""})
+    document["zones"] += [{"host": "backup", "vdisk": "vm2", "lun": 7, "read_only": False},
+                          {"host": "backup", "vdisk": "fat", "lun": 7, "read_only": False},
+                          {"host": "ghost", "vdisk": "vm1", "lun": 0, "read_only": False}]  # fmt: skip
+    saved = tmp_path / "bad-plan.json"
+    saved.write_text(json.dumps(document))
+    before = everything(server)
+    refused = server.run("config", "import", str(saved), "--dry-run")
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[1:] == [
+        f"the file has vdisks name {document['vdisks'][0]['name']} twice",
+        "the file has hosts iqn iqn.2024-01.org.example:web twice",
+        "vdisk orphan is in pool nowhere, which neither exists nor is in the file",
+        "host twin: iSCSI name iqn.2024-01.org.example:web is host web's already",
+        "zone backup/fat: host backup already sees vm2 at LUN 7",
+        "zone ghost/vm1: host ghost neither exists nor is in the file",
+    ]
+    assert everything(server) == before
 
 
 @pytest.mark.parametrize(

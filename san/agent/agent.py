@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -452,8 +453,10 @@ class Agent:
         if claims is not None:
             claim = claims[key] = _Claim()
         try:
-            with self.fault_seconds.labels(_state_name(fault.state)).time():
-                response = await self._away(vdisk, volume, hold, self._ask(asked))
+            began = time.monotonic()
+            response = await self._away(vdisk, volume, hold, self._ask(asked))
+            if response.action is not Action.FAIL:  # answered: failures say nothing of how long resolution takes
+                self.fault_seconds.labels(_state_name(fault.state)).observe(time.monotonic() - began)
         except AgentIOError as exc:
             if claim is not None:
                 claim.error = exc

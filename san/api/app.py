@@ -41,9 +41,12 @@ class Managed(Protocol):
     def sessions(self, iqn: str) -> int | None: ...
 
 
-def create_app(service: Managed, token: str, metrics: CollectorRegistry | None = None) -> FastAPI:
+def create_app(
+    service: Managed, token: str, metrics: CollectorRegistry | None = None, metrics_token: str | None = None
+) -> FastAPI:
     """The FastAPI application serving one service; token is the bearer token every request must carry. With a
-    metrics registry, GET /metrics serves it to Prometheus (with the token too)."""
+    metrics registry, GET /metrics serves it to Prometheus, with the token or with metrics_token (good for nothing
+    else)."""
     controller = service.controller
     app = FastAPI(title="san management API", version=san.__version__, docs_url=None, redoc_url=None)
     started = time.time()
@@ -57,7 +60,9 @@ def create_app(service: Managed, token: str, metrics: CollectorRegistry | None =
         return response
 
     app.add_middleware(BodyLimit)
-    app.add_middleware(BearerAuth, token=token)  # added last: the outermost, before anything else looks at a request
+    app.add_middleware(
+        BearerAuth, token=token, metrics_token=metrics_token if metrics is not None else None
+    )  # added last: the outermost, before anything else looks at a request
 
     @app.exception_handler(SanError)
     async def san_error(_: Request, exc: SanError) -> JSONResponse:

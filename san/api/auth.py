@@ -211,9 +211,11 @@ class BearerAuth:
     """ASGI middleware: every HTTP request but the public paths needs `Authorization: Bearer <token>`. Refusals
     are logged once a minute per client address."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, metrics_token: str | None = None) -> None:
         self.app = app
         self.expected = f"Bearer {token}".encode()
+        # What Prometheus holds may read /metrics and nothing else (not the hosts' secrets the admin token reads).
+        self.metrics_only = f"Bearer {metrics_token}".encode() if metrics_token else None
         self.throttle = Throttle()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -224,7 +226,8 @@ class BearerAuth:
             await send({"type": "websocket.close", "code": 1008})
             return
         given = dict(scope.get("headers") or ()).get(b"authorization", b"")
-        if hmac.compare_digest(given, self.expected):
+        metrics = self.metrics_only is not None and scope["path"] == "/metrics" and scope.get("method") == "GET"
+        if hmac.compare_digest(given, self.expected) or (metrics and hmac.compare_digest(given, self.metrics_only or b"")):
             await self.app(scope, receive, send)
             return
         client = scope.get("client")

@@ -181,7 +181,8 @@ def run_client(args: argparse.Namespace) -> int:
 
         if not args.interval > 0 or (args.count is not None and args.count < 1):
             raise ApiError("--interval must be positive and --count at least 1")
-        return top([client, *(SanClient(url, None, args.ca_file) for url in args.gateway)], args.interval, args.count)
+        gateways = [SanClient(url, args.gateway_token_file, args.ca_file) for url in args.gateway]
+        return top([client, *gateways], args.interval, args.count)
     if args.command == "status":
         status = client.status()
         if args.json:

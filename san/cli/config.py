@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,17 +65,30 @@ def export(client: SanClient, with_secrets: bool = False) -> dict[str, Any]:
 
 def save(document: dict[str, Any], path: str) -> str | None:
     """Write document to path atomically, mode 0600; a file already there is kept as a dated backup (its path is
-    returned) in path's directory under backup/, the newest BACKUPS of them."""
+    returned) in path's directory under backup/ (a private directory of this user, never a link), the newest
+    BACKUPS of that file's backups."""
     directory = os.path.dirname(os.path.abspath(path))
     backup = None
     if os.path.exists(path):
         backups = os.path.join(directory, "backup")
-        os.makedirs(backups, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(backups, 0o700)
+        st = os.lstat(backups)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise OSError(f"{backups} must be a directory of uid {os.geteuid()} with mode 0700 (backups may hold secrets)")
         stem = os.path.splitext(os.path.basename(path))[0]
-        backup = os.path.join(backups, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        pattern = re.compile(re.escape(stem) + r"-\d{8}-\d{6}(\.\d+)?\.json")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = os.path.join(backups, f"{stem}-{stamp}.json")
+        same_second = 1
+        while os.path.lexists(backup):  # two saves in one second: both kept
+            backup = os.path.join(backups, f"{stem}-{stamp}.{same_second}.json")
+            same_second += 1
         with open(path, "rb") as old:
             _write(backup, old.read())
-        kept = sorted(n for n in os.listdir(backups) if n.startswith(f"{stem}-") and n.endswith(".json"))
+        kept = sorted(
+            (n for n in os.listdir(backups) if pattern.fullmatch(n)), key=lambda n: os.lstat(os.path.join(backups, n)).st_mtime_ns
+        )
         for name in kept[:-BACKUPS]:
             os.unlink(os.path.join(backups, name))
     _write(path, (json.dumps(document, indent=2, sort_keys=True) + "\n").encode())
@@ -143,9 +158,26 @@ class Plan:
     unchanged: int = 0
 
 
+def _duplicates(document: dict[str, Any]) -> list[str]:
+    found = []
+    for kind, key in (("pools", "name"), ("vdisks", "name"), ("hosts", "name"), ("hosts", "iqn")):
+        seen: set[str] = set()
+        for item in document.get(kind, []):
+            if item[key] in seen:
+                found.append(f"the file has {kind} {key} {item[key]} twice")
+            seen.add(item[key])
+    zoned: set[tuple[str, str]] = set()
+    for zone in document.get("zones", []):
+        if (zone["host"], zone["vdisk"]) in zoned:
+            found.append(f"the file has zone {zone['host']}/{zone['vdisk']} twice")
+        zoned.add((zone["host"], zone["vdisk"]))
+    return found
+
+
 def plan(client: SanClient, document: dict[str, Any]) -> Plan:
-    """Compare the document with what the API has now."""
+    """Compare the document with what the API has now (and with itself: names twice, references to nothing)."""
     out = Plan()
+    out.conflicts += _duplicates(document)
     pools = {p.name: p for p in client.pools()}
     for pool in document.get("pools", []):
         have = pools.get(pool["name"])
@@ -164,9 +196,13 @@ def plan(client: SanClient, document: dict[str, Any]) -> Plan:
             out.conflicts.append(f"pool {pool['name']} exists with another {', '.join(differs)}")
         else:
             out.unchanged += 1
+    pool_names = set(pools) | {p["name"] for p in document.get("pools", [])}
     vdisks = {v.name: v for v in client.vdisks()}
     for vdisk in document.get("vdisks", []):
         found = vdisks.get(vdisk["name"])
+        if found is None and vdisk["pool"] not in pool_names:
+            out.conflicts.append(f"vdisk {vdisk['name']} is in pool {vdisk['pool']}, which neither exists nor is in the file")
+            continue
         if found is None:
             body = {"name": vdisk["name"], "pool": vdisk["pool"], "size": vdisk["size"], "block_size": vdisk["block_size"]}
             out.steps.append((f"create vdisk {vdisk['name']}", "POST", "/vdisks", {**body, "thick": not vdisk["thin"]}))
@@ -181,9 +217,14 @@ def plan(client: SanClient, document: dict[str, Any]) -> Plan:
             out.grows.append((f"grow vdisk {vdisk['name']} to {vdisk['size']} bytes", "POST", path, {"size": vdisk["size"]}))
         else:
             out.unchanged += 1
-    hosts = {h.name: h for h in client.hosts(secrets=True)}
+    with_secrets = any("chap_secret" in h or "mutual_secret" in h for h in document.get("hosts", []))
+    hosts = {h.name: h for h in client.hosts(secrets=with_secrets)}
+    iqns = {h.iqn: h.name for h in hosts.values()}
     for host in document.get("hosts", []):
         known = hosts.get(host["name"])
+        if known is None and iqns.get(host["iqn"], host["name"]) != host["name"]:
+            out.conflicts.append(f"host {host['name']}: iSCSI name {host['iqn']} is host {iqns[host['iqn']]}'s already")
+            continue
         if known is None:
             secrets = {"chap_secret": host.get("chap_secret", ""), "mutual_secret": host.get("mutual_secret", "")}
             for user, secret in (("chap_user", "chap_secret"), ("mutual_user", "mutual_secret")):
@@ -202,15 +243,23 @@ def plan(client: SanClient, document: dict[str, Any]) -> Plan:
             out.unchanged += 1
     zones = {(z.host, z.vdisk): z for z in client.zones()}
     luns = {(z.host, z.lun): z.vdisk for z in zones.values()}
+    host_names = set(hosts) | {h["name"] for h in document.get("hosts", [])}
+    vdisk_names = set(vdisks) | {v["name"] for v in document.get("vdisks", [])}
     for zone in document.get("zones", []):
         have_zone = zones.get((zone["host"], zone["vdisk"]))
         where = f"zone {zone['host']}/{zone['vdisk']}"
         if have_zone is None:
+            missing = [f"{kind} {name}" for kind, name, names in (("host", zone["host"], host_names),
+                       ("vdisk", zone["vdisk"], vdisk_names)) if name not in names]  # fmt: skip
             taken = luns.get((zone["host"], zone["lun"]))
-            if taken is not None:
+            if missing:
+                verbs = "neither exists nor is" if len(missing) == 1 else "neither exist nor are"
+                out.conflicts.append(f"{where}: {' and '.join(missing)} {verbs} in the file")
+            elif taken is not None:
                 out.conflicts.append(f"{where}: host {zone['host']} already sees {taken} at LUN {zone['lun']}")
-                continue
-            out.steps.append((f"add {where} at LUN {zone['lun']}", "POST", "/zones", dict(zone)))
+            else:
+                luns[(zone["host"], zone["lun"])] = zone["vdisk"]
+                out.steps.append((f"add {where} at LUN {zone['lun']}", "POST", "/zones", dict(zone)))
         elif (have_zone.lun, have_zone.read_only) != (zone["lun"], zone["read_only"]):
             access = "read-only" if have_zone.read_only else "read-write"
             out.conflicts.append(f"{where} exists at LUN {have_zone.lun} ({access})")
@@ -220,25 +269,45 @@ def plan(client: SanClient, document: dict[str, Any]) -> Plan:
 
 
 def apply(client: SanClient, todo: Plan) -> list[str]:
-    """Carry the plan out; on a failure, delete what it made (in reverse) and raise. Returns what was done."""
+    """Carry the plan out (a thick vdisk: until its allocation has finished); on a failure, delete what it made,
+    in reverse, and raise saying what could not be undone. Returns what was done."""
     if todo.conflicts:
         raise ConfigConflict(todo.conflicts)
     made: list[str] = []
     done: list[str] = []
+    what = ""
     try:
-        for what, method, path, body in todo.steps:
-            client.request(method, path, body)
-            made.append(_undo_path(path, body))
+        for what, method, path, body in todo.steps + todo.grows:  # grows last: a grow cannot be undone
+            answer = client.request(method, path, body)
+            if path == "/vdisks" and isinstance(answer, dict) and answer.get("state") == "allocating":
+                made.append(_undo_path(path, body))
+                _allocated(client, body["name"])
+            elif method == "POST" and not path.endswith("/grow"):
+                made.append(_undo_path(path, body))
             done.append(what)
     except ApiError as exc:
+        left = []
         for undo in reversed(made):
-            with contextlib.suppress(ApiError):
+            try:
                 client.delete(undo)
-        raise ApiError(f"{what}: {exc}; what this import made was deleted again") from None
-    for what, method, path, body in todo.grows:  # last: a grow cannot be undone
-        client.request(method, path, body)
-        done.append(what)
+            except ApiError as failed:
+                left.append(f"{undo} ({failed})")
+        outcome = "what this import made was deleted again" if not left else f"could not delete again: {', '.join(left)}"
+        raise ApiError(f"{what}: {exc}; {outcome}") from None
     return done
+
+
+def _allocated(client: SanClient, name: str, stalled: float = 300.0) -> None:
+    """Wait for a thick vdisk's allocation to end; ApiError if it ends other than ready or stops progressing."""
+    seen, since = -1.0, time.monotonic()
+    while (vdisk := client.vdisk(name)).state == "allocating":
+        if vdisk.progress != seen:
+            seen, since = vdisk.progress, time.monotonic()
+        elif time.monotonic() - since > stalled:
+            raise ApiError(f"thick vdisk {name} made no allocation progress for {stalled:.0f} s")
+        time.sleep(0.2)
+    if vdisk.state != "ready":
+        raise ApiError(f"thick vdisk {name} ended {vdisk.state}")
 
 
 def _undo_path(path: str, body: dict[str, Any]) -> str:

@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="a gateway's metrics listener (san gateway --metrics), added to the API's figures; repeatable",
     )
+    top.add_argument(
+        "--gateway-token-file",
+        help="the gateways' metrics token (their CLUSTER/metrics-token; default: the one published for each URL, as root)",
+    )
 
     pool = commands.add_parser("pool", help="manage pools").add_subparsers(dest="action", required=True, metavar="ACTION")
     create = pool.add_parser("create", parents=[client], help="create a pool on a new sparse file or an existing file/device")

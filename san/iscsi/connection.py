@@ -732,7 +732,8 @@ class Connection:
         if self.target.io_stats and self.session is not None:
             zoned = self.session.view.luns.get(task.lun)
             if zoned is not None:
-                zoned.disk.account(task.cdb[0], reply, task.arrived)
+                sent = min(len(reply.data), task.edtl) if task.read else 0  # what Data-In carried
+                zoned.disk.account(task.cdb[0], reply, task.arrived, sent)
 
     def _respond(self, task: Task, reply: Reply) -> None:
         lun = task.lun

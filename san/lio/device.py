@@ -98,6 +98,7 @@ class TcmuDevice:
         disk = self.disk
         agent = disk.agent
         volume = agent.volumes.get(disk.vdisk)
+        arrived = time.monotonic_ns()  # before the fast ones are served: the rest have waited for them
         try:
             if volume is not None and disk.fast_ready(LIO_NEXUS):
                 writes = disk.unit.write_cache  # with the cache off, writes go through the SCSI layer (durable)
@@ -111,7 +112,6 @@ class TcmuDevice:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self.fd)
             return
-        arrived = time.monotonic_ns()
         for cmd_id, cdb, iovs, bidi in commands:
             try:
                 self._dispatch(memory, cmd_id, cdb, iovs, bidi, arrived)
@@ -162,7 +162,7 @@ class TcmuDevice:
         self.ring.complete(cmd_id, reply.status, reply.sense, read_len)
         self.completed += 1
         if self.io_stats:
-            self.disk.account(cdb[0], reply, arrived)
+            self.disk.account(cdb[0], reply, arrived, max(read_len, 0))
 
     def _notify(self) -> None:
         if self.completed and self.fd >= 0:

@@ -107,7 +107,7 @@ class ControllerCollector(Collector):
             "san_gateway_registrations", "Registrations of each gateway since the controller started", labels=["gateway"]
         )
         for session in agents.sessions:
-            lease.add_metric([session.name], max(session.expires - now, 0.0))
+            lease.add_metric([session.name], max(session.renewed + session.lease - now, 0.0))
             fenced.add_metric([session.name], 1 if session.fenced else 0)
         for name, count in agents.registrations.items():
             registrations.add_metric([name], count)
@@ -152,6 +152,6 @@ class GatewayCollector(Collector):
         if session is not None:
             valid = GaugeMetricFamily("san_gateway_lease_valid", "1 while this gateway's lease holds, 0 once it lapsed")
             valid.add_metric([], 0 if session.expired else 1)
-            registered = CounterMetricFamily("san_gateway_registrations", "Times this gateway registered with a controller")
+            registered = CounterMetricFamily("san_gateway_registered", "Times this gateway registered with a controller")
             registered.add_metric([], session.registrations)
             yield from (valid, registered)

@@ -77,6 +77,8 @@ class MetricsServer:
         while not self.server.started and not self.task.done():
             await asyncio.sleep(0.01)
         if not self.server.started:
+            with contextlib.suppress(Exception):
+                await self.task  # its failure is the one raised here
             raise OSError(f"cannot serve metrics on {self.host}:{self.port}")
         self.published = publish(self.token, self.host, self.port)
         scheme = "https" if self.server.config.ssl_certfile else "http"
@@ -94,5 +96,5 @@ class MetricsServer:
         unpublish(self.published, self.token)
         if self.task is not None:
             self.server.should_exit = True
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(Exception):
                 await self.task

@@ -211,9 +211,10 @@ class Disk:
         except struct.error:
             return None
 
-    def account(self, opcode: int, reply: Reply, arrived: int) -> None:
+    def account(self, opcode: int, reply: Reply, arrived: int, sent: int) -> None:
         """Count a command once answered in the vdisk's I/O statistics (kept in C in its map table); arrived is when
-        the frontend took it in, from time.monotonic_ns()."""
+        the frontend took it in, from time.monotonic_ns(); sent the bytes of data-in the initiator was given (a
+        read's bytes: what the frontend sent, not what the reply held)."""
         kind = IO_KIND.get(opcode)
         volume = self.agent.volumes.get(self.vdisk) if kind is not None else None
         if volume is None or kind is None:
@@ -221,7 +222,7 @@ class Disk:
         if reply.status != Status.GOOD:
             volume.table.account_error(kind)
         elif kind == READ_IO:
-            volume.table.account(kind, len(reply.data), arrived)
+            volume.table.account(kind, sent, arrived)
         else:
             volume.table.account(UNMAP_IO if reply.unmapped else kind, reply.moved, arrived)
 

@@ -255,13 +255,13 @@ class Metadata:
                 store.add_mappings(vdisk_id, sorted(m for m in entries.values() if m is not None))
             result = change(store) if change is not None else None
             store.commit()
-            self.observe_commit(time.monotonic() - began)
         except (sqlite3.Error, StoreError, OSError) as exc:
             self.abort()
             raise StoreFailure(f"metadata commit failed: {exc}") from exc
         except BaseException:
             self.abort()
             raise
+        self.observe_commit(time.monotonic() - began)  # durable: nothing here may turn it into a failure
         return freed, result
 
     def _done(self, freed: list[Segment], actions: list[Callable[[], None]]) -> None:
