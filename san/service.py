@@ -27,6 +27,7 @@ from san.lio.handler import TcmuHandler
 from san.metrics.collectors import ControllerCollector, GatewayCollector
 from san.metrics.endpoint import registry_of
 from san.model import VDisk
+from san.protocol.messages import SessionInfo
 from san.protocol.transport import ControllerLink, LocalAgentLink, LocalControllerLink
 from san.scsi.disk import Disk
 
@@ -113,6 +114,15 @@ class Service:
     def sessions(self, iqn: str) -> int | None:
         """The host's iSCSI sessions on this process's target."""
         return sum(1 for s in self.target.sessions.values() if s.initiator == iqn)
+
+    def iscsi_sessions(self) -> list[tuple[str, SessionInfo]]:
+        """The sessions of this process's target, as gateway "local"."""
+        return [(LOCAL_AGENT, info) for info in self.gateway.census()]
+
+    def frontend_info(self) -> dict[str, Any]:
+        """What `san status` shows of the frontend: the target's name, its portals, built-in iSCSI or LIO."""
+        portals = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.target.portals]
+        return {"target": self.target.name, "portals": portals, "frontend": self.frontend}
 
     def metrics(self) -> CollectorRegistry:
         """What /metrics serves: the controller's figures and this process's gateway's."""

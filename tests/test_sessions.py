@@ -14,6 +14,7 @@ import shutil
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ from san.protocol.messages import (
     Registered,
     Release,
     Response,
+    SessionInfo,
 )
 from san.protocol.network import PeerRefused, connect, listen
 from san.scsi.disk import Disk, Nexus
@@ -112,7 +114,8 @@ def test_nothing_is_answered_before_registration_and_a_name_is_its_certificates(
         assert (await link.send(Heartbeat(registered.epoch + 1), 5)).reason is Reason.FENCED  # type: ignore[union-attr]
         assert (await link.send(Heartbeat(registered.epoch), 5)).action is Action.OK  # type: ignore[union-attr]
         assert service.sessions("iqn.2024-01.org.example:h") == 0
-        census = Heartbeat(registered.epoch, sessions=(("iqn.2024-01.org.example:h", 2),))
+        one = SessionInfo("iqn.2024-01.org.example:h", "198.18.0.9:40000", "400001370000", 1, False, False, (0,))
+        census = Heartbeat(registered.epoch, sessions=(one, replace(one, tsih=2)))
         assert (await link.send(census, 5)).action is Action.OK  # type: ignore[union-attr]
         assert service.sessions("iqn.2024-01.org.example:h") == 2, "a host's sessions as the gateway's heartbeat said"
         await asyncio.sleep(0.2)

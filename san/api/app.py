@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import asdict
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -23,6 +24,7 @@ from san.controller.controller import Controller
 from san.errors import SanError
 from san.metrics.endpoint import metrics_response
 from san.model import Host, Pool, VDisk, Zone
+from san.protocol.messages import SessionInfo
 
 
 class Managed(Protocol):
@@ -39,6 +41,10 @@ class Managed(Protocol):
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> object: ...
 
     def sessions(self, iqn: str) -> int | None: ...
+
+    def iscsi_sessions(self) -> list[tuple[str, SessionInfo]]: ...
+
+    def frontend_info(self) -> dict[str, Any]: ...
 
 
 def create_app(
@@ -123,7 +129,20 @@ def create_app(
             "pools_offline": len(controller.offline),
             "vdisks": len(controller.vdisks),
             "agents": len(controller.agents),
+            "hosts": len(zoning.hosts),
+            "zones": len(zoning.zones),
+            "gateways": [s.name for s in controller.agents.sessions],
+            "sessions": len(service.iscsi_sessions()),
+            **service.frontend_info(),
         }
+
+    @app.get("/sessions")
+    async def list_sessions() -> list[dict[str, Any]]:
+        """Every iSCSI session on every gateway (as of each one's last heartbeat), with the host it logged in as."""
+        hosts = {h.iqn: h.name for h in zoning.hosts.values()}
+        found = [{"gateway": gateway, "host": hosts.get(info.initiator), **asdict(info), "luns": list(info.luns)}
+                 for gateway, info in service.iscsi_sessions()]  # fmt: skip
+        return sorted(found, key=lambda s: (s["initiator"], s["gateway"], s["tsih"]))
 
     @app.get("/gateways")
     async def list_gateways() -> list[dict[str, Any]]:

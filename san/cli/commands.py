@@ -12,7 +12,7 @@ import sys
 import time
 
 from san.cli import views
-from san.cli.output import fields, plain, progress
+from san.cli.output import plain, progress
 from san.client import ApiError, SanClient, VDisk
 from san.units import format_exact
 
@@ -185,10 +185,11 @@ def run_client(args: argparse.Namespace) -> int:
         return top([client, *gateways], args.interval, args.count)
     if args.command == "status":
         status = client.status()
-        if args.json:
-            views.print_json(status)
-        else:
-            print(fields([(k.replace("_", " "), v) for k, v in status.to_json().items()]))
+        views.print_json(status) if args.json else print(views.show_status(status))
+        return 0
+    if args.command == "session":
+        sessions = client.sessions()
+        views.print_json(sessions) if args.json else print(views.session_rows(sessions))
         return 0
     if args.command == "pool":
         return _run_pool(client, args)

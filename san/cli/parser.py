@@ -281,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("file", metavar="FILE")
     imported.add_argument("--dry-run", action="store_true", help="say what would be done, do nothing")
 
+    session = commands.add_parser("session", help="the iSCSI sessions on every gateway").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    listing = session.add_parser("list", parents=[client], help="initiator, address, digests, LUNs and gateway of each")
+    listing.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
+
     top = commands.add_parser("top", parents=[client], help="per-vdisk IOPS, MB/s and latency, refreshed (from /metrics)")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default %(default)s)")
     top.add_argument("--count", type=int, help="refresh this many times, then exit (default: until interrupted)")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from san.cli.output import fields, table
-from san.client import Host, Model, Pool, VDisk, Zone
+from san.client import Host, Model, Pool, Session, Status, VDisk, Zone
 from san.units import format_size
 
 
@@ -107,6 +107,42 @@ def host_rows(hosts: list[Host]) -> str:
             for h in hosts
         ],
     )
+
+
+def session_rows(sessions: Sequence[Session]) -> str:
+    return table(
+        ["INITIATOR", "HOST", "ADDRESS", "DIGESTS", "LUNS", "GATEWAY", "TSIH"],
+        [
+            [
+                s.initiator,
+                s.host or "-",
+                s.address,
+                "/".join(["header" if s.header_digest else "", "data" if s.data_digest else ""]).strip("/") or "none",
+                ",".join(map(str, s.luns)) or "-",
+                s.gateway,
+                s.tsih,
+            ]
+            for s in sessions
+        ],
+    )
+
+
+def show_status(s: Status) -> str:
+    pairs: list[tuple[str, Any]] = [
+        ("version", s.version),
+        ("data dir", s.data_dir),
+        ("uptime", f"{s.uptime_seconds:.0f} s"),
+        ("target", s.target or "- (served by the gateways)"),
+        ("frontend", s.frontend or "-"),
+        ("portals", ", ".join(s.portals) or "-"),
+        ("gateways", ", ".join(s.gateways) or "none"),
+        ("pools", f"{s.pools}" + (f" ({s.pools_offline} offline)" if s.pools_offline else "")),
+        ("vdisks", s.vdisks),
+        ("hosts", s.hosts),
+        ("zones", s.zones),
+        ("sessions", s.sessions),
+    ]
+    return fields(pairs)
 
 
 def show_host(h: Host) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from san.client.api import SanClient
 from san.client.errors import ApiError, BadRequest, Conflict, NoSpace, NotFound, TooLarge, Unauthorized, Unavailable
-from san.client.models import Container, Gateway, Host, Model, Pool, Status, VDisk, Zone
+from san.client.models import Container, Gateway, Host, Model, Pool, Session, Status, VDisk, Zone
 from san.client.transport import DEFAULT_API, Transport
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "NotFound",
     "Pool",
     "SanClient",
+    "Session",
     "Status",
     "TooLarge",
     "Transport",

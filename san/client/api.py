@@ -6,7 +6,7 @@ from typing import Any
 from urllib.parse import quote
 
 from san.client.errors import ApiError
-from san.client.models import Gateway, Host, M, Pool, Status, VDisk, Zone
+from san.client.models import Gateway, Host, M, Pool, Session, Status, VDisk, Zone
 from san.client.transport import Transport
 
 
@@ -29,6 +29,9 @@ class SanClient(Transport):
 
     def gateways(self) -> list[Gateway]:
         return [_answer(Gateway, g) for g in self.get("/gateways")]
+
+    def sessions(self) -> list[Session]:
+        return [_answer(Session, s) for s in self.get("/sessions")]
 
     def metrics(self) -> str:
         """The Prometheus exposition text of /metrics."""

@@ -142,3 +142,25 @@ class Status(Model):
     pools_offline: int = 0
     vdisks: int = 0
     agents: int = 0
+    hosts: int = 0
+    zones: int = 0
+    gateways: list[str] = field(default_factory=list)
+    sessions: int = 0
+    target: str | None = None  # the iSCSI target name (None on a controller: its gateways serve)
+    portals: list[str] = field(default_factory=list)
+    frontend: str | None = None  # iscsi (built-in) or lio
+
+
+@dataclass
+class Session(Model):
+    """One iSCSI session on a gateway."""
+
+    gateway: str = ""
+    host: str | None = None  # the host whose iSCSI name it logged in with (None: not a known host, open access)
+    initiator: str = ""
+    address: str = ""
+    isid: str = ""
+    tsih: int = 0
+    header_digest: bool = False
+    data_digest: bool = False
+    luns: list[int] = field(default_factory=list)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from san.errors import AgentFailure
 from san.protocol.link import LinkClosed
-from san.protocol.messages import Action, Command, Config, Response
+from san.protocol.messages import Action, Command, Config, Response, SessionInfo
 from san.protocol.transport import AgentLink
 
 log = logging.getLogger("san.controller")
@@ -41,6 +41,7 @@ class AgentSession:
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     joined: asyncio.Event = field(default_factory=asyncio.Event)  # it has its containers, tables and Config
     hosts: dict[str, int] = field(default_factory=dict)  # initiator -> its sessions there, as of the last heartbeat
+    iscsi: tuple[SessionInfo, ...] = ()  # those sessions, each as the last heartbeat told
 
     @property
     def expires(self) -> float:

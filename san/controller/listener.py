@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from san.cluster.pki import Cluster
@@ -76,7 +77,8 @@ class Endpoint:
         if isinstance(message, Heartbeat):
             if message.epoch != session.epoch or not agents.renew(session):
                 return Response(Action.FAIL, reason=Reason.FENCED, message=f"epoch {message.epoch} is over")
-            session.hosts = {iqn: count for iqn, count in message.sessions if count > 0}
+            session.iscsi = message.sessions
+            session.hosts = dict(Counter(s.initiator for s in message.sessions))
             return Response()
         if isinstance(message, (Fault, Allocated, Release, Flush)):
             await session.joined.wait()  # until grants elsewhere are taken back and its tables are there

@@ -23,7 +23,7 @@ from san.errors import StoreFailure
 from san.metrics.collectors import ControllerCollector
 from san.metrics.endpoint import registry_of
 from san.model import VDisk
-from san.protocol.messages import Config
+from san.protocol.messages import Config, SessionInfo
 
 log = logging.getLogger("san")
 EXPIRY_CHECK = 0.5
@@ -109,6 +109,14 @@ class ControllerService:
         """A host's iSCSI sessions on every gateway, as of each one's last heartbeat (None with no gateway)."""
         live = [s for s in self.controller.agents.sessions if not s.fenced]
         return sum(s.hosts.get(iqn, 0) for s in live) if live else None
+
+    def iscsi_sessions(self) -> list[tuple[str, SessionInfo]]:
+        """The sessions on every gateway that is not fenced, as of its last heartbeat."""
+        return [(s.name, info) for s in self.controller.agents.sessions if not s.fenced for info in s.iscsi]
+
+    def frontend_info(self) -> dict[str, Any]:
+        """The controller serves no iSCSI itself: its gateways do (each with its own portals)."""
+        return {"target": None, "portals": [], "frontend": None}
 
     def metrics(self) -> CollectorRegistry:
         """What the controller's /metrics serves."""

@@ -10,7 +10,6 @@ import asyncio
 import copy
 import logging
 import os
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -23,7 +22,7 @@ from san.iscsi.target import Access, Target
 from san.lio.config import LioConfig, RTSLibError, Wanted
 from san.lio.handler import TcmuHandler
 from san.model import VDisk
-from san.protocol.messages import Action, Command, Config, Op, Reason, Response
+from san.protocol.messages import Action, Command, Config, Op, Reason, Response, SessionInfo
 from san.protocol.transport import ControllerLink
 from san.scsi.disk import Disk
 from san.scsi.luns import Zoned
@@ -121,9 +120,24 @@ class Gateway:
         vdisk = self.view.vdisks.get(vdisk_id)
         return vdisk.name if vdisk is not None else None
 
-    def census(self) -> tuple[tuple[str, int], ...]:
-        """The iSCSI sessions here, as (initiator name, count), for the controller (`san host show`)."""
-        return tuple(Counter(s.initiator for s in self.target.sessions.values() if s.initiator).items())
+    def census(self) -> tuple[SessionInfo, ...]:
+        """The iSCSI sessions here (discovery ones aside), for the controller (`san session list`, `san host show`)."""
+        found = []
+        for session in self.target.sessions.values():
+            if not session.initiator or session.discovery:
+                continue
+            connection = session.connection
+            header, data = connection.digests if connection is not None else (False, False)
+            address = ""
+            if connection is not None:
+                address = (
+                    f"[{connection.peer}]:{connection.peer_port}"
+                    if ":" in connection.peer
+                    else f"{connection.peer}:{connection.peer_port}"
+                )
+            luns = tuple(sorted(session.view.luns))
+            found.append(SessionInfo(session.initiator, address, session.isid.hex(), session.tsih, header, data, luns))
+        return tuple(found)
 
     def registered(self) -> None:
         """A new registration: the next Config is taken whatever its version (the controller may have restarted)."""

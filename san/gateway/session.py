@@ -31,6 +31,7 @@ from san.protocol.messages import (
     Registered,
     Release,
     Response,
+    SessionInfo,
 )
 from san.protocol.network import PeerRefused, connect
 
@@ -63,7 +64,7 @@ class ControllerSession:
         self.handler: Handler | None = None
         self.agent: Agent | None = None
         self.on_registered: Callable[[], None] | None = None
-        self.census: Callable[[], tuple[tuple[str, int], ...]] | None = None
+        self.census: Callable[[], tuple[SessionInfo, ...]] | None = None
         self.link: Link | None = None
         self.ready = asyncio.Event()
         self.epoch = 0
@@ -79,7 +80,7 @@ class ControllerSession:
         agent: Agent,
         handler: Handler,
         on_registered: Callable[[], None] | None = None,
-        census: Callable[[], tuple[tuple[str, int], ...]] | None = None,
+        census: Callable[[], tuple[SessionInfo, ...]] | None = None,
     ) -> None:
         """The agent and the handler of the controller's requests; census() the iSCSI sessions for each heartbeat."""
         self.agent = agent

@@ -91,6 +91,7 @@ class Connection:
         self.target = target
         self.local = local
         self.peer = peer
+        self.peer_port = 0  # the initiator's TCP port, for `san session list` (peer is its address)
         self.state = State.LOGIN
         self.params = Parameters()
         self.session: Session | None = None

@@ -64,6 +64,9 @@ class IscsiProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=HIGH_WATER)
         local = transport.get_extra_info("sockname")
         self.connection = Connection(self.server.target, (local[0], local[1]) if local else None, self.peer)
+        peername = transport.get_extra_info("peername")
+        if peername:
+            self.connection.peer_port = peername[1]
         self.server.protocols.add(self)
 
     def data_received(self, data: bytes) -> None:

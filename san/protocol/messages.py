@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from san.model import Host, VDisk, Zone
 
 Entry = tuple[int, int, int]
-PROTOCOL_VERSION = 2  # 2: heartbeats carry the session census
+PROTOCOL_VERSION = 3  # 2: heartbeats carry the session census; 3: each session, as `san session list` shows it
 MAX_TEXT = 1 << 16
 MAX_ITEMS = 1 << 16
 LOAD_CHUNK = 1024  # a fault on an INVALID entry is answered with the aligned chunk of this many segments around it
@@ -80,13 +80,26 @@ class Registered:
 
 
 @dataclass(frozen=True)
+class SessionInfo:
+    """One iSCSI session on a gateway: who, from where, its digests and the LUNs it sees."""
+
+    initiator: str
+    address: str
+    isid: str
+    tsih: int
+    header_digest: bool
+    data_digest: bool
+    luns: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     """Agent -> controller: renew the lease of this epoch (FAIL with FENCED: the epoch is over, register again), with
-    the iSCSI sessions the gateway has now, as (initiator name, count)."""
+    the iSCSI sessions the gateway has now."""
 
     epoch: int
     request: int = 0
-    sessions: tuple[tuple[str, int], ...] = ()
+    sessions: tuple[SessionInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,7 +224,7 @@ def decode(data: dict[str, Any]) -> Message:
     return message
 
 
-_OBJECTS = frozenset({"vdisks", "hosts", "zones"})
+_OBJECTS = frozenset({"vdisks", "hosts", "zones", "sessions"})
 _NAMES = {name: tuple(f.name for f in fields(cls)) for name, cls in _TYPES.items()}
 
 
