@@ -300,19 +300,32 @@ def test_human_tables(san_server: SanServer) -> None:
     san_server.ok("vdisk", "create", "tbl-thick", "--pool", "tblpool", "--size", "2M", "--thick", "--block-size", "4096")
 
     lines = san_server.ok("pool", "list").splitlines()
-    assert lines[0].split() == ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "USED%", "PROVISIONED", "VDISKS", "STATE"]
+    headers = ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "DATA%", "PROVISIONED", "VDISKS", "STATE", "PATH"]
+    assert lines[0].split() == headers
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert all(len(row) == 9 for row in rows.values()), lines
+    assert all(len(row) == 10 for row in rows.values()), lines
     assert set(rows) == {p["name"] for p in san_server.get("/pools")}
-    assert rows["tblpool"] == ["tblpool", "1.00M", "16.00M", "2.00M", "14.00M", "12.5%", "1.00G", "2", "online"]
+    path = f"{san_server.data}/pools/tblpool.img"
+    assert rows["tblpool"] == ["tblpool", "1.00M", "16.00M", "2.00M", "14.00M", "12.50", "1.00G", "2", "online", path]
 
     lines = san_server.ok("vdisk", "list").splitlines()
-    assert lines[0].split() == ["NAME", "POOL", "SIZE", "ALLOCATED", "TYPE", "BLOCK", "STATE"]
+    assert lines[0].split() == ["NAME", "POOL", "SIZE", "ALLOCATED", "DATA%", "TYPE", "BLOCK", "STATE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
-    assert all(len(row) == 7 for row in rows.values()), lines
+    assert all(len(row) == 8 for row in rows.values()), lines
     assert set(rows) == {v["name"] for v in san_server.get("/vdisks")}
-    assert rows["tbl-thin"] == ["tbl-thin", "tblpool", "1.00G", "0B", "thin", "512", "ready"]
-    assert rows["tbl-thick"] == ["tbl-thick", "tblpool", "2.00M", "2.00M", "thick", "4096", "ready"]
+    assert rows["tbl-thin"] == ["tbl-thin", "tblpool", "1.00G", "0B", "0.00", "thin", "512", "ready"]
+    assert rows["tbl-thick"] == ["tbl-thick", "tblpool", "2.00M", "2.00M", "100.00", "thick", "4096", "ready"]
+
+    # As lvs takes them: chosen columns, added ones, units, no headings, a separator.
+    picked = san_server.ok("vdisk", "list", "-o", "name,size,data", "--units", "b", "--noheadings").splitlines()
+    assert ["tbl-thick", "2097152B", "100.00"] in [line.split() for line in picked]
+    assert all(not line.split()[0].isupper() for line in picked)
+    added = san_server.ok("vdisk", "list", "-o", "+serial", "--units", "m").splitlines()
+    assert added[0].split()[-1] == "SERIAL" and any("1024.00m" in line for line in added)
+    scripted = san_server.ok("pool", "list", "-o", "name,capacity", "--units", "k", "--separator", ";", "--noheadings")
+    assert "tblpool;16384.00k" in scripted.splitlines()
+    bad = san_server.run("vdisk", "list", "-o", "name,colour")
+    assert bad.returncode == 1 and "unknown column 'colour'" in assert_one_line(bad.stderr)
     # Columns line up: every row is as wide as its header allows.
     header = lines[0]
     assert all(line.startswith(row[0].ljust(header.index("POOL"))) for line, row in zip(lines[1:], rows.values(), strict=True))

@@ -10,10 +10,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 
-from san.cli import views
+from san.cli import columns, views
 from san.cli.output import plain, progress
-from san.client import ApiError, SanClient, VDisk
+from san.client import ApiError, Pool, SanClient, VDisk
 from san.units import format_exact
 
 
@@ -132,6 +133,15 @@ def _wait_thick(client: SanClient, vdisk: VDisk) -> VDisk:
     return vdisk
 
 
+def _listing(items: Sequence[Pool | VDisk], specs: dict[str, columns.Column], default: Sequence[str],
+             args: argparse.Namespace) -> str:  # fmt: skip
+    try:
+        names = columns.chosen(args.options, specs, default)
+    except ValueError as exc:
+        raise ApiError(f"-o: {exc}") from None
+    return columns.render(items, specs, names, args)
+
+
 def _run_pool(client: SanClient, args: argparse.Namespace) -> int:
     if args.action == "create":
         path = os.path.abspath(args.path) if args.path else None
@@ -140,7 +150,7 @@ def _run_pool(client: SanClient, args: argparse.Namespace) -> int:
         print(f"pool {pool.name} created: {format_exact(pool.capacity_bytes)} in {format_exact(pool.segment_size)} segments")
     elif args.action == "list":
         pools = client.pools()
-        views.print_json(pools) if args.json else print(views.pool_rows(pools))
+        views.print_json(pools) if args.json else print(_listing(pools, columns.POOL_COLUMNS, columns.POOL_DEFAULT, args))
     elif args.action == "show":
         shown = client.pool(args.name)
         views.print_json(shown) if args.json else print(views.show_pool(shown))
@@ -159,7 +169,7 @@ def _run_vdisk(client: SanClient, args: argparse.Namespace) -> int:
         print(f"vdisk {vdisk.name} created: {format_exact(vdisk.size_bytes)} {kind} in pool {vdisk.pool}")
     elif args.action == "list":
         vdisks = client.vdisks()
-        views.print_json(vdisks) if args.json else print(views.vdisk_rows(vdisks))
+        views.print_json(vdisks) if args.json else print(_listing(vdisks, columns.VDISK_COLUMNS, columns.VDISK_DEFAULT, args))
     elif args.action == "show":
         shown = client.vdisk(args.name)
         views.print_json(shown) if args.json else print(views.show_vdisk(shown))

@@ -10,6 +10,7 @@ import socket
 from typing import Any, NoReturn
 
 import san
+from san.cli import columns
 from san.cli.output import plain
 from san.client import DEFAULT_API
 from san.units import parse_size
@@ -319,9 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--allocate-ahead", type=int, default=4, help="extra segments allocated for sequential writers (default %(default)s)"
     )
-    pool.add_parser("list", parents=[client], help="list pools").add_argument(
-        "--json", action="store_true", help="print the API's JSON unchanged"
-    )
+    listing = pool.add_parser("list", parents=[client], help="list pools, like lvs (-o, --units, --noheadings)")
+    listing.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
+    columns.add_options(listing, columns.POOL_COLUMNS, columns.POOL_DEFAULT)
     show = pool.add_parser("show", parents=[client], help="show one pool")
     show.add_argument("name")
     show.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
@@ -338,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--block-size", type=int, choices=[512, 4096], default=512, help="logical block size in bytes (default %(default)s)"
     )
-    vdisk.add_parser("list", parents=[client], help="list vdisks").add_argument(
-        "--json", action="store_true", help="print the API's JSON unchanged"
-    )
+    listing = vdisk.add_parser("list", parents=[client], help="list vdisks, like lvs (-o, --units, --noheadings)")
+    listing.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
+    columns.add_options(listing, columns.VDISK_COLUMNS, columns.VDISK_DEFAULT)
     show = vdisk.add_parser("show", parents=[client], help="show one vdisk")
     show.add_argument("name")
     show.add_argument("--json", action="store_true", help="print the API's JSON unchanged")

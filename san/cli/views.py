@@ -22,44 +22,6 @@ def print_json(value: Model | Sequence[Model] | dict[str, Any]) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
-def pool_rows(pools: list[Pool]) -> str:
-    return table(
-        ["NAME", "SEGMENT", "CAPACITY", "USED", "FREE", "USED%", "PROVISIONED", "VDISKS", "STATE"],
-        [
-            [
-                p.name,
-                format_size(p.segment_size),
-                format_size(p.capacity_bytes),
-                format_size(p.used_bytes),
-                format_size(p.free_bytes),
-                f"{p.used_percent:.1f}%",
-                format_size(p.provisioned_bytes),
-                p.vdisks,
-                p.state,
-            ]
-            for p in pools
-        ],
-    )
-
-
-def vdisk_rows(vdisks: list[VDisk]) -> str:
-    return table(
-        ["NAME", "POOL", "SIZE", "ALLOCATED", "TYPE", "BLOCK", "STATE"],
-        [
-            [
-                v.name,
-                v.pool,
-                format_size(v.size_bytes),
-                format_size(v.allocated_bytes),
-                "thin" if v.thin else "thick",
-                v.block_size,
-                v.state if v.state == "ready" else f"{v.state} {v.progress * 100:.0f}%",
-            ]
-            for v in vdisks
-        ],
-    )
-
-
 def show_vdisk(v: VDisk) -> str:
     return fields(
         [
