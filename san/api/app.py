@@ -18,7 +18,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import san
 from san.api.auth import BearerAuth
-from san.api.bodies import HostCreate, PoolCreate, VDiskCreate, VDiskGrow, ZoneCreate, size_of
+from san.api.bodies import (
+    HostCreate,
+    HostModify,
+    PoolCreate,
+    VDiskCreate,
+    VDiskGrow,
+    VDiskRename,
+    ZoneCreate,
+    ZoneModify,
+    size_of,
+)
 from san.api.limits import BodyLimit
 from san.controller.controller import Controller
 from san.errors import SanError
@@ -263,5 +273,27 @@ def create_app(
     @app.delete("/zones/{host}/{vdisk}", status_code=204)
     async def remove_zone(host: str, vdisk: str) -> None:
         await zoning.remove(host, vdisk)
+
+    @app.patch("/zones/{host}/{vdisk}")
+    async def modify_zone(host: str, vdisk: str, body: ZoneModify) -> dict[str, Any]:
+        return zone_json(await zoning.modify(host, vdisk, body.lun, body.read_only))
+
+    @app.patch("/hosts/{name}")
+    async def modify_host(name: str, body: HostModify) -> dict[str, Any]:
+        current = zoning.host(name)
+
+        def pair(user: str | None, secret: str | None, old: tuple[str, str]) -> tuple[str, str] | None:
+            if user is None and secret is None:
+                return None
+            user = old[0] if user is None else user
+            return (user, "") if not user else (user, old[1] if secret is None else secret)
+
+        chap = pair(body.chap_user, body.chap_secret, (current.chap_user, current.chap_secret))
+        mutual = pair(body.mutual_user, body.mutual_secret, (current.mutual_user, current.mutual_secret))
+        return host_json(await zoning.modify_host(name, body.iqn, chap, mutual))
+
+    @app.post("/vdisks/{name}/rename")
+    async def rename_vdisk(name: str, body: VDiskRename) -> dict[str, Any]:
+        return vdisk_json(await controller.rename_vdisk(name, body.name))
 
     return app

@@ -85,3 +85,30 @@ class ZoneCreate(BaseModel):
     vdisk: Name
     lun: Annotated[int, Field(ge=0, le=16383)] | None = None
     read_only: bool = False
+
+
+class VDiskRename(BaseModel):
+    """POST /vdisks/{name}/rename."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Name
+
+
+class HostModify(BaseModel):
+    """PATCH /hosts/{name}: a new iSCSI name or CHAP credentials; a field left out keeps its value, chap_user ""
+    removes CHAP (and mutual CHAP with it)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    iqn: Annotated[str, Field(max_length=223)] | None = None
+    chap_user: Secret | None = None
+    chap_secret: Secret | None = None
+    mutual_user: Secret | None = None
+    mutual_secret: Secret | None = None
+
+
+class ZoneModify(BaseModel):
+    """PATCH /zones/{host}/{vdisk}: another LUN, or read-only on or off; a field left out keeps its value."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lun: Annotated[int, Field(ge=0, le=16383)] | None = None
+    read_only: bool | None = None

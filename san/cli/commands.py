@@ -63,6 +63,35 @@ def _secrets(args: argparse.Namespace) -> dict[str, str]:
     return found
 
 
+def _host_changes(args: argparse.Namespace) -> dict[str, str]:
+    """What host modify changes: only what was given (secrets from files, stdin or a prompt)."""
+    changes: dict[str, str] = {}
+    if args.iqn is not None:
+        changes["iqn"] = args.iqn
+    if args.no_chap:
+        if args.chap_user or args.mutual_user or args.chap_secret_file or args.mutual_secret_file:
+            raise ApiError("--no-chap removes CHAP: give no CHAP user or secret with it")
+        changes["chap_user"] = ""
+        return changes
+    if args.chap_secret_file == "-" and args.mutual_secret_file == "-":
+        raise ApiError("only one secret can come from stdin: give the other in a file")
+    for user_key, secret_key, user, path, what in (
+        ("chap_user", "chap_secret", args.chap_user, args.chap_secret_file, "chap secret"),
+        ("mutual_user", "mutual_secret", args.mutual_user, args.mutual_secret_file, "mutual secret"),
+    ):
+        if user is not None:
+            changes[user_key] = user
+        if path is not None:
+            changes[secret_key] = _read_secret(path, what)
+        elif user:
+            changes[secret_key] = _ask_secret(what)
+    if not changes:
+        raise ApiError(
+            "nothing to change: give --iqn, --chap-user, --chap-secret-file, --mutual-user, --mutual-secret-file or --no-chap"
+        )
+    return changes
+
+
 def _run_zoning(client: SanClient, args: argparse.Namespace) -> int:
     if args.command == "host":
         if args.action == "create":
@@ -76,12 +105,21 @@ def _run_zoning(client: SanClient, args: argparse.Namespace) -> int:
         elif args.action == "show":
             shown = client.host(args.name)
             views.print_json(shown) if args.json else print(views.show_host(shown))
+        elif args.action == "modify":
+            host = client.modify_host(args.name, **_host_changes(args))
+            print(f"host {plain(host.name)} modified: {plain(host.iqn)}, {views.chap_of(host)}")
         elif args.action == "delete":
             client.delete_host(args.name)
             print(f"host {args.name} deleted")
         return 0
     if args.action == "add":
         zone = client.add_zone(args.host, args.vdisk, args.lun, args.read_only)
+        access = "read-only" if zone.read_only else "read-write"
+        print(f"host {zone.host} sees {zone.vdisk} as LUN {zone.lun} ({access})")
+    elif args.action == "modify":
+        if args.lun is None and args.read_only is None:
+            raise ApiError("give --lun, --read-only or --read-write")
+        zone = client.modify_zone(args.host, args.vdisk, args.lun, args.read_only)
         access = "read-only" if zone.read_only else "read-write"
         print(f"host {zone.host} sees {zone.vdisk} as LUN {zone.lun} ({access})")
     elif args.action == "remove":
@@ -173,6 +211,9 @@ def _run_vdisk(client: SanClient, args: argparse.Namespace) -> int:
     elif args.action == "show":
         shown = client.vdisk(args.name)
         views.print_json(shown) if args.json else print(views.show_vdisk(shown))
+    elif args.action == "rename":
+        vdisk = client.rename_vdisk(args.name, args.new_name)
+        print(f"vdisk {args.name} renamed {vdisk.name}")
     elif args.action == "grow":
         vdisk = client.grow_vdisk(args.name, args.size)
         print(f"vdisk {vdisk.name} grown to {format_exact(vdisk.size_bytes)}")

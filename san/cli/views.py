@@ -107,6 +107,12 @@ def show_status(s: Status) -> str:
     return fields(pairs)
 
 
+def chap_of(h: Host) -> str:
+    if not h.chap_user:
+        return "no CHAP"
+    return f"CHAP user {h.chap_user}" + (f", mutual user {h.mutual_user}" if h.mutual_user else "")
+
+
 def show_host(h: Host) -> str:
     chap = "none"
     if h.chap_user:

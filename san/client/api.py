@@ -79,6 +79,9 @@ class SanClient(Transport):
     def grow_vdisk(self, name: str, size: int | str) -> VDisk:
         return _answer(VDisk, self.post(f"/vdisks/{_name(name)}/grow", {"size": size}))
 
+    def rename_vdisk(self, name: str, new_name: str) -> VDisk:
+        return _answer(VDisk, self.post(f"/vdisks/{_name(name)}/rename", {"name": new_name}))
+
     def delete_vdisk(self, name: str) -> None:
         self.delete(f"/vdisks/{_name(name)}")
 
@@ -99,6 +102,10 @@ class SanClient(Transport):
                 "mutual_user": mutual_user, "mutual_secret": mutual_secret}  # fmt: skip
         return _answer(Host, self.post("/hosts", body))
 
+    def modify_host(self, name: str, **changes: str) -> Host:
+        """Change iqn, chap_user, chap_secret, mutual_user or mutual_secret (chap_user="" removes CHAP)."""
+        return _answer(Host, self.patch(f"/hosts/{_name(name)}", changes))
+
     def delete_host(self, name: str) -> None:
         self.delete(f"/hosts/{_name(name)}")
 
@@ -108,6 +115,10 @@ class SanClient(Transport):
     def add_zone(self, host: str, vdisk: str, lun: int | None = None, read_only: bool = False) -> Zone:
         body = {"host": host, "vdisk": vdisk, "lun": lun, "read_only": read_only}
         return _answer(Zone, self.post("/zones", body))
+
+    def modify_zone(self, host: str, vdisk: str, lun: int | None = None, read_only: bool | None = None) -> Zone:
+        body = {k: v for k, v in (("lun", lun), ("read_only", read_only)) if v is not None}
+        return _answer(Zone, self.patch(f"/zones/{_name(host)}/{_name(vdisk)}", body))
 
     def remove_zone(self, host: str, vdisk: str) -> None:
         self.delete(f"/zones/{_name(host)}/{_name(vdisk)}")

@@ -123,5 +123,8 @@ class Transport:
     def post(self, path: str, body: dict[str, Any]) -> Any:
         return self.request("POST", path, body)
 
+    def patch(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("PATCH", path, body)
+
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)

@@ -151,6 +151,9 @@ class Controller:
     async def grow_vdisk(self, name: str, size: int) -> VDisk:
         return await self.vdisk_manager.grow(name, size)
 
+    async def rename_vdisk(self, name: str, new_name: str) -> VDisk:
+        return await self.vdisk_manager.rename(name, new_name)
+
     async def delete_vdisk(self, name: str) -> None:
         await self.vdisk_manager.delete(name)
 

@@ -211,6 +211,23 @@ class VDiskManager:
             c.changed("grown", vdisk)
             return vdisk
 
+    async def rename(self, name: str, new_name: str) -> VDisk:
+        """Give a vdisk another name; hosts see the same LUN, serial and data (with LIO, its storage object is
+        made again under the new name)."""
+        c = self.controller
+        check_name("vdisk", new_name)
+        pool = c.pools[c.vdisk(name).pool_id]
+        async with c.locks.hold(*self._locks(name, pool), ("vdisk", new_name)):
+            vdisk = c.vdisk(name)
+            if vdisk.state != "ready":
+                raise Conflict(f"vdisk {name!r} is {vdisk.state}")
+            if any(v.name == new_name for v in c.vdisks.values()):
+                raise Conflict(f"vdisk {new_name!r} already exists")
+            await c.metadata.commit_async(lambda store: store.rename_vdisk(vdisk.id, new_name))
+            vdisk.name = new_name
+        c.changed("renamed", vdisk)
+        return vdisk
+
     async def delete(self, name: str) -> None:
         """Remove a vdisk once no agent has I/O in flight on it; its segments go back to the pool."""
         c = self.controller

@@ -87,6 +87,37 @@ class Zoning:
         self._changed()
         return host
 
+    async def modify_host(
+        self, name: str, iqn: str | None = None, chap: tuple[str, str] | None = None, mutual: tuple[str, str] | None = None
+    ) -> Host:
+        """Give a host another iSCSI name or CHAP credentials (None keeps them; ("", "") removes them), zones kept.
+        Sessions already logged in go on; the next login is checked against the new ones."""
+        current = self.host(name)
+        iqn = current.iqn if iqn is None else iqn
+        chap = (current.chap_user, current.chap_secret) if chap is None else chap
+        mutual = (current.mutual_user, current.mutual_secret) if mutual is None else mutual
+        if not chap[0]:
+            mutual = ("", "") if mutual == (current.mutual_user, current.mutual_secret) else mutual
+        check_iscsi_name(iqn)
+        check_chap("CHAP", *chap)
+        check_chap("mutual CHAP", *mutual)
+        if mutual[0] and not chap[0]:
+            raise InvalidRequest("mutual CHAP needs one-way CHAP too (a CHAP user and secret)")
+        if chap[0] and chap[1] == mutual[1]:
+            raise InvalidRequest("the mutual CHAP secret must differ from the host's CHAP secret")
+        async with self.locks.hold(("host", name), ("iqn", iqn)):
+            host = self.host(name)
+            other = self.by_iqn(iqn)
+            if other is not None and other.id != host.id:
+                raise Conflict(f"{iqn} is already host {other.name!r}")
+            changed = Host(host.id, host.name, iqn, *chap, *mutual)
+            await self.metadata.commit_async(lambda store: store.update_host(changed))
+            self.hosts[host.id] = changed
+        if not chap[0]:
+            log.warning("host %s (%s) has no CHAP: any initiator that claims its name logs in as it", name, iqn)
+        self._changed()
+        return changed
+
     async def delete_host(self, name: str) -> None:
         async with self.locks.hold(("host", name)):
             host = self.host(name)
@@ -120,6 +151,26 @@ class Zoning:
             self.zones.append(zone)
         self._changed()
         return zone
+
+    async def modify(self, host_name: str, vdisk_name: str, lun: int | None = None, read_only: bool | None = None) -> Zone:
+        """Move a zone to another LUN or make it read-only or read-write (None keeps it); the host is told its LUNs
+        changed (REPORTED LUNS DATA HAS CHANGED)."""
+        async with self.locks.hold(("host", host_name), ("vdisk", vdisk_name)):
+            host = self.host(host_name)
+            vdisk = self._vdisk(vdisk_name)
+            zone = next((z for z in self.zones if z.host_id == host.id and z.vdisk_id == vdisk.id), None)
+            if zone is None:
+                raise NotFound(f"{vdisk.name!r} is not zoned to host {host.name!r}")
+            lun = zone.lun if lun is None else lun
+            if not 0 <= lun <= MAX_LUN:
+                raise InvalidRequest(f"LUN {lun} must be 0-{MAX_LUN}")
+            if any(z.lun == lun and z is not zone for z in self.zones_of(host)):
+                raise Conflict(f"host {host.name!r} already has LUN {lun}")
+            changed = Zone(host.id, vdisk.id, lun, zone.read_only if read_only is None else read_only)
+            await self.metadata.commit_async(lambda store: store.update_zone(changed))
+            self.zones[self.zones.index(zone)] = changed
+        self._changed()
+        return changed
 
     async def remove(self, host_name: str, vdisk_name: str) -> None:
         async with self.locks.hold(("host", host_name), ("vdisk", vdisk_name)):

@@ -338,6 +338,21 @@ class SQLiteStore:
     def delete_host(self, host_id: int) -> None:
         self._write("DELETE FROM host WHERE id = ?", (host_id,))
 
+    def update_host(self, host: Host) -> None:
+        self._write(
+            "UPDATE host SET iqn = ?, chap_user = ?, chap_secret = ?, mutual_user = ?, mutual_secret = ? WHERE id = ?",
+            (host.iqn, host.chap_user, host.chap_secret, host.mutual_user, host.mutual_secret, host.id),
+        )
+
+    def update_zone(self, zone: Zone) -> None:
+        self._write(
+            "UPDATE zone SET lun = ?, read_only = ? WHERE host_id = ? AND vdisk_id = ?",
+            (zone.lun, int(zone.read_only), zone.host_id, zone.vdisk_id),
+        )
+
+    def rename_vdisk(self, vdisk_id: int, name: str) -> None:
+        self._write("UPDATE vdisk SET name = ? WHERE id = ?", (name, vdisk_id))
+
     def add_zone(self, zone: Zone) -> None:
         self._write(
             "INSERT INTO zone (host_id, vdisk_id, lun, read_only) VALUES (?, ?, ?, ?)",

@@ -93,6 +93,14 @@ class Store(Protocol):
 
     def delete_host(self, host_id: int) -> None: ...
 
+    def update_host(self, host: Host) -> None:
+        """Its iSCSI name and CHAP credentials become host's (by id)."""
+
+    def update_zone(self, zone: Zone) -> None:
+        """The zone of (host_id, vdisk_id) gets zone's LUN and read-only flag."""
+
+    def rename_vdisk(self, vdisk_id: int, name: str) -> None: ...
+
     def add_zone(self, zone: Zone) -> None: ...
 
     def zones(self) -> list[Zone]: ...
