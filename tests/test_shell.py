@@ -95,13 +95,18 @@ def test_one_shot_commands_keep_the_tree_equal_to_the_api(server: SanServer, tmp
         ("/vdisks/vm1", "grow", "size=48M"),
         ("/vdisks/vm2", "set", "attribute", "size=16M"),
         ("/hosts/web/luns", "delete", "lun=0"),
+        ("/hosts/web/luns", "move", "lun=5", "to=2"),
+        ("/hosts/web/luns/2", "set", "attribute", "read_only=false"),
+        ("/vdisks/vm1", "rename", "name=database"),
+        ("/hosts/web", "modify", "iqn=iqn.2024-01.org.example:web2"),
     ]
     for step in steps:
         ok(server, home, *step)
         assert_tree_matches_api(server, home)
-    assert server.vdisks()["vm1"]["size_bytes"] == 48 << 20 and server.vdisks()["vm2"]["size_bytes"] == 16 << 20
+    assert server.vdisks()["database"]["size_bytes"] == 48 << 20 and server.vdisks()["vm2"]["size_bytes"] == 16 << 20
     assert ok(server, home, "/vdisks/vm2", "get", "attribute", "block_size").split() == ["block_size=4096", "[ro]"]
-    assert [z["lun"] for z in server.get("/zones")] == [5]
+    assert [(z["lun"], z["read_only"]) for z in server.get("/zones")] == [(2, False)]
+    assert server.get("/hosts/web")["iqn"] == "iqn.2024-01.org.example:web2"
 
 
 def test_a_refused_command_is_the_servers_line_and_changes_nothing(server: SanServer, tmp_path: Path) -> None:

@@ -419,6 +419,15 @@ class VDiskNode(AttributeNode):
             return f"{text}, {v.state}" + (f" {v.progress * 100:.0f}%" if v.state == "allocating" else ""), v.state != "offline"
         return text, True
 
+    def ui_command_rename(self, name: str) -> ConfigNode | None:
+        """Give the vdisk another name (hosts see the same LUN, serial and data)."""
+        vdisk = self.call(lambda: self.client.rename_vdisk(self.name, name))
+        self.say(f"Renamed vdisk {self.name} to {vdisk.name}.")
+        tree = self.tree()
+        if tree is not None:
+            return tree.get_node(f"vdisks/{vdisk.name}")  # the node under its new name
+        return None
+
     def ui_command_grow(self, size: str) -> None:
         """Grow the vdisk to size (hosts are told their capacity changed)."""
         vdisk = self.call(lambda: self.client.grow_vdisk(self.name, _size(size, "size")))
@@ -530,6 +539,43 @@ class HostNode(AttributeNode):
         sessions = "" if h.sessions is None else f", {h.sessions} session{'s' if h.sessions != 1 else ''}"
         return f"{h.iqn}, {chap}{sessions}", bool(h.chap_user) or None
 
+    def ui_command_modify(
+        self,
+        iqn: str | None = None,
+        chap_user: str | None = None,
+        chap_secret_file: str | None = None,
+        mutual_user: str | None = None,
+        mutual_secret_file: str | None = None,
+        no_chap: str = "false",
+    ) -> None:
+        """
+        Change the host's iSCSI name or CHAP credentials; its LUNs stay. A new chap_user or mutual_user without a
+        secret file asks for the secret; no_chap=true removes CHAP.
+        """
+        changes: dict[str, str] = {} if iqn is None else {"iqn": iqn}
+        if _bool(no_chap, "no_chap"):
+            changes["chap_user"] = ""
+        for user_key, secret_key, user, path, what in (
+            ("chap_user", "chap_secret", chap_user, chap_secret_file, "chap secret"),
+            ("mutual_user", "mutual_secret", mutual_user, mutual_secret_file, "mutual secret"),
+        ):
+            if user is not None:
+                changes[user_key] = user
+            if path is not None or user:
+                changes[secret_key] = _secret(path, what)
+        if not changes:
+            raise ExecutionError(
+                "nothing to change: give iqn, chap_user, chap_secret_file, mutual_user, mutual_secret_file or no_chap"
+            )
+        host = self.call(lambda: self.client.modify_host(self.name, **changes))
+        self.say(f"Modified host {host.name}: {host.iqn}.")
+
+    def ui_complete_modify(self, parameters: dict[str, str], text: str, current_param: str) -> list[str]:
+        return _keyword_completions(text, current_param, {
+            "iqn": lambda: [self.host.iqn], "chap_user": lambda: [], "chap_secret_file": lambda: _paths(text),
+            "mutual_user": lambda: [], "mutual_secret_file": lambda: _paths(text), "no_chap": lambda: BOOLEANS,
+        })  # fmt: skip
+
     def ui_command_info(self) -> None:
         """Show the host and its LUNs."""
         from san.cli.views import show_host
@@ -564,6 +610,18 @@ class LunsNode(SanNode):
             "read_only": lambda: BOOLEANS,
         })  # fmt: skip
 
+    def ui_command_move(self, lun: str, to: str) -> None:
+        """Give the vdisk at lun the LUN number to (the host is told its LUNs changed)."""
+        number = _int(lun, "lun")
+        zone = next((z for z in self.zones if z.lun == number), None)
+        if zone is None:
+            raise ExecutionError(f"host {self.owner.name} has no LUN {lun}")
+        moved = self.call(lambda: self.client.modify_zone(zone.host, zone.vdisk, lun=_int(to, "to")))
+        self.say(f"Host {moved.host} sees {moved.vdisk} as LUN {moved.lun} now.")
+
+    def ui_complete_move(self, parameters: dict[str, str], text: str, current_param: str) -> list[str]:
+        return _keyword_completions(text, current_param, {"lun": lambda: [str(z.lun) for z in self.zones], "to": lambda: []})
+
     def ui_command_delete(self, lun: str) -> None:
         """Stop the host seeing the vdisk at lun."""
         number = _int(lun, "lun")
@@ -577,10 +635,24 @@ class LunsNode(SanNode):
         return _keyword_completions(text, current_param, {"lun": lambda: [str(z.lun) for z in self.zones]})
 
 
-class LunNode(SanNode):
+class LunNode(AttributeNode):
+    """One LUN of a host: `set attribute read_only=true` changes the zone's access (`move` in luns, its number)."""
+
+    WRITABLE = frozenset({"read_only"})
+
     def __init__(self, parent: ConfigNode, client: SanClient, zone: Zone) -> None:
-        super().__init__(str(zone.lun), parent, client)
+        super().__init__(str(zone.lun), parent, client, {"vdisk": "the vdisk it shows", "lun": "its LUN number",
+                                                         "read_only": "true: the host may only read"})  # fmt: skip
         self.zone = zone
+
+    def attributes(self) -> dict[str, Any]:
+        return {"vdisk": self.zone.vdisk, "lun": self.zone.lun, "read_only": str(self.zone.read_only).lower()}
+
+    def ui_setgroup_attribute(self, attribute: str, value: str) -> None:
+        if attribute == "read_only":
+            self.call(lambda: self.client.modify_zone(self.zone.host, self.zone.vdisk, read_only=_bool(value, "read_only")))
+        else:
+            raise ExecutionError(f"{attribute} cannot be changed")
 
     def update(self, snapshot: Snapshot) -> None:
         assert isinstance(self.parent, LunsNode)
