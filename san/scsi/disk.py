@@ -9,7 +9,6 @@ import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from san._fastmap import FLUSH_IO, READ_IO, UNMAP_IO, WRITE_IO
 from san.agent.agent import Agent, AgentIOError
 from san.protocol.messages import Reason
 from san.scsi import pages
@@ -36,14 +35,6 @@ from san.scsi.sense import (
 
 Data = bytes | bytearray | memoryview
 FAST_OPCODES = frozenset({Op.READ_10, Op.READ_16, Op.WRITE_10, Op.WRITE_16})
-# The commands the vdisk's I/O statistics count, by kind (a WRITE SAME that unmaps says so in its reply).
-IO_KIND: dict[int, int] = {
-    **dict.fromkeys((Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16), READ_IO),
-    **dict.fromkeys((Op.WRITE_6, Op.WRITE_10, Op.WRITE_12, Op.WRITE_16, Op.WRITE_AND_VERIFY_10, Op.WRITE_AND_VERIFY_12,
-                     Op.WRITE_AND_VERIFY_16, Op.COMPARE_AND_WRITE, Op.WRITE_SAME_10, Op.WRITE_SAME_16), WRITE_IO),
-    Op.UNMAP: UNMAP_IO,
-    **dict.fromkeys((Op.SYNCHRONIZE_CACHE_10, Op.SYNCHRONIZE_CACHE_16), FLUSH_IO),
-}  # fmt: skip
 # Commands whose medium errors are read errors (the rest fail writing or flushing).
 READING = frozenset({Op.READ_6, Op.READ_10, Op.READ_12, Op.READ_16, Op.VERIFY_10, Op.VERIFY_12, Op.VERIFY_16,
                      Op.PRE_FETCH_10, Op.PRE_FETCH_16, Op.SERVICE_ACTION_IN_16})  # fmt: skip
@@ -212,19 +203,12 @@ class Disk:
             return None
 
     def account(self, opcode: int, reply: Reply, arrived: int, sent: int) -> None:
-        """Count a command once answered in the vdisk's I/O statistics (kept in C in its map table); arrived is when
-        the frontend took it in, from time.monotonic_ns(); sent the bytes of data-in the initiator was given (a
-        read's bytes: what the frontend sent, not what the reply held)."""
-        kind = IO_KIND.get(opcode)
-        volume = self.agent.volumes.get(self.vdisk) if kind is not None else None
-        if volume is None or kind is None:
-            return
-        if reply.status != Status.GOOD:
-            volume.table.account_error(kind)
-        elif kind == READ_IO:
-            volume.table.account(kind, sent, arrived)
-        else:
-            volume.table.account(UNMAP_IO if reply.unmapped else kind, reply.moved, arrived)
+        """Count a command once answered in the vdisk's I/O statistics (kept in C in its map table, which sorts it
+        by opcode); arrived is when the frontend took it in, from time.monotonic_ns(); sent the bytes of
+        data-in the initiator was given (a read's bytes: what the frontend sent, not what the reply held)."""
+        volume = self.agent.volumes.get(self.vdisk)
+        if volume is not None:
+            volume.table.account_reply(opcode, reply.status, sent, reply.moved, reply.unmapped, arrived)
 
     def _agent_failed(self, nexus: Nexus, exc: AgentIOError, opcode: int) -> Reply:
         """The reply to an I/O the agent could not do: BUSY while the controller is unreachable (the initiator
