@@ -8,9 +8,10 @@ API ?= 127.0.0.1:8080
 PORTAL ?= 127.0.0.1:3260
 # Debian packages the build and the tests need.
 # The LIO tests boot Debian's kernel under QEMU (vagrant/qemu_vm.py); the guest uses this machine's programs
-# (tcmu-runner and dbus: the conformance test's second TCMU handler).
+# (tcmu-runner and dbus: the conformance test's second TCMU handler; targetcli-fb with python3-gi: stock targetcli,
+# which lists user:san over D-Bus).
 VM_PACKAGES := qemu-system-x86 linux-image-amd64 busybox-static cpio kmod open-iscsi fio e2fsprogs util-linux \
-	vagrant vagrant-libvirt tcmu-runner dbus
+	vagrant vagrant-libvirt tcmu-runner dbus targetcli-fb python3-gi
 APT_PACKAGES := python3 python3-venv python3-dev gcc make libiscsi-bin qemu-utils qemu-block-extra man-db systemd \
 	$(VM_PACKAGES)
 # `make demo` needs only these: it builds san and runs it (no test tools, no VM).

@@ -18,11 +18,14 @@ from san.controller.controller import Controller
 from san.controller.listener import AgentListener
 from san.controller.service import ControllerService
 from san.datadir import DB_NAME, DataDir, DataDirLocked, DataDirUnsafe, StoreRefused
+from san.errors import SanError
 from san.gateway.service import FrontendUnavailable, Gateway, resolve_frontend
 from san.gateway.session import ControllerSession
 from san.iscsi.server import IscsiServer, Limits
 from san.iscsi.target import Access, Target
+from san.lio import cfgstring
 from san.lio.config import LioConfig
+from san.lio.dbus import TcmuService
 from san.lio.handler import TcmuHandler
 from san.metrics.collectors import ControllerCollector, GatewayCollector
 from san.metrics.endpoint import registry_of
@@ -65,6 +68,8 @@ class Service:
             self.listener = AgentListener(self.controller_service, cluster, NETWORK_CONTROLLER, NETWORK_LEASE)
             link = self.session = ControllerSession(cluster, LOCAL_AGENT, [])
         self.gateway = Gateway(link, portals, target_name, open_access, frontend, limits, io_stats=io_stats)
+        self.gateway.make_vdisk = self._make_vdisk
+        self.dbus = TcmuService(self._check_cfgstring) if frontend == "lio" else None
 
     @property
     def controller(self) -> Controller:
@@ -148,6 +153,21 @@ class Service:
             while not self.gateway.view.version:  # the Config comes last when an agent is added
                 await asyncio.sleep(0.01)
         await self.gateway.start()
+        if self.dbus is not None:
+            await self.dbus.start()
+
+    async def _make_vdisk(self, name: str, pool: str, size: int, block_size: int) -> VDisk:
+        """A thin vdisk for a storage object made in targetcli."""
+        return await self.controller.create_vdisk(name, pool, size, True, block_size)
+
+    def _check_cfgstring(self, config: str) -> str | None:
+        """Why targetcli may not make a user:san storage object with this cfgstring (None: it may)."""
+        try:
+            pool = self.controller.pool(cfgstring.parse(config).pool)
+            self.controller.pool_manager.require_online(pool)
+        except (cfgstring.CfgStringError, SanError) as exc:
+            return str(exc)
+        return None
 
     async def settled(self) -> None:
         """Wait until the gateway has the latest configuration and its frontend shows it."""
@@ -155,6 +175,8 @@ class Service:
         await self.gateway.settled()
 
     async def stop(self) -> None:
+        if self.dbus is not None:
+            await self.dbus.stop()
         await self.gateway.stop()
         if self.session is not None and self.running is not None:
             self.session.stop()

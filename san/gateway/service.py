@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import errno
 import logging
 import os
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from san.agent.agent import Agent, AgentIOError
+from san.errors import SanError
 from san.gateway.storage import Storage
 from san.gateway.view import View
 from san.iscsi.chap import Credentials
 from san.iscsi.server import IscsiServer, Limits
 from san.iscsi.target import Access, Target
+from san.lio import cfgstring
 from san.lio.config import LioConfig, RTSLibError, Wanted
-from san.lio.handler import TcmuHandler
+from san.lio.handler import AdoptRefused, TcmuHandler
 from san.model import VDisk
 from san.protocol.messages import Action, Command, Config, Op, Reason, Response, SessionInfo
 from san.protocol.transport import ControllerLink
@@ -32,6 +37,9 @@ from san.storage.containers import ContainerError
 
 log = logging.getLogger("san")
 FRONTENDS = ("iscsi", "lio", "auto")
+VIEW_WAIT = 30.0  # seconds a vdisk made for targetcli may take to reach this gateway's view
+
+MakeVDisk = Callable[[str, str, int, int], Awaitable[VDisk]]  # (name, pool, size, block size) -> a ready thin vdisk
 
 
 def lio_present() -> bool:
@@ -87,8 +95,10 @@ class Gateway:
         self.lio_dirty = False
         self.lio_error: str | None = None
         self.stopping = False
+        self.make_vdisk: MakeVDisk | None = None  # set where the controller is in this process (san serve)
+        self.adopting: set[str] = set()  # names of vdisks being made for storage objects made in targetcli
         if self.frontend == "lio":
-            self.tcmu = TcmuHandler(self._disk_for_config, io_stats)
+            self.tcmu = TcmuHandler(self._disk_for_config, io_stats, self._adopt, self._lio_changed)
             self.lio = LioConfig(target_name, portals or [], open_access)
 
     async def handle(self, message: Command | Config) -> Response:
@@ -174,10 +184,41 @@ class Gateway:
             disk.over_threshold = vdisk.pool_id in self.view.above_threshold
         return disk
 
-    def _disk_for_config(self, config: str) -> Disk | None:
-        """The SCSI unit a TCMU device's config (`<vdisk id>`) names, if that vdisk is ready."""
-        vdisk = self.view.vdisks.get(int(config)) if config.isdigit() else None
+    def _disk_for_config(self, obj: str, config: str) -> Disk | None:
+        """The SCSI unit a TCMU device serves, if its vdisk is ready: the one its config (`<vdisk id>`) names, or for
+        a storage object made in targetcli (a cfgstring) the vdisk of the object's name, made for it before."""
+        if cfgstring.is_vdisk_id(config):
+            vdisk = self.view.vdisks.get(int(config))
+        else:
+            vdisk = next((v for v in self.view.vdisks.values() if v.name == obj), None)
         return self.disk(vdisk) if vdisk is not None else None
+
+    async def _adopt(self, obj: str, config: str, size: int, block_size: int) -> Disk:
+        """A storage object made in targetcli (`/backstores/user:san create name=vm1 size=10G cfgstring=pool=fast`):
+        a thin vdisk of its name, size and block size is made in the cfgstring's pool, and served once it is here."""
+        if self.make_vdisk is None:
+            raise AdoptRefused("this gateway has no controller in its process: make the vdisk with `san vdisk create`")
+        try:
+            pool = cfgstring.parse(config).pool
+        except cfgstring.CfgStringError as exc:
+            raise AdoptRefused(str(exc)) from None
+        if any(v.name == obj for v in self.view.vdisks.values()) or obj in self.adopting:
+            raise AdoptRefused(f"vdisk {obj!r} exists (san exports it as user:{cfgstring.SUBTYPE}/{obj})", errno.EEXIST)
+        self.adopting.add(obj)
+        try:
+            try:
+                vdisk = await self.make_vdisk(obj, pool, size, block_size)
+            except SanError as exc:
+                raise AdoptRefused(str(exc)) from None
+            deadline = time.monotonic() + VIEW_WAIT
+            while (here := self.view.vdisks.get(vdisk.id)) is None or here.serial != vdisk.serial:
+                if time.monotonic() > deadline:
+                    raise AdoptRefused(f"vdisk {obj!r} was made but did not reach this gateway", errno.ETIMEDOUT)
+                await asyncio.sleep(0.01)
+        finally:
+            self.adopting.discard(obj)
+        log.info("vdisk %s (%d bytes) made in pool %s for user:%s/%s", obj, size, pool, cfgstring.SUBTYPE, obj)
+        return self.disk(here)
 
     def access(self, initiator: str) -> Access | None:
         """What an initiator may see: its host's zones; for an unknown initiator, nothing, or with open access (demo
@@ -213,6 +254,8 @@ class Gateway:
                 [copy.copy(v) for v in view.vdisks.values()],
                 [copy.copy(h) for h in view.hosts.values()],
                 [copy.copy(z) for z in view.zones if z.vdisk_id in view.vdisks],
+                self.tcmu.adopted() if self.tcmu is not None else {},
+                set(self.adopting),
             )
             try:
                 await loop.run_in_executor(self.lio_thread, self.lio.reconcile, wanted)

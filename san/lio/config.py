@@ -1,5 +1,6 @@
-"""LIO's configuration, reconciled to the controller's with rtslib-fb: one `user:san` storage object per vdisk, one
-iSCSI target with a TPG and portals, and per host a NodeACL (CHAP) with a MappedLUN per zone. Foreign objects stay."""
+"""LIO's configuration, reconciled to the controller's with rtslib-fb: a `user:san` storage object per vdisk (san's
+own, or the one an admin made in targetcli for it), one iSCSI target with a TPG and portals, and per host a NodeACL
+(CHAP) with a MappedLUN per zone. Foreign objects stay; so do an admin's until their vdisk is deleted."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import rtslib
 from rtslib.utils import RTSLibError
 
-from san.lio.handler import SUBTYPE
+from san.lio.cfgstring import SUBTYPE, is_vdisk_id
 from san.model import Host, VDisk, Zone
 
 log = logging.getLogger("san.lio")
@@ -27,18 +28,28 @@ class Wanted:
     vdisks: list[VDisk] = field(default_factory=list)
     hosts: list[Host] = field(default_factory=list)
     zones: list[Zone] = field(default_factory=list)
+    adopted: dict[str, tuple[int, str]] = field(default_factory=dict)  # an admin's served object -> (vdisk, serial)
+    adopting: set[str] = field(default_factory=set)  # vdisks being made for an admin's object: none of san's own
 
 
 def _root() -> rtslib.RTSRoot:
     """rtslib's view of configfs. LIO writes persistent-reservation and ALUA state under /etc/target (its pr/ and
-    alua/ directories are made here if missing: without them every PERSISTENT RESERVE OUT fails)."""
+    alua/ directories are made here if missing: without them every PERSISTENT RESERVE OUT fails). rtslib caches
+    which backstore index holds which storage object for the life of the process; targetcli changes configfs too,
+    so the cache is dropped and configfs read again each time."""
     for sub in ("pr", "alua"):
         os.makedirs(os.path.join(DBROOT, sub), exist_ok=True)
+    rtslib.tcm.bs_cache.clear()
     return rtslib.RTSRoot()
 
 
 def config_of(vdisk: VDisk) -> str:
     return f"{SUBTYPE}/{vdisk.id}"
+
+
+def object_key(so: rtslib.StorageObject) -> str:
+    """`user_<hba>/<name>`: a storage object as TcmuHandler.adopted() names it."""
+    return "/".join(so.path.split("/")[-2:])
 
 
 class LioConfig:
@@ -49,32 +60,56 @@ class LioConfig:
         self.portals = portals
         self.open_access = open_access
 
-    def ours(self, root: rtslib.RTSRoot) -> dict[str, rtslib.UserBackedStorageObject]:
+    def ours(self, root: rtslib.RTSRoot, admins: bool = False) -> dict[str, rtslib.UserBackedStorageObject]:
+        """san's own storage objects by config (`san/<vdisk id>`), or with admins those made in targetcli (their
+        configs alike: by object_key)."""
         found = {}
         for so in root.storage_objects:
-            if so.plugin == "user" and str(so.config or "").startswith(f"{SUBTYPE}/"):
-                found[so.config] = so
+            subtype, _, config = str(so.config or "").partition("/")
+            if so.plugin == "user" and subtype == SUBTYPE and is_vdisk_id(config) != admins:
+                found[object_key(so) if admins else so.config] = so
         return found
 
     def reconcile(self, wanted: Wanted) -> None:
         """Make LIO match wanted (runs in a worker thread: enabling a device waits for the handler's answer)."""
         root = _root()
-        objects = self._storage_objects(root, wanted.vdisks)
+        objects = self._storage_objects(root, wanted)
         tpg = self._tpg()
         luns = self._luns(tpg, objects)
         self._acls(tpg, wanted, luns)
         tpg.enable = True
 
-    def _storage_objects(self, root: rtslib.RTSRoot, vdisks: list[VDisk]) -> dict[int, rtslib.StorageObject]:
+    def _storage_objects(self, root: rtslib.RTSRoot, wanted: Wanted) -> dict[int, rtslib.StorageObject]:
+        """Each ready vdisk's storage object: san's own where it has one, else the one made in targetcli that san
+        serves for it, else a new one of san's; the admin's go when their vdisk has gone (their device serves it)."""
         existing = self.ours(root)
-        ready = {config_of(v): v for v in vdisks if v.state == "ready"}
+        ready = {config_of(v): v for v in wanted.vdisks if v.state == "ready"}
         for config, so in existing.items():
             if config not in ready or so.name != ready[config].name:
                 log.info("LIO: removing storage object %s (%s)", so.name, config)
                 so.delete()
+        serials = {v.id: v.serial for v in ready.values()}
         objects = {}
+        unserved = set()  # names an admin's object holds that san does not serve (yet: it is taken over at start)
+        for key, so in self.ours(root, admins=True).items():
+            bound = wanted.adopted.get(key)
+            if bound is None:
+                unserved.add(so.name)
+                continue
+            if serials.get(bound[0]) != bound[1]:
+                log.info("LIO: removing storage object %s (%s): its vdisk was deleted", so.name, so.config)
+                so.delete()
+            else:
+                objects[bound[0]] = so
         for config, vdisk in ready.items():
             so = existing.get(config)
+            if (so is None or so.name != vdisk.name) and (
+                vdisk.id in objects or vdisk.name in wanted.adopting or vdisk.name in unserved
+            ):
+                so = objects.get(vdisk.id)  # the admin's, or none until it is served
+                if so is not None and int(so.size) != vdisk.size_bytes:
+                    so.set_attribute("dev_size", str(vdisk.size_bytes))
+                continue
             if so is None or so.name != vdisk.name:
                 so = rtslib.UserBackedStorageObject(
                     vdisk.name,

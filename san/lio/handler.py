@@ -1,5 +1,8 @@
 """The TCMU handler for subtype `san`: answers every device announcement of the kernel (which waits for it) and serves
-each device's ring; it starts as tcmu-runner does (netlink blocked, existing devices taken over, unblocked)."""
+each device's ring; it starts as tcmu-runner does (netlink blocked, existing devices taken over, unblocked).
+
+A device san made names its vdisk (`san/<vdisk id>`); one an admin made in targetcli names a pool (`san/pool=fast`),
+and its vdisk is made before the kernel hears the answer."""
 
 from __future__ import annotations
 
@@ -8,8 +11,10 @@ import errno
 import glob
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
+from san.lio.cfgstring import SUBTYPE, is_vdisk_id
 from san.lio.device import TcmuDevice
 from san.lio.netlink import ADDED_DEVICE, RECONFIG_DEVICE, REMOVED_DEVICE, DeviceEvent, TcmuNetlink
 from san.scsi.disk import Disk
@@ -17,7 +22,6 @@ from san.scsi.sense import UnitAttention
 
 log = logging.getLogger("san.lio")
 
-SUBTYPE = "san"
 CONFIGFS = "/sys/kernel/config/target/core"
 MODULE_PARAMETERS = "/sys/module/target_core_user/parameters"
 
@@ -30,16 +34,38 @@ def parse_name(name: str) -> tuple[str, str, str] | None:
     return parts[1], parts[2], parts[4]
 
 
+class AdoptRefused(Exception):
+    """A storage object made in targetcli gets no vdisk; the message says why, errno is what the kernel hears."""
+
+    def __init__(self, message: str, code: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+DiskFor = Callable[[str, str], Disk | None]  # (storage object, config) -> the unit it serves, None: refuse it
+Adopt = Callable[[str, str, int, int], Awaitable[Disk]]  # (storage object, cfgstring, size, block size) -> a new unit
+
+
 def _write(path: str, value: str) -> None:
     with open(path, "w") as attribute:
         attribute.write(value)
 
 
 class TcmuHandler:
-    """Devices of subtype `san`, each bound to the SCSI unit that `disk_for(config)` names (None: refuse it)."""
+    """Devices of subtype `san`, each bound to the SCSI unit that `disk_for(object, config)` names when it is taken
+    over or added; a new device with a cfgstring gets the unit `adopt` makes (without adopt it is refused);
+    `changed` hears when such a device is served and when any device goes."""
 
-    def __init__(self, disk_for: Callable[[str], Disk | None], io_stats: bool = True) -> None:
+    def __init__(
+        self,
+        disk_for: DiskFor,
+        io_stats: bool = True,
+        adopt: Adopt | None = None,
+        changed: Callable[[], None] | None = None,
+    ) -> None:
         self.disk_for = disk_for
+        self.adopt = adopt
+        self.changed = changed
         self.io_stats = io_stats  # count each command in its vdisk's I/O statistics
         self.devices: dict[str, TcmuDevice] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -91,15 +117,28 @@ class TcmuHandler:
         except OSError as exc:
             log.error("cannot take over %s: %s", name, exc)
 
+    def adopted(self) -> dict[str, tuple[int, str]]:
+        """The devices made in targetcli that are served: `user_<hba>/<object>` -> (vdisk id, serial)."""
+        found = {}
+        for name, device in self.devices.items():
+            parsed = parse_name(name)
+            if parsed is not None and not is_vdisk_id(parsed[2]):
+                found[f"user_{parsed[0]}/{parsed[1]}"] = (device.disk.vdisk, device.disk.unit.serial)
+        return found
+
     def _attach(self, name: str, minor: int) -> int:
         """Serve a device; 0 or a negative errno for the kernel."""
         parsed = parse_name(name)
         if parsed is None:
             return -errno.EINVAL
-        disk = self.disk_for(parsed[2])
+        disk = self.disk_for(parsed[1], parsed[2])
         if disk is None:
-            log.error("%s: no vdisk with id %r", name, parsed[2])
+            what = "id" if is_vdisk_id(parsed[2]) else "name"
+            log.error("%s: no vdisk with %s %r", name, what, parsed[2] if what == "id" else parsed[1])
             return -errno.ENOENT
+        return self._serve(name, minor, disk)
+
+    def _serve(self, name: str, minor: int, disk: Disk) -> int:
         old = self.devices.pop(name, None)
         if old is not None:
             old.close()
@@ -111,7 +150,43 @@ class TcmuHandler:
         self.devices[name] = device
         device.start()
         log.info("serving %s on /dev/uio%d", name, minor)
+        parsed = parse_name(name)
+        if self.changed is not None and parsed is not None and not is_vdisk_id(parsed[2]):
+            self.changed()  # the vdisk's LUN is this object now
         return 0
+
+    def _geometry(self, hba: str, obj: str) -> tuple[int, int]:
+        """A new storage object's size and block size, as rtslib wrote them (dev_size, control hw_block_size)."""
+        base = os.path.join(CONFIGFS, f"user_{hba}", obj)
+        with open(os.path.join(base, "info")) as info:
+            fields = info.read().split()
+        size = int(fields[fields.index("Size:") + 1])
+        with open(os.path.join(base, "attrib", "hw_block_size")) as block_size:
+            return size, int(block_size.read())
+
+    async def _adopt(self, event: DeviceEvent) -> None:
+        """A device made in targetcli: its vdisk is made (or it is refused), then the kernel hears the answer."""
+        parsed = parse_name(event.name)
+        assert parsed is not None and self.adopt is not None
+        hba, obj, config = parsed
+        status = -errno.EIO
+        try:
+            size, block_size = self._geometry(hba, obj)
+            disk = await self.adopt(obj, config, size, block_size)
+            status = self._serve(event.name, event.minor, disk)
+        except AdoptRefused as exc:
+            log.error("user:%s/%s (cfgstring %r) refused: %s", SUBTYPE, obj, config, exc)
+            status = -exc.errno
+        except (OSError, ValueError) as exc:
+            log.error("user:%s/%s: cannot read its size and block size: %s", SUBTYPE, obj, exc)
+        except Exception:
+            log.exception("user:%s/%s: making its vdisk failed", SUBTYPE, obj)
+        self.netlink.reply(event, status)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def _event(self, event: DeviceEvent) -> None:
         """Answer every announcement for our subtype, whatever happens (the kernel, and whoever wrote to configfs,
@@ -121,19 +196,23 @@ class TcmuHandler:
         status = -errno.EIO
         try:
             if event.command == ADDED_DEVICE:
+                config = event.name.split("/", 4)[4]
+                if not is_vdisk_id(config) and self.adopt is not None:
+                    self._spawn(self._adopt(event))
+                    return  # answered once its vdisk is made
                 status = self._attach(event.name, event.minor)
             elif event.command == REMOVED_DEVICE:
                 device = self.devices.pop(event.name, None)
                 if device is not None:
                     device.close()
                     log.info("%s removed", event.name)
+                if self.changed is not None:
+                    self.changed()  # san's own object deleted by hand comes back; an admin's no longer holds its vdisk
                 status = 0
             elif event.command == RECONFIG_DEVICE:
                 status = self._reconfigure(event)
                 if status == 0 and event.write_cache is False:
-                    task = asyncio.ensure_future(self._cache_off(event))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+                    self._spawn(self._cache_off(event))
                     return  # answered once what was written back is durable
         except Exception:
             log.exception("%s: handling netlink command %d failed", event.name, event.command)
