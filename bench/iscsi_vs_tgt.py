@@ -78,11 +78,12 @@ def san_bin() -> str:
 
 
 @contextlib.contextmanager
-def san_target(work: Path, *extra: str, name: str = "san") -> Iterator[tuple[str, int]]:
-    """`san serve` (data in work/name, with extra options): its API URL and its portal."""
+def san_target(work: Path, *extra: str, name: str = "san", cpus: str = "") -> Iterator[tuple[str, int]]:
+    """`san serve` (data in work/name, with extra options, on the given CPUs if any): its API URL and its portal."""
     api, portal = free_port(), free_port()
     log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed below
-    command = [san_bin(), "serve", "--data", str(work / name), "--api", f"127.0.0.1:{api}"]
+    command = ["taskset", "-c", cpus] if cpus else []
+    command += [san_bin(), "serve", "--data", str(work / name), "--api", f"127.0.0.1:{api}"]
     command += ["--portal", f"127.0.0.1:{portal}", "--iqn", SAN_IQN, "--log-level", "warning", *extra]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -152,3 +152,32 @@ cdef inline void io_account(MapTable table, int kind, uint64_t nbytes, uint64_t 
     while bucket < LATENCY_BUCKETS - 1 and took > san_latency_bounds[bucket]:
         bucket += 1
     stat.buckets[bucket] += 1
+
+
+cdef inline int io_kind(int opcode) noexcept nogil:
+    """The I/O kind of a SCSI operation code (SBC-3), -1 for commands that are not counted."""
+    if opcode == 0x28 or opcode == 0x88 or opcode == 0x08 or opcode == 0xA8:  # READ 10, 16, 6, 12
+        return IO_READ
+    if (opcode == 0x2A or opcode == 0x8A or opcode == 0x0A or opcode == 0xAA  # WRITE 10, 16, 6, 12
+            or opcode == 0x2E or opcode == 0x8E or opcode == 0xAE  # WRITE AND VERIFY 10, 16, 12
+            or opcode == 0x89 or opcode == 0x41 or opcode == 0x93):  # COMPARE AND WRITE, WRITE SAME 10, 16
+        return IO_WRITE
+    if opcode == 0x42:  # UNMAP
+        return IO_UNMAP
+    if opcode == 0x35 or opcode == 0x91:  # SYNCHRONIZE CACHE 10, 16
+        return IO_FLUSH
+    return -1
+
+
+cdef inline void io_account_reply(MapTable table, int opcode, int status, uint64_t sent, uint64_t moved, bint unmapped,
+                                  uint64_t arrived_ns) noexcept nogil:
+    """Count one answered command by its operation code (see MapTable.account_reply)."""
+    cdef int kind = io_kind(opcode)
+    if kind < 0:
+        return
+    if status != 0:
+        table.stats[kind].errors += 1
+    elif kind == IO_READ:
+        io_account(table, kind, sent, arrived_ns)
+    else:
+        io_account(table, IO_UNMAP if unmapped else kind, moved, arrived_ns)

@@ -85,19 +85,6 @@ cdef inline uint64_t _run_end(const uint64_t *bitmap, uint64_t pos, uint64_t lim
         word = bitmap[word_index] if not bit else ~bitmap[word_index]
 
 
-cdef inline int _io_kind(int opcode) noexcept nogil:
-    """The I/O kind of a SCSI operation code (SBC-3), -1 for commands that are not counted."""
-    if opcode == 0x28 or opcode == 0x88 or opcode == 0x08 or opcode == 0xA8:  # READ 10, 16, 6, 12
-        return IO_READ
-    if (opcode == 0x2A or opcode == 0x8A or opcode == 0x0A or opcode == 0xAA  # WRITE 10, 16, 6, 12
-            or opcode == 0x2E or opcode == 0x8E or opcode == 0xAE  # WRITE AND VERIFY 10, 16, 12
-            or opcode == 0x89 or opcode == 0x41 or opcode == 0x93):  # COMPARE AND WRITE, WRITE SAME 10, 16
-        return IO_WRITE
-    if opcode == 0x42:  # UNMAP
-        return IO_UNMAP
-    if opcode == 0x35 or opcode == 0x91:  # SYNCHRONIZE CACHE 10, 16
-        return IO_FLUSH
-    return -1
 
 
 cdef class MapTable:
@@ -429,15 +416,7 @@ cdef class MapTable:
         """Count one answered SCSI command by its operation code (commands that are not I/O are not counted): a
         GOOD one with the bytes it moved (a read's: sent, the data-in given; the rest: moved; a WRITE SAME that
         unmapped counts as an unmap), any other status as an error. The frontends' per-command call."""
-        cdef int kind = _io_kind(opcode)
-        if kind < 0:
-            return
-        if status != 0:
-            self.stats[kind].errors += 1
-        elif kind == IO_READ:
-            io_account(self, kind, sent, arrived_ns)
-        else:
-            io_account(self, IO_UNMAP if unmapped else kind, moved, arrived_ns)
+        io_account_reply(self, opcode, status, sent, moved, unmapped, arrived_ns)
 
     def account_error(self, int kind):
         """Count a command of kind that completed with a status other than GOOD."""

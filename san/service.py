@@ -69,6 +69,7 @@ class Service:
             link = self.session = ControllerSession(cluster, LOCAL_AGENT, [])
         self.gateway = Gateway(link, portals, target_name, open_access, frontend, limits, io_stats=io_stats)
         self.gateway.make_vdisk = self._make_vdisk
+        self.gateway.deleted = lambda: set(self.controller.deleted_serials)
         self.dbus = TcmuService(self._check_cfgstring) if frontend == "lio" else None
 
     @property
@@ -163,10 +164,15 @@ class Service:
     def _check_cfgstring(self, config: str) -> str | None:
         """Why targetcli may not make a user:san storage object with this cfgstring (None: it may)."""
         try:
-            pool = self.controller.pool(cfgstring.parse(config).pool)
+            wanted = cfgstring.parse(config)
+            pool = self.controller.pool(wanted.pool)
             self.controller.pool_manager.require_online(pool)
         except (cfgstring.CfgStringError, SanError) as exc:
             return str(exc)
+        if wanted.binding is not None:
+            vdisk = self.controller.vdisks.get(wanted.binding[0])
+            if vdisk is None or vdisk.serial != wanted.binding[1]:
+                return f"no vdisk {wanted.binding[0]} with serial {wanted.binding[1]}"
         return None
 
     async def settled(self) -> None:

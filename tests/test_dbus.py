@@ -127,7 +127,7 @@ def test_targetcli_lists_user_san_and_its_check_refuses_bad_cfgstrings(system_bu
     assert backstores["san"]["checks"] == [
         [True, ""],
         [False, "no pool named 'slow'"],
-        [False, "unknown key 'size'; the only key is pool"],
+        [False, "unknown key 'size'; the keys are pool, vdisk, serial"],
         [False, "'fast' is not key=value; give pool=<pool>"],
         [False, "'rbd/pool/img' is not for handler san (san/<cfgstring>)"],
     ]
@@ -162,14 +162,18 @@ def test_no_system_bus_is_one_warning(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_cfgstring_check_asks_the_controller(tmp_path: Path) -> None:
-    """san serve's check: the pool must exist and be online; the grammar is refused before the controller is asked."""
+    """san serve's check: the pool must exist and be online, a bound vdisk must exist with that serial; the grammar
+    (no commas: the kernel would cut dev_config there) is refused before the controller is asked."""
 
     async def scenario() -> list[str | None]:
         service = Service(str(tmp_path / "data"))
         await service.start()
         try:
             await service.controller.create_pool("fast", size=64 << 20)
-            return [service._check_cfgstring(c) for c in ("pool=fast", "pool=slow", "pool=fast,pool=fast", "x" * 201)]
+            vdisk = await service.controller.create_vdisk("vm1", "fast", 16 << 20, True, 512)
+            checks = ["pool=fast", "pool=slow", "pool=fast;pool=fast", "pool=fast,vdisk=1", "x" * 161]
+            checks += [f"pool=fast;vdisk={vdisk.id};serial={vdisk.serial}", f"pool=fast;vdisk={vdisk.id};serial=0"]
+            return [service._check_cfgstring(c) for c in checks]
         finally:
             await service.stop()
 
@@ -177,5 +181,8 @@ def test_cfgstring_check_asks_the_controller(tmp_path: Path) -> None:
         None,
         "no pool named 'slow'",
         "pool is given twice",
-        "cfgstring is 201 characters; at most 200",
+        "separate cfgstring items with ';', without commas, colons, spaces or control characters",
+        "cfgstring is 161 characters; at most 160",
+        None,
+        "no vdisk 1 with serial 0",
     ]

@@ -126,15 +126,17 @@ logout default
 @pytest.mark.slow
 def test_stock_targetcli_makes_and_serves_user_san_vdisks(tmp_path: Path) -> None:
     """Debian's targetcli with dbus-daemon --system: user:san is listed with its cfgstring help, a create makes a san
-    vdisk that open-iscsi writes and reads (again after san restarts), invalid cfgstrings and a taken name are
-    refused with nothing changed, san's own object deleted by hand comes back, a vdisk deleted in san takes its
-    storage object along; san-targetcli shows /san beside /backstores and /iscsi."""
+    vdisk that open-iscsi writes and reads (again after the vdisk is renamed and san restarts: the object is bound
+    by id and serial), invalid cfgstrings, a taken name and a second object for a served vdisk are refused with
+    nothing changed, san's own object deleted by hand comes back, a vdisk deleted in san takes its storage object
+    along; san-targetcli shows /san beside /backstores and /iscsi."""
     log = in_vm(tmp_path, f"{SCRIPTS}/targetcli-user-san.sh")
     for line in ("o- user:san", "vdisk vm1: pool0 67108864 bytes, thin", "vm1 written and read back",
-                 "cfgstring invalid: no pool named 'nope'",
-                 "cfgstring invalid: unknown key 'size'; the only key is pool",
+                 "vm1's cfgstring is bound: pool=pool0;vdisk=", "cfgstring invalid: no pool named 'nope'",
+                 "cfgstring invalid: unknown key 'size'; the keys are pool, vdisk, serial",
                  "refused cfgstrings and a taken name changed nothing",
-                 "disk0's storage object, deleted in targetcli, came back", "vm1 served again after san restarted",
+                 "disk0's storage object, deleted in targetcli, came back",
+                 "vm1 served again after it was renamed and san restarted, same data",
                  "vm2 deleted in san", "o- san ", "targetcli-user-san: ok"):  # fmt: skip
         assert line in log, log
 

@@ -66,6 +66,7 @@ class Controller:
         self.exhausted: set[int] = set()
         self.on_low_reserve: Callable[[int], None] | None = None
         self.on_change: Callable[[str, VDisk], None] | None = None
+        self.deleted_serials: set[str] = set()  # of the vdisks deleted since start (a gateway drops what it kept)
         self.on_threshold: Callable[[int, bool], None] | None = None
         self.policy = FaultPolicy(self, grant_segments)
         self.agents.on_gone = lambda session: self.policy.agent_gone(session.name)
@@ -280,6 +281,7 @@ class Controller:
             self.on_threshold(pool_id, above)
 
     def changed(self, event: str, vdisk: VDisk) -> None:
-        """Tell the frontends a vdisk became ready, grew or went away."""
+        """Tell the frontends a vdisk became ready, grew, was renamed, went away (deleted: no longer served) or is gone
+        (its deletion committed)."""
         if self.on_change is not None:
             self.on_change(event, vdisk)

@@ -259,6 +259,8 @@ class VDiskManager:
             assert freed is not None
             del c.vdisks[vdisk.id]
             c.metadata.forget(vdisk.id)
+            c.deleted_serials.add(vdisk.serial)
+            c.changed("gone", vdisk)  # deleted for good: what a gateway kept for it (an admin's LIO object) may go
             allocator = c.allocators[pool.id]
             granted = c.policy.return_grant(vdisk)
             # Punch before the segments are free: once released, a refill may hand one to another vdisk, and a

@@ -24,7 +24,8 @@ from san.iscsi.chap import Credentials
 from san.iscsi.server import IscsiServer, Limits
 from san.iscsi.target import Access, Target
 from san.lio import cfgstring
-from san.lio.config import LioConfig, RTSLibError, Wanted
+from san.lio.cfgstring import Served
+from san.lio.config import LioConfig, LioError, RTSLibError, Wanted
 from san.lio.handler import AdoptRefused, TcmuHandler
 from san.model import VDisk
 from san.protocol.messages import Action, Command, Config, Op, Reason, Response, SessionInfo
@@ -38,8 +39,10 @@ from san.storage.containers import ContainerError
 log = logging.getLogger("san")
 FRONTENDS = ("iscsi", "lio", "auto")
 VIEW_WAIT = 30.0  # seconds a vdisk made for targetcli may take to reach this gateway's view
+LIO_TRIES, LIO_RETRY = 3, 0.5  # runs of a reconcile that fails, and seconds between them
 
 MakeVDisk = Callable[[str, str, int, int], Awaitable[VDisk]]  # (name, pool, size, block size) -> a ready thin vdisk
+Deleted = Callable[[], set[str]]  # the serials of the vdisks the controller deleted since it started
 
 
 def lio_present() -> bool:
@@ -94,8 +97,10 @@ class Gateway:
         self.lio_job: asyncio.Future[None] | None = None
         self.lio_dirty = False
         self.lio_error: str | None = None
+        self.lio_partial = False  # lio_error names objects that failed; the rest was configured
         self.stopping = False
-        self.make_vdisk: MakeVDisk | None = None  # set where the controller is in this process (san serve)
+        self.make_vdisk: MakeVDisk | None = None  # these two are set where the controller is in this process
+        self.deleted: Deleted | None = None
         self.adopting: set[str] = set()  # names of vdisks being made for storage objects made in targetcli
         if self.frontend == "lio":
             self.tcmu = TcmuHandler(self._disk_for_config, io_stats, self._adopt, self._lio_changed)
@@ -107,6 +112,8 @@ class Gateway:
             await self.configure(message)
             return Response()
         if isinstance(message, Command):
+            if message.op is Op.DELETE_TABLE and message.vdisk in self.disks:
+                self.disks.pop(message.vdisk).retired = True  # before a table of the same id can come
             if message.op is Op.ATTACH_CONTAINER and self.storage is not None:
                 try:  # found by its label here, not where the controller has it
                     message = replace(message, path=self.storage.locate(message.container, message.uuid, message.store))
@@ -122,7 +129,7 @@ class Gateway:
             await self.tcmu.start()
             self._lio_changed()
             await self.settled()
-            if self.lio_error is not None:
+            if self.lio_error is not None and not self.lio_partial:
                 raise FrontendUnavailable(f"cannot configure LIO: {self.lio_error}")
 
     def vdisk_name(self, vdisk_id: int) -> str | None:
@@ -164,6 +171,7 @@ class Gateway:
             vdisk = self.view.vdisks.get(vdisk_id)
             if vdisk is None or vdisk.serial != disk.unit.serial:  # gone, or its id taken by a new vdisk
                 del self.disks[vdisk_id]
+                disk.retired = True
                 continue
             if vdisk.nblocks != disk.unit.nblocks:
                 disk.unit.nblocks = vdisk.nblocks
@@ -172,6 +180,8 @@ class Gateway:
             if above != disk.over_threshold:
                 disk.threshold(above)
         self.target.refresh()
+        if self.tcmu is not None:
+            self.tcmu.refresh()
         self._lio_changed()
         await self.settled()
 
@@ -186,39 +196,70 @@ class Gateway:
 
     def _disk_for_config(self, obj: str, config: str) -> Disk | None:
         """The SCSI unit a TCMU device serves, if its vdisk is ready: the one its config (`<vdisk id>`) names, or for
-        a storage object made in targetcli (a cfgstring) the vdisk of the object's name, made for it before."""
+        a storage object made in targetcli the vdisk its cfgstring is bound to (by id and serial); one not bound yet
+        (made by an earlier san, or bound when san stopped) gets the vdisk of its name that nothing serves, and the
+        reconcile binds it."""
         if cfgstring.is_vdisk_id(config):
             vdisk = self.view.vdisks.get(int(config))
-        else:
-            vdisk = next((v for v in self.view.vdisks.values() if v.name == obj), None)
-        return self.disk(vdisk) if vdisk is not None else None
+            return self.disk(vdisk) if vdisk is not None else None
+        try:
+            binding = cfgstring.parse(config).binding
+        except cfgstring.CfgStringError:
+            return None
+        if binding is not None:
+            return self._bound(binding)
+        named = next((v for v in self.view.vdisks.values() if v.name == obj), None)
+        if named is None or (self.tcmu is not None and self.tcmu.serving(named.id)):
+            return None
+        return self.disk(named)
+
+    def _bound(self, binding: tuple[int, str]) -> Disk | None:
+        vdisk = self.view.vdisks.get(binding[0])
+        return self.disk(vdisk) if vdisk is not None and vdisk.serial == binding[1] else None
 
     async def _adopt(self, obj: str, config: str, size: int, block_size: int) -> Disk:
         """A storage object made in targetcli (`/backstores/user:san create name=vm1 size=10G cfgstring=pool=fast`):
-        a thin vdisk of its name, size and block size is made in the cfgstring's pool, and served once it is here."""
-        if self.make_vdisk is None:
-            raise AdoptRefused("this gateway has no controller in its process: make the vdisk with `san vdisk create`")
+        a thin vdisk of its name, size and block size is made in the cfgstring's pool, and served once it is here;
+        one whose cfgstring is bound (restored by targetcli) serves its vdisk again."""
         try:
-            pool = cfgstring.parse(config).pool
+            wanted = cfgstring.parse(config)
         except cfgstring.CfgStringError as exc:
             raise AdoptRefused(str(exc)) from None
+        if wanted.binding is not None:
+            return self._rebind(wanted.binding)
+        if self.make_vdisk is None:
+            raise AdoptRefused("this gateway has no controller in its process: make the vdisk with `san vdisk create`")
+        pool = wanted.pool
         if any(v.name == obj for v in self.view.vdisks.values()) or obj in self.adopting:
             raise AdoptRefused(f"vdisk {obj!r} exists (san exports it as user:{cfgstring.SUBTYPE}/{obj})", errno.EEXIST)
         self.adopting.add(obj)
         try:
-            try:
-                vdisk = await self.make_vdisk(obj, pool, size, block_size)
+            try:  # shielded: a create cancelled half-way (san stopping) would leave the store and the controller apart
+                vdisk = await asyncio.shield(self.make_vdisk(obj, pool, size, block_size))
             except SanError as exc:
                 raise AdoptRefused(str(exc)) from None
             deadline = time.monotonic() + VIEW_WAIT
             while (here := self.view.vdisks.get(vdisk.id)) is None or here.serial != vdisk.serial:
                 if time.monotonic() > deadline:
-                    raise AdoptRefused(f"vdisk {obj!r} was made but did not reach this gateway", errno.ETIMEDOUT)
+                    raise AdoptRefused(
+                        f"vdisk {obj!r} was made but did not reach this gateway; `san vdisk delete {obj}` removes it",
+                        errno.ETIMEDOUT,
+                    )
                 await asyncio.sleep(0.01)
         finally:
             self.adopting.discard(obj)
         log.info("vdisk %s (%d bytes) made in pool %s for user:%s/%s", obj, size, pool, cfgstring.SUBTYPE, obj)
         return self.disk(here)
+
+    def _rebind(self, binding: tuple[int, str]) -> Disk:
+        """The unit for a storage object whose cfgstring names its vdisk: refused when that vdisk is not here or a
+        device serves it already."""
+        disk = self._bound(binding)
+        if disk is None:
+            raise AdoptRefused(f"vdisk {binding[0]} (serial {binding[1]}) is not here: deleted, or not ready", errno.ENOENT)
+        if self.tcmu is not None and self.tcmu.serving(binding[0]):
+            raise AdoptRefused(f"vdisk {binding[0]} is served by another storage object", errno.EEXIST)
+        return disk
 
     def access(self, initiator: str) -> Access | None:
         """What an initiator may see: its host's zones; for an unknown initiator, nothing, or with open access (demo
@@ -245,8 +286,11 @@ class Gateway:
             self.lio_job = asyncio.ensure_future(self._reconcile())
 
     async def _reconcile(self) -> None:
+        """Reconcile until LIO shows the latest view; a failed run is tried again (targetcli may be changing configfs
+        under it: deleting an object's last sibling removes their HBA), LIO_TRIES times in all."""
         assert self.lio is not None
         loop = asyncio.get_running_loop()
+        failures = 0
         while self.lio_dirty:
             self.lio_dirty = False
             view = self.view
@@ -254,15 +298,30 @@ class Gateway:
                 [copy.copy(v) for v in view.vdisks.values()],
                 [copy.copy(h) for h in view.hosts.values()],
                 [copy.copy(z) for z in view.zones if z.vdisk_id in view.vdisks],
-                self.tcmu.adopted() if self.tcmu is not None else {},
+                self.tcmu.adopted() if self.tcmu is not None else Served(),
                 set(self.adopting),
+                self.deleted() if self.deleted is not None else set(),
             )
             try:
                 await loop.run_in_executor(self.lio_thread, self.lio.reconcile, wanted)
                 self.lio_error = None
-            except (RTSLibError, OSError) as exc:
+                failures = 0
+                continue
+            except (LioError, RTSLibError, OSError) as exc:
                 self.lio_error = str(exc)
-                log.error("LIO configuration failed: %s", exc)
+                self.lio_partial = isinstance(exc, LioError)
+            except Exception as exc:  # rtslib on a configfs it did not expect: keep serving, say what happened
+                log.debug("LIO configuration failed", exc_info=True)
+                self.lio_error = f"{type(exc).__name__}: {exc}"
+                self.lio_partial = False
+            failures += 1
+            if failures < LIO_TRIES and not self.stopping:
+                log.warning("LIO configuration failed (%s); trying again", self.lio_error)
+                await asyncio.sleep(LIO_RETRY)
+                self.lio_dirty = True
+            else:
+                log.error("LIO configuration failed: %s", self.lio_error)
+                failures = 0
 
     async def settled(self) -> None:
         """Wait until LIO shows the latest change (at once with the built-in frontend)."""

@@ -1,3 +1,9 @@
+from collections.abc import Mapping
+
+from san.iscsi.connection import Task
+from san.scsi.disk import Reply
+from san.scsi.luns import Zoned
+
 def header(
     opcode: int,
     flags: int,
@@ -15,3 +21,4 @@ def header(
     byte3: int = 0,
 ) -> bytes: ...
 def command_fields(bhs: bytes | bytearray | memoryview) -> tuple[int, int, int, int, int]: ...
+def account(luns: Mapping[int, Zoned], task: Task, reply: Reply) -> None: ...

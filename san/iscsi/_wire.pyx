@@ -6,6 +6,12 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memset
 
+from san._fastmap cimport MapTable, io_account_reply
+
+from san.scsi.sense import Status
+
+GOOD = Status.GOOD
+
 
 cdef inline void put32(uint8_t *p, uint32_t v) noexcept nogil:
     p[0] = v >> 24
@@ -59,3 +65,25 @@ def command_fields(const uint8_t[:] bhs) -> tuple:
     cdef int method = p[8] >> 6
     cdef int lun = (((p[8] & 0x3F) << 8) | p[9]) if method < 2 else 0xFFFF
     return p[1], lun, get32(p + 16), get32(p + 20), get32(p + 24)
+
+
+def account(object luns, object task, object reply) -> None:
+    """Count a completed task in its vdisk's I/O statistics (the built-in target's one call per command, in C: in
+    Python it cost 5% of a 4 KiB read's time): luns is the session's LUN view, a read counts the Data-In bytes
+    sent. A unit that is retired, or whose vdisk has no table here, counts nothing."""
+    zoned = luns.get(task.lun)
+    if zoned is None:
+        return
+    disk = zoned.disk
+    if disk.retired:
+        return
+    volume = disk.agent.volumes.get(disk.vdisk)
+    if volume is None:
+        return
+    cdef MapTable table = volume.table
+    cdef Py_ssize_t sent = 0
+    if task.read:
+        sent = min(len(reply.data), <Py_ssize_t>task.edtl)
+    status = reply.status
+    cdef int code = 0 if status is GOOD else <int>status  # an IntEnum's conversion to int is the slow part
+    io_account_reply(table, task.cdb[0], code, sent, reply.moved, reply.unmapped, task.arrived)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from san.iscsi._wire import command_fields
+from san.iscsi._wire import account, command_fields
 from san.iscsi.chap import ChapError, ChapExchange
 from san.iscsi.keys import (
     DECLARED_BY_INITIATOR,
@@ -89,6 +89,7 @@ class Connection:
 
     def __init__(self, target: Target, local: tuple[str, int] | None = None, peer: str = "") -> None:
         self.target = target
+        self.io_stats = target.io_stats  # count each answered command in its vdisk's I/O statistics
         self.local = local
         self.peer = peer
         self.peer_port = 0  # the initiator's TCP port, for `san session list` (peer is its address)
@@ -730,11 +731,8 @@ class Connection:
             return
         del self.tasks[task.itt]
         self._respond(task, reply)
-        if self.target.io_stats and self.session is not None:
-            zoned = self.session.view.luns.get(task.lun)
-            if zoned is not None:
-                sent = min(len(reply.data), task.edtl) if task.read else 0  # what Data-In carried
-                zoned.disk.account(task.cdb[0], reply, task.arrived, sent)
+        if self.io_stats and self.session is not None:
+            account(self.session.view.luns, task, reply)
 
     def _respond(self, task: Task, reply: Reply) -> None:
         lun = task.lun

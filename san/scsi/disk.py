@@ -120,6 +120,7 @@ class Disk:
     comparing: list[tuple[int, int, asyncio.Event]] = field(default_factory=list)
     pr: Reservations = field(init=False)
     over_threshold: bool = False
+    retired: bool = False  # its vdisk went (deleted, or no longer ready here): every command is refused
 
     def __post_init__(self) -> None:
         self.pr = Reservations(lambda nexus, condition: self.raise_attention(condition, nexus))
@@ -149,6 +150,8 @@ class Disk:
     async def execute(self, nexus: Nexus, cdb: bytes, data_out: Data = b"") -> Reply:
         """Carry out one command; every failure becomes CHECK CONDITION with sense, never an exception."""
         try:
+            if self.retired:
+                raise lun_not_supported()  # a frontend still holding it must not reach whatever has its id now
             opcode = Op(cdb[0]) if cdb and cdb[0] in Op._value2member_map_ else None
             if opcode is None:
                 raise invalid_opcode()
@@ -206,7 +209,7 @@ class Disk:
         """Count a command once answered in the vdisk's I/O statistics (kept in C in its map table, which sorts it
         by opcode); arrived is when the frontend took it in, from time.monotonic_ns(); sent the bytes of
         data-in the initiator was given (a read's bytes: what the frontend sent, not what the reply held)."""
-        volume = self.agent.volumes.get(self.vdisk)
+        volume = self.agent.volumes.get(self.vdisk) if not self.retired else None
         if volume is not None:
             volume.table.account_reply(opcode, reply.status, sent, reply.moved, reply.unmapped, arrived)
 
@@ -221,7 +224,7 @@ class Disk:
         """Whether plain READs and WRITEs from nexus may skip the checks execute() makes: no unit attention for it
         (a new nexus goes the slow way once, to be told of what is pending), no reservation, no compare running."""
         return not (self.attentions.get(nexus.name, True) or self.reserved_by is not None or self.pr.reserved
-                    or self.comparing)  # fmt: skip
+                    or self.comparing or self.retired)  # fmt: skip
 
     def _check_condition(self, nexus: Nexus, condition: CheckCondition) -> Reply:
         return Reply(Status.CHECK_CONDITION, sense=condition.sense)

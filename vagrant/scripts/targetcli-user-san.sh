@@ -1,9 +1,10 @@
 #!/bin/bash
 # Stock targetcli (Debian's targetcli-fb) beside san serve --frontend lio: user:san is listed under /backstores with
 # its cfgstring help; `create ... cfgstring=pool=pool0` makes a vdisk that is served (written and read back through
-# open-iscsi, and again after san restarts); bad cfgstrings and a taken name are refused with nothing changed; san's
-# own object deleted by hand comes back; a vdisk deleted in san takes its storage object along; san-targetcli shows
-# /san beside /backstores and /iscsi.
+# open-iscsi, and again after the vdisk is renamed and san restarts: its cfgstring is bound to the vdisk); bad
+# cfgstrings, a taken name and a second object for a served vdisk are refused with nothing changed; san's own object
+# deleted by hand comes back; a vdisk deleted in san takes its storage object along; san-targetcli shows /san beside
+# /backstores and /iscsi.
 set -euo pipefail
 SAN_DIR=${SAN_DIR:-$(cd "$(dirname "$0")/../.." && pwd)}
 SCRIPTS="$SAN_DIR/vagrant/scripts"
@@ -52,6 +53,12 @@ readback() { dd if=/dev/$disk of=/var/tmp/vm1.back bs=1M count=1 iflag=direct st
 readback || fail "vm1 read back differs"
 echo "vm1 written and read back through /dev/$disk"
 logout default
+vm1_id=$($SAN vdisk show vm1 --json | python3 -c 'import json, sys; v = json.load(sys.stdin); print(v["id"], v["serial"])')
+read -r vm1_id vm1_serial <<<"$vm1_id"
+binding="pool=pool0;vdisk=$vm1_id;serial=$vm1_serial"
+for _ in $(seq 50); do grep -q "Config: san/$binding " $CORE/user_*/vm1/info && break; sleep 0.2; done
+grep -q "Config: san/$binding " $CORE/user_*/vm1/info || fail "vm1 is not bound to its vdisk: $(cat $CORE/user_*/vm1/info)"
+echo "vm1's cfgstring is bound: $binding"
 
 # refused: nothing made, in LIO or in san
 before=$($SAN vdisk list --noheadings | wc -l)
@@ -65,6 +72,10 @@ echo "name disk0 again: $out"
 grep -q "creation failed" <<<"$out" || fail "a second disk0 was made"
 [ "$(objects bad)" = 0 ] || fail "a storage object 'bad' is in LIO"
 [ "$(objects disk0)" = 1 ] || fail "disk0 has $(objects disk0) storage objects"
+out=$(targetcli /backstores/user:san create name=vm1b size=64M "cfgstring=$binding" 2>&1 || true)
+echo "a second object for vm1: $out"
+grep -q "creation failed" <<<"$out" || fail "a second storage object serves vm1"
+[ "$(objects vm1b)" = 0 ] || fail "a storage object 'vm1b' is in LIO"
 [ "$($SAN vdisk list --noheadings | wc -l)" = "$before" ] || fail "a refused create changed san's vdisks"
 $SAN vdisk show bad >/dev/null 2>&1 && fail "vdisk bad exists"
 echo "refused cfgstrings and a taken name changed nothing"
@@ -76,15 +87,17 @@ for _ in $(seq 100); do [ "$(objects disk0)" = 1 ] && break; sleep 0.2; done
 grep -q "Config: san/1 " $CORE/user_*/disk0/info || fail "disk0 came back as $(cat $CORE/user_*/disk0/info)"
 echo "disk0's storage object, deleted in targetcli, came back"
 
-# the admin's object outlives a san restart (san takes its device over and serves the same data)
+# the admin's object outlives a rename and a san restart (san takes its device over by its binding: same data)
+$SAN vdisk rename vm1 vm1-renamed
 "$SCRIPTS/lio-stop.sh"
 [ "$(objects vm1)" = 1 ] || fail "san's clean stop removed the admin's user:san/vm1"
 "$SCRIPTS/lio-target.sh"
 login default 127.0.0.1:3260 >/dev/null
 disk=$(lun_disk) || fail "LUN 1 (vm1) did not come back"
 readback || fail "vm1 differs after restart"
-echo "vm1 served again after san restarted, same data"
+echo "vm1 served again after it was renamed and san restarted, same data"
 logout default
+$SAN vdisk rename vm1-renamed vm1
 
 # deleted in san: its storage object goes too
 targetcli /backstores/user:san create name=vm2 size=32M cfgstring=pool=pool0
