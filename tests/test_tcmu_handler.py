@@ -1,5 +1,5 @@
-"""TcmuHandler's answers to the kernel, against a fake netlink socket, fake UIO devices and a fake configfs: a
-storage object made in targetcli is answered once its vdisk is made (or refused, or shut down), is bound, rebound."""
+"""TcmuHandler's answers to the kernel, against a fake netlink socket, fake UIO devices and a fake configfs: objects
+made in targetcli answered once their vdisk is made (or refused, or shut down), bound, taken over; units retired."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 
+from san.gateway.service import Gateway
 from san.lio import handler as handler_module
 from san.lio.cfgstring import Served
 from san.lio.handler import AdoptRefused, TcmuHandler
 from san.lio.netlink import ADDED_DEVICE, RECONFIG_DEVICE, REMOVED_DEVICE, DeviceEvent
+from san.protocol.messages import Command, Op
 from san.scsi.disk import Disk, Nexus
 from san.scsi.pages import UnitInfo
 from san.scsi.sense import Status
@@ -203,3 +205,39 @@ async def test_a_retired_unit_answers_lun_not_supported_until_its_vdisk_is_back(
     new.retired, found[0] = True, reused
     tcmu.refresh()
     assert tcmu.devices[NAME].disk is new, "a device must not serve a later vdisk that took its vdisk's id"
+
+
+def test_a_device_found_at_start_is_served_once_its_own_vdisk_is_here(configfs: Path) -> None:
+    """Taken over at start: san's own device whose LIO serial is not the vdisk's of that id (a later vdisk took a
+    deleted one's id) is not served; a device whose vdisk is not here yet waits; refresh() serves each once the
+    right vdisk is there."""
+    base = configfs / "user_3" / "disk0"
+    (base / "action").mkdir(parents=True)
+    (base / "wwn").mkdir()
+    (base / "wwn" / "vpd_unit_serial").write_text("T10 VPD Unit Serial Number: serialA\n")
+    (configfs / "user_3" / "vm1" / "action").mkdir()
+    found: dict[str, Disk | None] = {"disk0": disk(1, "serialB"), "vm1": None}
+    tcmu, _, _ = made(Adopter(None), lambda obj, config: found[obj])
+    own, admins = "tcm-user/3/disk0/san/1", "tcm-user/3/vm1/san/pool=fast;vdisk=2;serial=serial2"
+    tcmu._take_over(own, 0)
+    tcmu._take_over(admins, 1)
+    assert tcmu.devices == {} and tcmu.pending == {own: 0, admins: 1}
+    assert (base / "action" / "block_dev").read_text() == "0"  # unblocked: LIO times its commands out meanwhile
+    tcmu.refresh()
+    assert tcmu.devices == {}
+    found["disk0"], found["vm1"] = disk(1, "serialA"), disk(2, "serial2")
+    tcmu.refresh()
+    assert set(tcmu.devices) == {own, admins} and tcmu.pending == {}
+    assert tcmu.devices[own].disk.unit.serial == "serialA"
+
+
+@run
+async def test_a_gateway_retires_a_vdisks_unit_before_its_table_goes() -> None:
+    """DELETE_TABLE: the unit is retired before the agent drops the table, so no frontend still holding it reaches a
+    table that a later vdisk with the same id gets (the Config saying the vdisk went may come after)."""
+    gateway = Gateway(None, frontend="iscsi")  # type: ignore[arg-type]
+    unit = gateway.disks[1] = disk(1, "serial1")
+    await gateway.handle(Command(Op.CREATE_TABLE, vdisk=1, nsegments=4, segment_blocks=2048, block_size=512))
+    await gateway.handle(Command(Op.DELETE_TABLE, vdisk=1, blocking=True))
+    assert unit.retired and 1 not in gateway.disks and 1 not in gateway.agent.volumes
+    gateway.close()
