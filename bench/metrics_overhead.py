@@ -65,22 +65,18 @@ def scraping(api: str, token: str, durations: list[float]) -> Iterator[list[floa
         thread.join()
 
 
-def serving(work: Path, source: Path, name: str, cpus: str) -> contextlib.AbstractContextManager[tuple[str, int]]:
+@contextlib.contextmanager
+def serving(work: Path, source: Path, name: str, cpus: str) -> Iterator[tuple[str, int]]:
     """A `san serve` (metrics on or off, as name says) with the bench vdisk zoned and filled from source."""
-
-    @contextlib.contextmanager
-    def target() -> Iterator[tuple[str, int]]:
-        with san_target(work, "--metrics", name, name=name, cpus=cpus) as (api, portal):
-            san = [san_bin(), "--api", api]
-            run(*san, "pool", "create", "p", "--size", "1G")
-            run(*san, "vdisk", "create", "disk", "--pool", "p", "--size", str(SIZE))
-            run(*san, "host", "create", "bench", "--iqn", INITIATOR)
-            run(*san, "zone", "add", "bench", "disk", "--lun", "0")
-            image = f"driver=iscsi,transport=tcp,portal=127.0.0.1:{portal},target={SAN_IQN},lun=0,initiator-name={INITIATOR}"
-            run("qemu-img", "convert", "-n", "-f", "raw", str(source), "--target-image-opts", image)
-            yield api, portal
-
-    return target()
+    with san_target(work, "--metrics", name, name=name, cpus=cpus) as (api, portal):
+        san = [san_bin(), "--api", api]
+        run(*san, "pool", "create", "p", "--size", "1G")
+        run(*san, "vdisk", "create", "disk", "--pool", "p", "--size", str(SIZE))
+        run(*san, "host", "create", "bench", "--iqn", INITIATOR)
+        run(*san, "zone", "add", "bench", "disk", "--lun", "0")
+        image = f"driver=iscsi,transport=tcp,portal=127.0.0.1:{portal},target={SAN_IQN},lun=0,initiator-name={INITIATOR}"
+        run("qemu-img", "convert", "-n", "-f", "raw", str(source), "--target-image-opts", image)
+        yield api, portal
 
 
 def main() -> None:
