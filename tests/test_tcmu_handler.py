@@ -199,8 +199,9 @@ async def test_a_retired_unit_answers_lun_not_supported_until_its_vdisk_is_back(
     tcmu.refresh()
     assert tcmu.devices[NAME].disk is old
     found[0] = new
+    old.unit.write_cache = False  # LIO turned it off for this device: the new unit keeps it off
     tcmu.refresh()
-    assert tcmu.devices[NAME].disk is new and not tcmu.adopted().retired
+    assert tcmu.devices[NAME].disk is new and not new.unit.write_cache and not tcmu.adopted().retired
     reused = disk(1, "serial-of-a-later-vdisk")
     new.retired, found[0] = True, reused
     tcmu.refresh()

@@ -156,6 +156,7 @@ class TcmuHandler:
             if parsed is not None and device.disk.retired:
                 disk = self.disk_for(parsed[1], parsed[2])
                 if disk is not None and not disk.retired and disk.unit.serial == device.disk.unit.serial:
+                    disk.unit.write_cache = device.disk.unit.write_cache  # as LIO last set it for this device
                     device.disk = disk
                     log.info("%s serves vdisk %d again", shown(name, 300), disk.vdisk)
         for name, minor in list(self.pending.items()):
