@@ -530,10 +530,10 @@ def test_reads_that_would_wait_for_the_disk_run_in_a_thread(tmp_path: Path, monk
         await s.agent.flush()
         real = s.agent._read_into
 
-        def watched(volume, lba, nblocks, buffer, nowait):  # type: ignore[no-untyped-def]
+        def watched(volume, lba, nblocks, buffer, nowait, arrived=0):  # type: ignore[no-untyped-def]
             if not nowait:
                 threaded.append(threading.current_thread().name)
-            return real(volume, lba, nblocks, buffer, nowait)
+            return real(volume, lba, nblocks, buffer, nowait, arrived)
 
         monkeypatch.setattr(s.agent, "_read_into", watched)
         assert bytes(await s.agent.read(v.id, 4096, 16)) == block("cold") * 16

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+import struct
 import subprocess
 import time
 import urllib.error
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ClusterServer, SanServer, free_port, running_server, serving
 from prometheus_client.parser import text_string_to_metric_families
+from rawiscsi import RawInitiator
 
 TARGET = "iqn.2003-01.org.san:metrics"
 BLOCK = 4096
@@ -118,6 +120,30 @@ def test_a_known_load_is_counted_exactly(server: SanServer) -> None:
     load(server.iscsi_port, 0)
     after = scrape(url, server.token)
     check_io(before, after, "vm1")
+
+
+def test_a_read_counts_the_bytes_sent_when_the_initiator_asked_for_fewer(server: SanServer) -> None:
+    """READ (10) of 8 blocks with an expected length of 2 of them (an overflow): the initiator is sent 2 blocks and
+    that is what is counted, on the fast path as well (which counts a read's blocks in C as it is done)."""
+    block = server.vdisks()["vm1"]["block_size"]
+    initiator = RawInitiator(server.iscsi_port, INITIATOR)
+    try:
+        assert initiator.login(TARGET).bhs[36:38] == b"\0\0"
+        initiator.command(0, bytes(6))  # TEST UNIT READY takes the unit attention a new nexus is owed
+        write = struct.pack(">BBIBHB", 0x2A, 0, 0, 0, 8, 0)
+        assert initiator.command(0, write, data_out=b"\x5a" * (8 * block)).status == 0
+        read = struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0)
+        before = scrape(f"{server.api}/metrics", server.token)
+        whole = initiator.command(0, read, read_length=8 * block)
+        short = initiator.command(0, read, read_length=2 * block)
+        after = scrape(f"{server.api}/metrics", server.token)
+    finally:
+        initiator.close()
+    assert whole.status == short.status == 0
+    assert whole.data == b"\x5a" * (8 * block) and short.data == b"\x5a" * (2 * block)
+    where = {"vdisk": "vm1", "op": "read"}
+    assert value(after, "san_vdisk_commands_total", **where) - value(before, "san_vdisk_commands_total", **where) == 2
+    assert value(after, "san_vdisk_bytes_total", **where) - value(before, "san_vdisk_bytes_total", **where) == 10 * block
 
 
 def test_pool_and_vdisk_figures_match_the_api(server: SanServer) -> None:

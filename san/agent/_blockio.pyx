@@ -6,7 +6,7 @@ from libc.errno cimport EAGAIN
 from libc.stdint cimport uint64_t
 from libc.string cimport memset
 
-from san._fastmap cimport MapTable, extent_t, fault_t, translate_fast
+from san._fastmap cimport IO_READ, IO_WRITE, MapTable, extent_t, fault_t, io_account, translate_fast
 
 DIRECT = DIRECT_FD  # or-ed into a container's fd table entry when it is open with O_DIRECT
 
@@ -19,10 +19,11 @@ AGAIN = 2  # with nowait: the data is not in the page cache, so reading it would
 
 
 def read_blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblocks, unsigned char[:] out,
-                bint nowait=False) -> int:
+                bint nowait=False, uint64_t arrived_ns=0) -> int:
     """Read blocks [lba, lba+nblocks), already checked to be in range, into out. DONE, or FAULT with nothing read,
     or with nowait AGAIN when some of the data is not in the page cache (the caller reads it in a thread instead);
-    OSError on an I/O error. Zero extents are filled without I/O."""
+    OSError on an I/O error. Zero extents are filled without I/O. With arrived_ns (san_now_ns() when the command came
+    in), a read that is DONE is counted in the table's I/O statistics here, with no Python."""
     cdef extent_t ext[MAX_EXTENTS]
     cdef fault_t fault
     cdef int n = translate_fast(table, lba, nblocks, False, ext, MAX_EXTENTS, &fault)
@@ -57,15 +58,17 @@ def read_blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblocks
         return AGAIN
     if err:
         raise OSError(err if err > 0 else 5, f"reading container {ext[failed].container} at byte {ext[failed].offset}")
+    if arrived_ns:
+        io_account(table, IO_READ, nblocks * table.block_size, arrived_ns)
     return DONE
 
 
 def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned char[:] data, set written,
-                 bint nowait=False) -> int:
+                 bint nowait=False, uint64_t arrived_ns=0) -> int:
     """Write data (whole blocks) at lba when every block is mapped for writing: DONE, or FAULT with nothing written,
     or with nowait AGAIN with nothing written when a container is open with O_DIRECT (the write waits for the device:
     the caller does it in a thread). The containers written are added to `written` (they need a flush before the
-    data is durable)."""
+    data is durable). With arrived_ns, a write that is DONE is counted as read_blocks() counts a read."""
     cdef extent_t ext[MAX_EXTENTS]
     cdef fault_t fault
     cdef uint64_t nblocks = data.shape[0] // table.block_size
@@ -93,6 +96,8 @@ def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned 
         written.add(ext[i].container)
     if err:
         raise OSError(err if err > 0 else 5, f"writing container {ext[failed].container} at byte {ext[failed].offset}")
+    if arrived_ns:
+        io_account(table, IO_WRITE, data.shape[0], arrived_ns)
     return DONE
 
 

@@ -269,27 +269,33 @@ class Agent:
             hold.release()
         return buffer
 
-    def read_now(self, vdisk: int, lba: int, nblocks: int, into: memoryview | None = None) -> bytearray | memoryview | None:
+    def read_now(
+        self, vdisk: int, lba: int, nblocks: int, into: memoryview | None = None, arrived: int = 0
+    ) -> bytearray | memoryview | None:
         """read() when no fault stands in the way, done in C without leaving the caller's thread of control; None
         otherwise (the caller then takes the asynchronous path, which resolves the fault). With into (large enough),
-        the blocks land there and the part of it they fill is returned: no copy."""
+        the blocks land there and the part of it they fill is returned: no copy. With arrived (time.monotonic_ns()
+        when the command came in), a read done here is counted in the vdisk's I/O statistics, in C."""
         volume = self._volume(vdisk, lba, nblocks)
         nbytes = nblocks * volume.table.block_size
         buffer: bytearray | memoryview = into[:nbytes] if into is not None and len(into) >= nbytes else bytearray(nbytes)
-        if self._read_into(volume, lba, nblocks, buffer, True) != DONE:
+        if self._read_into(volume, lba, nblocks, buffer, True, arrived) != DONE:
             return None
         return buffer
 
-    def _read_into(self, volume: Volume, lba: int, nblocks: int, buffer: bytearray | memoryview, nowait: bool) -> int:
+    def _read_into(
+        self, volume: Volume, lba: int, nblocks: int, buffer: bytearray | memoryview, nowait: bool, arrived: int = 0
+    ) -> int:
         try:
-            return read_blocks(volume.table, self.containers.fd_table, lba, nblocks, buffer, nowait)
+            return read_blocks(volume.table, self.containers.fd_table, lba, nblocks, buffer, nowait, arrived)
         except OSError as exc:
             raise AgentIOError(Reason.IO_ERROR, str(exc)) from None
 
-    def write_now(self, vdisk: int, lba: int, view: memoryview) -> bool:
-        """write() without FUA when every block is already mapped for writing; False (nothing written) otherwise."""
+    def write_now(self, vdisk: int, lba: int, view: memoryview, arrived: int = 0) -> bool:
+        """write() without FUA when every block is already mapped for writing; False (nothing written) otherwise.
+        With arrived, a write done here is counted as read_now() counts a read."""
         volume = self._volume(vdisk, lba, len(view) // self._block_size(vdisk))
-        return self._write_from(volume, lba, view) not in (FAULT, AGAIN)
+        return self._write_from(volume, lba, view, True, arrived) not in (FAULT, AGAIN)
 
     def _block_size(self, vdisk: int) -> int:
         volume = self.volumes.get(vdisk)
@@ -297,10 +303,11 @@ class Agent:
             raise AgentIOError(Reason.NO_VDISK, f"vdisk {vdisk} is not served here")
         return volume.table.block_size
 
-    def _write_from(self, volume: Volume, lba: int, view: memoryview, nowait: bool = True) -> int:
-        """write_blocks(): DONE, FAULT, or (nowait) AGAIN when it would wait for a device opened with O_DIRECT."""
+    def _write_from(self, volume: Volume, lba: int, view: memoryview, nowait: bool = True, arrived: int = 0) -> int:
+        """write_blocks(): DONE, FAULT, or (nowait) AGAIN when it would wait for a device opened with O_DIRECT (with
+        arrived, a write DONE is counted)."""
         try:
-            return write_blocks(volume.table, self.containers.fd_table, lba, view, self.containers.dirty, nowait)
+            return write_blocks(volume.table, self.containers.fd_table, lba, view, self.containers.dirty, nowait, arrived)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise self._no_space(volume, lba, len(view) // volume.table.block_size) from None

@@ -81,7 +81,7 @@ class Task:
     r2t_sn: int = 0
     started: bool = False
     aborted: bool = False
-    arrived: int = 0  # time.monotonic_ns() when its command PDU came in
+    arrived: int = 0  # time.monotonic_ns() when its command PDU came in (0: the target counts no I/O statistics)
 
 
 class Connection:
@@ -617,7 +617,7 @@ class Connection:
             self._reject(pdu.bhs, RejectReason.TASK_IN_PROGRESS if itt != RESERVED_TAG else RejectReason.INVALID_PDU_FIELD)
             return []
         read, write = bool(flags & 0x40), bool(flags & 0x20)
-        task = Task(itt, lun, cdb, edtl, read, write, pdu.immediate, arrived=time.monotonic_ns())
+        task = Task(itt, lun, cdb, edtl, read, write, pdu.immediate, arrived=time.monotonic_ns() if self.io_stats else 0)
         immediate = len(pdu.data)
         if immediate and (
             not write or immediate > edtl or not self.params.immediate_data or immediate > self.params.first_burst_length
@@ -731,8 +731,8 @@ class Connection:
             return
         del self.tasks[task.itt]
         self._respond(task, reply)
-        if self.io_stats and self.session is not None:
-            account(self.session.view.luns, task, reply)
+        if self.io_stats and self.session is not None and (not reply.counted or (task.read and len(reply.data) > task.edtl)):
+            account(self.session.view.luns, task, reply)  # a fast read counted all its blocks: some were not sent
 
     def _respond(self, task: Task, reply: Reply) -> None:
         lun = task.lun

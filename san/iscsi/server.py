@@ -82,7 +82,7 @@ class IscsiProtocol(asyncio.Protocol):
             tasks = []
         view = connection.session.view if connection.session is not None else None
         for task in tasks:
-            reply = view.execute_now(task.lun, task.cdb, task.buffer) if view is not None else None
+            reply = view.execute_now(task.lun, task.cdb, task.buffer, task.arrived) if view is not None else None
             if reply is None:
                 self._start(task)
             else:

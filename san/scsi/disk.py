@@ -97,6 +97,7 @@ class Reply:
     wanted: int = -1  # bytes of data-out the CDB called for (the frontend's residual), -1 when it took none
     moved: int = 0  # bytes a write or an unmap changed on the medium (a read's are its data)
     unmapped: bool = False  # a WRITE SAME that unmapped (it counts as an unmap, not a write)
+    counted: bool = False  # already counted in the vdisk's I/O statistics (in C, by the fast path that did it)
 
 
 @dataclass
@@ -174,11 +175,14 @@ class Disk:
         except (IndexError, struct.error):
             return self._check_condition(nexus, invalid_field(0))
 
-    def execute_now(self, nexus: Nexus, cdb: bytes, data_out: Data, into: memoryview | None = None) -> Reply | None:
+    def execute_now(
+        self, nexus: Nexus, cdb: bytes, data_out: Data, into: memoryview | None = None, arrived: int = 0
+    ) -> Reply | None:
         """The fast path for READ/WRITE 10 and 16: the whole command, without a coroutine, when nothing needs one
         (no unit attention, reservation, compare in progress, FUA, or fault); None sends the caller to execute().
         A READ's data goes straight into `into` when it is given and large enough (the reply's data is then a view of
-        it)."""
+        it). With arrived (time.monotonic_ns() when the command came in), a READ or WRITE done here is counted in the
+        vdisk's I/O statistics in C as it completes, and its reply says so (a read's bytes: all its blocks)."""
         if cdb[0] not in FAST_OPCODES or cdb[1] & 0xE8 or not self.fast_ready(nexus):
             return None
         opcode = cdb[0]
@@ -189,15 +193,15 @@ class Disk:
             if not nblocks:
                 return None
             if opcode in (Op.READ_10, Op.READ_16):
-                data = self.agent.read_now(self.vdisk, lba, nblocks, into)
-                return None if data is None else Reply(data=data)
+                data = self.agent.read_now(self.vdisk, lba, nblocks, into, arrived)
+                return None if data is None else Reply(data=data, counted=arrived != 0)
             if nexus.read_only or not self.unit.write_cache:
                 return None
             wanted = nblocks * self.block_size
             view = memoryview(data_out).cast("B")
-            if len(view) < wanted or not self.agent.write_now(self.vdisk, lba, view[:wanted]):
+            if len(view) < wanted or not self.agent.write_now(self.vdisk, lba, view[:wanted], arrived):
                 return None
-            return Reply(wanted=wanted, moved=wanted)
+            return Reply(wanted=wanted, moved=wanted, counted=arrived != 0)
         except CheckCondition as condition:
             return self._check_condition(nexus, condition)
         except AgentIOError as exc:

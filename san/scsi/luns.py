@@ -49,12 +49,12 @@ class LunView:
         for zoned in self.luns.values():
             zoned.disk.nexus_lost(self.nexus)
 
-    def execute_now(self, lun: int, cdb: bytes, data_out: Data = b"") -> Reply | None:
-        """The disk's fast path for reads and writes (None: use execute())."""
+    def execute_now(self, lun: int, cdb: bytes, data_out: Data = b"", arrived: int = 0) -> Reply | None:
+        """The disk's fast path for reads and writes (None: use execute()); with arrived, what it does is counted."""
         zoned = self.luns.get(lun)
         if zoned is None:
             return None
-        return zoned.disk.execute_now(self.nexuses[lun], cdb, data_out)
+        return zoned.disk.execute_now(self.nexuses[lun], cdb, data_out, None, arrived)
 
     async def execute(self, lun: int, cdb: bytes, data_out: Data = b"") -> Reply:
         zoned = self.luns.get(lun)
