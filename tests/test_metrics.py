@@ -5,6 +5,7 @@ The pool, vdisk and gateway figures are checked against what the API says; /metr
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
@@ -144,6 +145,38 @@ def test_a_read_counts_the_bytes_sent_when_the_initiator_asked_for_fewer(server:
     where = {"vdisk": "vm1", "op": "read"}
     assert value(after, "san_vdisk_commands_total", **where) - value(before, "san_vdisk_commands_total", **where) == 2
     assert value(after, "san_vdisk_bytes_total", **where) - value(before, "san_vdisk_bytes_total", **where) == 10 * block
+
+
+def test_reads_counted_are_the_bytes_sent_and_only_commands_answered(server: SanServer) -> None:
+    """A READ (10) without the R bit (expected length 0) is answered with no data: it counts no bytes, though the
+    fast path read its blocks. A READ sent in one segment with a PDU that ends the connection is never answered and
+    is not counted."""
+    block = server.vdisks()["vm1"]["block_size"]
+    read = struct.pack(">BBIBHB", 0x28, 0, 0, 0, 8, 0)
+    where = {"vdisk": "vm1", "op": "read"}
+    initiator = RawInitiator(server.iscsi_port, INITIATOR)
+    try:
+        assert initiator.login(TARGET).bhs[36:38] == b"\0\0"
+        initiator.command(0, bytes(6))  # TEST UNIT READY takes the unit attention a new nexus is owed
+        initiator.command(0, read, read_length=8 * block)
+        before = scrape(f"{server.api}/metrics", server.token)
+        assert initiator.command(0, read).data == b""
+        middle = scrape(f"{server.api}/metrics", server.token)
+        command = struct.pack(">BBH I 2s6x I I I I 16s", 0x01, 0xC1, 0, 0, bytes(2), 0x77, 8 * block, initiator.cmd_sn, 0,
+                              read.ljust(16, b"\0"))  # fmt: skip
+        huge = bytearray(48)
+        huge[0], huge[1], huge[5:8], huge[16:20] = 0x40, 0x80, b"\xff\xff\xff", b"\xff" * 4  # a NOP-Out of 16 MiB
+        initiator.sock.sendall(command + bytes(huge))
+        with contextlib.suppress(OSError):
+            while initiator.sock.recv(65536):
+                pass
+        after = scrape(f"{server.api}/metrics", server.token)
+    finally:
+        initiator.close()
+    assert value(middle, "san_vdisk_commands_total", **where) - value(before, "san_vdisk_commands_total", **where) == 1
+    assert value(middle, "san_vdisk_bytes_total", **where) == value(before, "san_vdisk_bytes_total", **where)
+    assert value(after, "san_vdisk_commands_total", **where) == value(middle, "san_vdisk_commands_total", **where)
+    assert value(after, "san_vdisk_bytes_total", **where) == value(middle, "san_vdisk_bytes_total", **where)
 
 
 def test_pool_and_vdisk_figures_match_the_api(server: SanServer) -> None:

@@ -731,8 +731,9 @@ class Connection:
             return
         del self.tasks[task.itt]
         self._respond(task, reply)
-        if self.io_stats and self.session is not None and (not reply.counted or (task.read and len(reply.data) > task.edtl)):
-            account(self.session.view.luns, task, reply)  # a fast read counted all its blocks: some were not sent
+        sent = task.edtl if task.read else 0  # at most: a fast read counted all its blocks, some may not have been sent
+        if self.io_stats and self.session is not None and (not reply.counted or len(reply.data) > sent):
+            account(self.session.view.luns, task, reply)
 
     def _respond(self, task: Task, reply: Reply) -> None:
         lun = task.lun

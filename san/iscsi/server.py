@@ -81,8 +81,10 @@ class IscsiProtocol(asyncio.Protocol):
             connection.closing = True
             tasks = []
         view = connection.session.view if connection.session is not None else None
+        answering = not connection.closing  # a command that will not be answered is not counted either
         for task in tasks:
-            reply = view.execute_now(task.lun, task.cdb, task.buffer, task.arrived) if view is not None else None
+            arrived = task.arrived if answering and not task.aborted else 0
+            reply = view.execute_now(task.lun, task.cdb, task.buffer, arrived) if view is not None else None
             if reply is None:
                 self._start(task)
             else:
