@@ -262,14 +262,14 @@ def test_a_controller_cut_off_past_the_lease_stops_io_which_resumes_once_it_is_b
         assert initiator.command(0, write10(lba), pattern(lba, 1)).status == 0
     assert initiator.command(0, SYNC).status == 0
     done: list[float] = []
-    results: list[tuple[int, bytes]] = []
+    results: list[tuple[int, float, int, bytes, bytes]] = []
     stop = threading.Event()
 
     def reader() -> None:
         lba = 0
         while not stop.is_set():
             response = initiator.command(0, read10(lba), read_length=BLOCK)
-            results.append((lba, response.data))
+            results.append((lba, time.monotonic(), response.status, response.sense, response.data))
             done.append(time.monotonic())
             lba = (lba + 128) % 4096
 
@@ -290,6 +290,11 @@ def test_a_controller_cut_off_past_the_lease_stops_io_which_resumes_once_it_is_b
     time.sleep(0.5)
     stop.set()
     thread.join(timeout=30)
-    assert all(data == pattern(lba, 1) for lba, data in results), "every read, before and after, returned its data"
+    wrong = [
+        f"lba {lba} at cut{at - cut:+.1f}s: status {status:#x} sense {sense.hex()} data {data[:24]!r}"
+        for lba, at, status, sense, data in results
+        if data != pattern(lba, 1)
+    ]
+    assert not wrong, f"every read, before and after, returned its data; {len(wrong)} did not: {wrong[:5]}"
     initiator.close()
     cluster.check()

@@ -320,6 +320,25 @@ def test_a_lost_answer_is_asked_again_on_a_new_connection(tmp_path: Path) -> Non
     with_fake_controller(tmp_path, body)
 
 
+def test_a_link_lost_while_a_request_is_being_woken_is_waited_for_again(tmp_path: Path) -> None:
+    async def body(fake: FakeController, session: ControllerSession, core: FakeAgentCore) -> None:
+        await asyncio.wait_for(session.ready.wait(), 10)
+        await session.send(Fault(1, 4, 1, False, request=1))  # the fake loses its first fault's answer: done now
+        session.ready.clear()
+        asking = asyncio.ensure_future(session.send(Flush(request=5)))
+        await asyncio.sleep(0.01)  # it waits for the link
+        session.ready.set()  # woken ...
+        session.ready.clear()  # ... and the link is lost before it runs, as the session's end leaves it
+        lost, session.link = session.link, None
+        await asyncio.sleep(0.05)
+        assert lost is not None and not asking.done(), "it waits for the next link"
+        lost.close("lost")
+        answer = await asyncio.wait_for(asking, 10)
+        assert answer.action is Action.OK and fake.registrations >= 3, "answered over the next registration"
+
+    with_fake_controller(tmp_path, body)
+
+
 def test_a_lease_that_is_not_renewed_drops_the_agents_mappings(tmp_path: Path) -> None:
     async def body(fake: FakeController, session: ControllerSession, core: FakeAgentCore) -> None:
         await asyncio.wait_for(session.ready.wait(), 10)

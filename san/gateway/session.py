@@ -93,12 +93,13 @@ class ControllerSession:
         deadline = time.monotonic() + self.suspend_timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not await _wait(self.ready, left):
+            if left <= 0 or not (self.ready.is_set() or await _wait(self.ready, left)):
                 return Response(
                     Action.FAIL, reason=Reason.UNAVAILABLE, message=f"the controller is unreachable ({self.suspend_timeout:g} s)"
                 )
             link = self.link
-            assert link is not None
+            if link is None:  # lost again between being woken and running: wait for the next one
+                continue
             drops = self.drops
             try:
                 answer = await link.send(message, min(self.request_timeout, max(left, 0.1)))
