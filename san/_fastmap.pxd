@@ -11,6 +11,11 @@ cdef enum:
     ST_NOWRITE = 2
     ST_ZERO = 4
     ST_ERROR = 8
+    ST_SHARED = 16  # with NOWRITE: the primary is shared with a snapshot or clone, so a write copies on write
+
+cdef enum:
+    ALT_WRITABLE = 1  # writes to the entry land here, every block of them; their bits are set once written
+    ALT_DIRTY = 2     # bits were set here since they were last taken for a report to the controller
 
 cdef enum:
     PAGE_SHIFT = 10
@@ -25,8 +30,10 @@ ctypedef struct entry_t:
 
 ctypedef struct alt_t:
     uint32_t segment
+    uint32_t owner        # the entry it belongs to
     uint16_t container
-    uint16_t used
+    uint8_t used
+    uint8_t flags         # ALT_WRITABLE, ALT_DIRTY
     uint64_t *bitmap      # one bit per block of the segment: set = block lives here
 
 ctypedef struct extent_t:
@@ -80,6 +87,7 @@ cdef class MapTable:
     cdef uint32_t nalts
     cdef uint32_t alts_cap
     cdef uint32_t free_alt
+    cdef readonly uint32_t dirty
     cdef readonly uint64_t nsegments
     cdef readonly uint32_t block_size
     cdef readonly uint32_t segment_blocks
@@ -128,6 +136,35 @@ cdef inline int translate_fast(MapTable table, uint64_t lba, uint64_t nblocks, b
             out[0].length = nblocks << table.block_shift
             return 1
     return table.translate_c(lba, nblocks, is_write, out, max_out, fault)
+
+
+cdef inline void mark_written(MapTable table, uint64_t lba, uint64_t nblocks) noexcept nogil:
+    """After a write of blocks [lba, lba+nblocks) (in range) has completed: set their bits in the writable
+    alternate locations it went to, so that reads find them there; an alternate with new bits becomes dirty."""
+    cdef uint64_t seg = lba >> table.seg_shift
+    cdef uint64_t off = lba & (table.segment_blocks - 1)
+    cdef uint64_t stop, b, bit
+    cdef entry_t *entry
+    cdef alt_t *alt
+    cdef bint changed
+    while nblocks:
+        stop = off + nblocks if off + nblocks < table.segment_blocks else table.segment_blocks
+        entry = entry_at(table, seg)
+        if entry.alt != <uint32_t>-1:
+            alt = &table.alts[entry.alt]
+            if alt.flags & ALT_WRITABLE:
+                changed = False
+                for b in range(off, stop):
+                    bit = 1ULL << (b & 63)
+                    if not alt.bitmap[b >> 6] & bit:
+                        alt.bitmap[b >> 6] |= bit
+                        changed = True
+                if changed and not alt.flags & ALT_DIRTY:
+                    alt.flags |= ALT_DIRTY
+                    table.dirty += 1
+        nblocks -= stop - off
+        off = 0
+        seg += 1
 
 
 cdef extern from *:

@@ -14,7 +14,8 @@ INVALID = ST_INVALID
 NOWRITE = ST_NOWRITE
 ZERO = ST_ZERO
 ERROR = ST_ERROR
-ALL_STATES = ST_INVALID | ST_NOWRITE | ST_ZERO | ST_ERROR
+SHARED = ST_SHARED
+ALL_STATES = ST_INVALID | ST_NOWRITE | ST_ZERO | ST_ERROR | ST_SHARED
 ZEROS = -1
 MAX_CONTAINER = 0xFFFE
 MAX_SEGMENT = 0xFFFFFFFE
@@ -111,6 +112,7 @@ cdef class MapTable:
         self.nalts = 0
         self.alts_cap = 0
         self.free_alt = NO_ALT
+        self.dirty = 0
         self.io_count[0] = 0
         self.io_count[1] = 0
         memset(self.stats, 0, sizeof(self.stats))
@@ -195,7 +197,10 @@ cdef class MapTable:
             pos = off
             stop = off + count
             while pos < stop:
-                if alt != NULL:
+                if alt != NULL and is_write and alt.flags & ALT_WRITABLE:
+                    in_alt = True  # copy on write: the whole write goes there (mark_written() sets its bits)
+                    run = stop - pos
+                elif alt != NULL:
                     in_alt = (alt.bitmap[pos >> 6] >> (pos & 63)) & 1
                     run = _run_end(alt.bitmap, pos, stop, in_alt) - pos
                 else:
@@ -249,7 +254,8 @@ cdef class MapTable:
                 free(out)
 
     def get_entries(self, uint64_t start, uint64_t count):
-        """Entries [start, start+count) as (container, segment, state, alternate) with alternate None or (container, segment, bitmap bytes)."""
+        """Entries [start, start+count) as (container, segment, state, alternate), alternate None or (container,
+        segment, bitmap bytes, writable)."""
         cdef uint64_t i
         cdef entry_t *entry
         cdef alt_t *alt
@@ -262,7 +268,7 @@ cdef class MapTable:
             else:
                 alt = &self.alts[entry.alt]
                 alternate = (alt.container, alt.segment,
-                             (<char *>alt.bitmap)[:self._bitmap_bytes()])
+                             (<char *>alt.bitmap)[:self._bitmap_bytes()], bool(alt.flags & ALT_WRITABLE))
             result.append((entry.container, entry.segment, entry.state, alternate))
         return result
 
@@ -333,17 +339,20 @@ cdef class MapTable:
             self._writable(i).state |= <uint8_t>bits
 
     def clear_state(self, uint64_t start, uint64_t count, uint32_t bits):
-        """Turn NOWRITE off for entries [start, start+count); INVALID, ZERO and ERROR void the entry and need set_entries()."""
+        """Turn NOWRITE and/or SHARED off for entries [start, start+count); INVALID, ZERO and ERROR void the entry
+        and need set_entries()."""
         cdef uint64_t i
-        if bits != ST_NOWRITE:
-            raise ValueError("only NOWRITE can be cleared; INVALID, ZERO and ERROR need a new entry")
+        if not bits or bits & ~(ST_NOWRITE | ST_SHARED):
+            raise ValueError("only NOWRITE and SHARED can be cleared; INVALID, ZERO and ERROR need a new entry")
         self._check_range(start, count)
         for i in range(start, start + count):
             if entry_at(self, i).state & bits:
                 self._writable(i).state &= <uint8_t>~bits
 
-    def set_alternate(self, uint64_t segment, uint32_t container, uint32_t alt_segment, bitmap=None):
-        """Give entry `segment` an alternate location; blocks whose bit is set in bitmap (bytes, LSB first) live there."""
+    def set_alternate(self, uint64_t segment, uint32_t container, uint32_t alt_segment, bitmap=None, bint writable=False):
+        """Give entry `segment` an alternate location; blocks whose bit is set in bitmap (bytes, LSB first) live there.
+        A writable one takes every write to the entry (copy on write), its bits set as writes complete
+        (mark_written()); it starts clean: what it holds is known to the controller, or nothing yet."""
         cdef uint32_t index
         cdef entry_t *entry
         cdef const unsigned char[:] view
@@ -357,9 +366,13 @@ cdef class MapTable:
             entry = self._writable(segment)
             index = self._new_alt()
             entry.alt = index
+        elif self.alts[index].flags & ALT_DIRTY:
+            self.dirty -= 1
         memset(self.alts[index].bitmap, 0, self.bitmap_words * 8)
         self.alts[index].container = <uint16_t>container
         self.alts[index].segment = alt_segment
+        self.alts[index].owner = <uint32_t>segment
+        self.alts[index].flags = ALT_WRITABLE if writable else 0
         if bitmap is not None and len(bitmap):
             view = bitmap
             memcpy(self.alts[index].bitmap, &view[0], len(bitmap))
@@ -385,6 +398,41 @@ cdef class MapTable:
         """Drop entry `segment`'s alternate location: every block reads from the primary again."""
         self._check_range(segment, 1)
         self._drop_alt(segment)
+
+    def mark_written(self, uint64_t lba, uint64_t nblocks):
+        """A write of blocks [lba, lba+nblocks) done outside the C path has completed: set its bits in the writable
+        alternate locations it went to (as the C path does by itself)."""
+        if lba + nblocks > (self.nsegments << self.seg_shift) or lba + nblocks < lba:
+            raise ValueError(f"blocks {lba}+{nblocks} are outside the table ({self.nsegments << self.seg_shift} blocks)")
+        mark_written(self, lba, nblocks)
+
+    def take_dirty(self):
+        """The alternate locations with bits set since they were last taken, as (entry, container, segment,
+        bitmap bytes) in entry order; they are clean afterwards (mark_dirty() again if the report fails)."""
+        cdef uint32_t i
+        cdef alt_t *alt
+        found = []
+        if not self.dirty:
+            return found
+        for i in range(self.nalts):
+            alt = &self.alts[i]
+            if alt.used and alt.flags & ALT_DIRTY:
+                alt.flags &= ~ALT_DIRTY
+                found.append((alt.owner, alt.container, alt.segment, (<char *>alt.bitmap)[:self._bitmap_bytes()]))
+        self.dirty = 0
+        found.sort()
+        return found
+
+    def mark_dirty(self, uint64_t segment):
+        """Entry `segment`'s alternate location is to be reported again (a report of it failed); no-op without one."""
+        cdef alt_t *alt
+        self._check_range(segment, 1)
+        if entry_at(self, segment).alt == NO_ALT:
+            return
+        alt = &self.alts[entry_at(self, segment).alt]
+        if not alt.flags & ALT_DIRTY:
+            alt.flags |= ALT_DIRTY
+            self.dirty += 1
 
     def io_start(self) -> int:
         """Mark the start of an I/O; pass the returned slot to io_end()."""
@@ -495,6 +543,7 @@ cdef class MapTable:
             index = self.free_alt
             self.free_alt = self.alts[index].segment
             self.alts[index].used = 1
+            self.alts[index].flags = 0
             return index
         if self.nalts == self.alts_cap:
             grown = <alt_t *>realloc(self.alts, (self.alts_cap * 2 + 4) * sizeof(alt_t))
@@ -508,6 +557,7 @@ cdef class MapTable:
         index = self.nalts
         self.alts[index].bitmap = bitmap
         self.alts[index].used = 1
+        self.alts[index].flags = 0
         self.nalts += 1
         return index
 
@@ -550,6 +600,9 @@ cdef class MapTable:
         if index == NO_ALT:
             return
         entry.alt = NO_ALT
+        if self.alts[index].flags & ALT_DIRTY:
+            self.dirty -= 1
+        self.alts[index].flags = 0
         self.alts[index].used = 0
         self.alts[index].segment = self.free_alt
         self.free_alt = index

@@ -22,6 +22,7 @@ from san._fastmap import (
     LATENCY_BOUNDS,
     NOWRITE,
     READ_IO,
+    SHARED,
     UNMAP_IO,
     WRITE_IO,
     ZERO,
@@ -33,9 +34,9 @@ from san.agent.refmap import RefMapTable
 BUILD = tempfile.TemporaryDirectory(prefix="san-cdef-")  # a fresh build: pyximport misses .pxd changes
 pyximport.install(language_level=3, build_dir=BUILD.name)
 sys.path.append(str(Path(san.__file__).parent.parent))
-from _cdef_api import translate_cdef  # noqa: E402  (compiled on import)
+from _cdef_api import mark_written_cdef, translate_cdef  # noqa: E402  (compiled on import)
 
-STATES = st.sampled_from([0, NOWRITE, ZERO, ERROR, INVALID, NOWRITE | ZERO])
+STATES = st.sampled_from([0, NOWRITE, ZERO, ERROR, INVALID, NOWRITE | ZERO, NOWRITE | SHARED])
 
 
 class TableMachine(RuleBasedStateMachine):
@@ -72,24 +73,44 @@ class TableMachine(RuleBasedStateMachine):
         )
         self.both("fill_invalid", start, entries)
 
-    @rule(data=st.data(), bits=st.sampled_from([NOWRITE, ZERO, ERROR, INVALID, 0, 16]))
+    @rule(data=st.data(), bits=st.sampled_from([NOWRITE, ZERO, ERROR, INVALID, SHARED, NOWRITE | SHARED, 0, 32]))
     def set_state(self, data: st.DataObject, bits: int) -> None:
         start = data.draw(st.integers(0, self.ref.nsegments))
         count = data.draw(st.integers(0, self.ref.nsegments + 1 - start))
         self.both("set_state", start, count, bits)
 
-    @rule(data=st.data(), bits=st.sampled_from([NOWRITE, ZERO]))
+    @rule(data=st.data(), bits=st.sampled_from([NOWRITE, ZERO, SHARED, NOWRITE | SHARED, 0]))
     def clear_state(self, data: st.DataObject, bits: int) -> None:
         start = data.draw(st.integers(0, self.ref.nsegments))
         count = data.draw(st.integers(0, self.ref.nsegments - start))
         self.both("clear_state", start, count, bits)
 
-    @rule(data=st.data())
-    def set_alternate(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), writable=st.booleans())
+    def set_alternate(self, data: st.DataObject, writable: bool) -> None:
         segment = data.draw(st.integers(0, self.ref.nsegments - 1))
         nbytes = (self.ref.segment_blocks + 7) // 8
         bitmap = data.draw(st.none() | st.binary(min_size=0, max_size=nbytes))
-        self.both("set_alternate", segment, data.draw(st.integers(0, 5)), data.draw(st.integers(0, 40)), bitmap)
+        location = data.draw(st.integers(0, 5)), data.draw(st.integers(0, 40))
+        self.both("set_alternate", segment, *location, bitmap, writable)
+
+    @rule(data=st.data(), from_c=st.booleans())
+    def mark_written(self, data: st.DataObject, from_c: bool) -> None:
+        total = self.ref.nsegments * self.ref.segment_blocks
+        lba = data.draw(st.integers(0, total - 1))
+        nblocks = data.draw(st.integers(0, total - lba))
+        if from_c:
+            mark_written_cdef(self.fast, lba, nblocks)
+            self.ref.mark_written(lba, nblocks)
+        else:
+            self.both("mark_written", lba, nblocks)
+
+    @rule()
+    def take_dirty(self) -> None:
+        assert self.fast.take_dirty() == self.ref.take_dirty()
+
+    @rule(data=st.data())
+    def mark_dirty(self, data: st.DataObject) -> None:
+        self.both("mark_dirty", data.draw(st.integers(0, self.ref.nsegments - 1)))
 
     @rule(data=st.data(), in_alt=st.booleans())
     def mark_alternate(self, data: st.DataObject, in_alt: bool) -> None:
@@ -121,6 +142,7 @@ class TableMachine(RuleBasedStateMachine):
     @invariant()
     def same_entries(self) -> None:
         assert self.fast.get_entries(0, self.fast.nsegments) == self.ref.get_entries(0, self.ref.nsegments)
+        assert self.fast.dirty == self.ref.dirty
 
 
 TestTableMachine = TableMachine.TestCase

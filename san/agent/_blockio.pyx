@@ -6,7 +6,7 @@ from libc.errno cimport EAGAIN
 from libc.stdint cimport uint64_t
 from libc.string cimport memset
 
-from san._fastmap cimport IO_READ, IO_WRITE, MapTable, extent_t, fault_t, io_account, translate_fast
+from san._fastmap cimport IO_READ, IO_WRITE, MapTable, extent_t, fault_t, io_account, mark_written, translate_fast
 
 DIRECT = DIRECT_FD  # or-ed into a container's fd table entry when it is open with O_DIRECT
 
@@ -68,7 +68,8 @@ def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned 
     """Write data (whole blocks) at lba when every block is mapped for writing: DONE, or FAULT with nothing written,
     or with nowait AGAIN with nothing written when a container is open with O_DIRECT (the write waits for the device:
     the caller does it in a thread). The containers written are added to `written` (they need a flush before the
-    data is durable). With arrived_ns, a write that is DONE is counted as read_blocks() counts a read."""
+    data is durable). A write into a writable alternate location sets its bits there once it is done. With
+    arrived_ns, a write that is DONE is counted as read_blocks() counts a read."""
     cdef extent_t ext[MAX_EXTENTS]
     cdef fault_t fault
     cdef uint64_t nblocks = data.shape[0] // table.block_size
@@ -96,6 +97,7 @@ def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned 
         written.add(ext[i].container)
     if err:
         raise OSError(err if err > 0 else 5, f"writing container {ext[failed].container} at byte {ext[failed].offset}")
+    mark_written(table, lba, nblocks)
     if arrived_ns:
         io_account(table, IO_WRITE, data.shape[0], arrived_ns)
     return DONE

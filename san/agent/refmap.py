@@ -6,20 +6,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from san._fastmap import ALL_STATES, ERROR, INVALID, MAX_CONTAINER, MAX_SEGMENT, NOWRITE, ZERO, MapFault
+from san._fastmap import ALL_STATES, ERROR, INVALID, MAX_CONTAINER, MAX_SEGMENT, NOWRITE, SHARED, ZERO, MapFault
 
 Extent = tuple[int, int, int]
 
 
 @dataclass
 class RefEntry:
-    """One segment's mapping: primary location, state bits, optional alternate location with block set."""
+    """One segment's mapping: primary location, state bits, optional alternate location with block set (writable:
+    it takes every write; dirty: bits set since they were last taken)."""
 
     container: int = 0
     segment: int = 0
     state: int = INVALID
     alternate: tuple[int, int] | None = None
     alt_blocks: set[int] = field(default_factory=set)
+    writable: bool = False
+    dirty: bool = False
 
 
 class RefMapTable:
@@ -53,7 +56,8 @@ class RefMapTable:
             entry = self.entries[seg]
             if entry.state & (INVALID | ERROR):
                 return MapFault(seg, entry.state)
-            for first, run, in_alt in self._runs(entry, offset, count):
+            runs = [(offset, count, True)] if is_write and entry.writable else self._runs(entry, offset, count)
+            for first, run, in_alt in runs:
                 if in_alt:
                     assert entry.alternate is not None
                     container, segment = entry.alternate
@@ -92,16 +96,16 @@ class RefMapTable:
                 return
         extents.append(piece)
 
-    def get_entries(self, start: int, count: int) -> list[tuple[int, int, int, tuple[int, int, bytes] | None]]:
+    def get_entries(self, start: int, count: int) -> list[tuple[int, int, int, tuple[int, int, bytes, bool] | None]]:
         self._check_range(start, count)
-        result: list[tuple[int, int, int, tuple[int, int, bytes] | None]] = []
+        result: list[tuple[int, int, int, tuple[int, int, bytes, bool] | None]] = []
         for entry in self.entries[start : start + count]:
             alternate = None
             if entry.alternate is not None:
                 bitmap = bytearray((self.segment_blocks + 7) // 8)
                 for block in entry.alt_blocks:
                     bitmap[block // 8] |= 1 << (block % 8)
-                alternate = (*entry.alternate, bytes(bitmap))
+                alternate = (*entry.alternate, bytes(bitmap), entry.writable)
             result.append((entry.container, entry.segment, entry.state, alternate))
         return result
 
@@ -130,16 +134,23 @@ class RefMapTable:
             entry.state |= bits
 
     def clear_state(self, start: int, count: int, bits: int) -> None:
-        if bits != NOWRITE:
-            raise ValueError("only NOWRITE can be cleared")
+        if not bits or bits & ~(NOWRITE | SHARED):
+            raise ValueError("only NOWRITE and SHARED can be cleared")
         self._check_range(start, count)
         for entry in self.entries[start : start + count]:
             entry.state &= ~bits
 
-    def set_alternate(self, segment: int, container: int, alt_segment: int, bitmap: bytes | None = None) -> None:
+    def set_alternate(
+        self, segment: int, container: int, alt_segment: int, bitmap: bytes | None = None, writable: bool = False
+    ) -> None:
         self._check_range(segment, 1)
+        if container > MAX_CONTAINER or alt_segment > MAX_SEGMENT:
+            raise ValueError("bad alternate location")
+        if bitmap is not None and len(bitmap) > (self.segment_blocks + 7) // 8:
+            raise ValueError("bitmap too long")
         entry = self.entries[segment]
         entry.alternate = (container, alt_segment)
+        entry.writable, entry.dirty = writable, False
         entry.alt_blocks = {
             block
             for block in range(self.segment_blocks)
@@ -158,8 +169,36 @@ class RefMapTable:
 
     def clear_alternate(self, segment: int) -> None:
         self._check_range(segment, 1)
-        self.entries[segment].alternate = None
-        self.entries[segment].alt_blocks = set()
+        entry = self.entries[segment]
+        entry.alternate, entry.alt_blocks, entry.writable, entry.dirty = None, set(), False, False
+
+    def mark_written(self, lba: int, nblocks: int) -> None:
+        if lba < 0 or nblocks < 0 or lba + nblocks > len(self.entries) * self.segment_blocks:
+            raise ValueError("blocks outside the table")
+        for block in range(lba, lba + nblocks):
+            entry = self.entries[block // self.segment_blocks]
+            if entry.writable and block % self.segment_blocks not in entry.alt_blocks:
+                entry.alt_blocks.add(block % self.segment_blocks)
+                entry.dirty = True
+
+    def take_dirty(self) -> list[tuple[int, int, int, bytes]]:
+        found = []
+        for index, entry in enumerate(self.entries):
+            if entry.dirty:
+                entry.dirty = False
+                alternate = self.get_entries(index, 1)[0][3]
+                assert alternate is not None
+                found.append((index, *alternate[:3]))
+        return found
+
+    def mark_dirty(self, segment: int) -> None:
+        self._check_range(segment, 1)
+        entry = self.entries[segment]
+        entry.dirty = entry.alternate is not None
+
+    @property
+    def dirty(self) -> int:
+        return sum(entry.dirty for entry in self.entries)
 
     def _check_range(self, start: int, count: int) -> None:
         if start < 0 or count < 0 or start + count > len(self.entries):

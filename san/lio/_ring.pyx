@@ -7,7 +7,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
-from san._fastmap cimport IO_READ, IO_WRITE, MapTable, extent_t, fault_t, io_account, san_now_ns, translate_fast
+from san._fastmap cimport (
+    IO_READ, IO_WRITE, MapTable, extent_t, fault_t, io_account, mark_written, san_now_ns, translate_fast)
 from san.agent._blockio cimport DIRECT_FD, read_nowait, transfer
 
 cdef extern from *:
@@ -169,6 +170,8 @@ cdef int _blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblock
     if write:
         for i in range(done + (1 if err else 0)):
             written.add(ext[i].container)
+        if not err:
+            mark_written(table, lba, nblocks)
     return 1 if err else 0
 
 
