@@ -16,6 +16,7 @@ cdef enum:
 cdef enum:
     ALT_WRITABLE = 1  # writes to the entry land here, every block of them; their bits are set once written
     ALT_DIRTY = 2     # bits were set here since they were last taken for a report to the controller
+    ALT_FROZEN = 4    # was writable until a snapshot: no write goes here any more, those in flight still set bits
 
 cdef enum:
     PAGE_SHIFT = 10
@@ -125,7 +126,7 @@ cdef inline int translate_fast(MapTable table, uint64_t lba, uint64_t nblocks, b
     cdef entry_t *entry = entry_at(table, lba >> table.seg_shift)
     cdef uint8_t state = entry.state
     if off + nblocks <= table.segment_blocks and entry.alt == <uint32_t>-1 and max_out > 0:
-        if state == 0 or (state == ST_NOWRITE and not is_write):
+        if state == 0 or ((state & ~ST_SHARED) == ST_NOWRITE and not is_write):
             out[0].container = entry.container
             out[0].offset = ((<uint64_t>entry.segment << table.seg_shift) + off) << table.block_shift
             out[0].length = nblocks << table.block_shift
@@ -152,7 +153,7 @@ cdef inline void mark_written(MapTable table, uint64_t lba, uint64_t nblocks) no
         entry = entry_at(table, seg)
         if entry.alt != <uint32_t>-1:
             alt = &table.alts[entry.alt]
-            if alt.flags & ALT_WRITABLE:
+            if alt.flags & (ALT_WRITABLE | ALT_FROZEN):
                 changed = False
                 for b in range(off, stop):
                     bit = 1ULL << (b & 63)

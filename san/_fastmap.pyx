@@ -88,6 +88,54 @@ cdef inline uint64_t _run_end(const uint64_t *bitmap, uint64_t pos, uint64_t lim
 
 
 
+def bitmap_runs(const unsigned char[:] bitmap, uint64_t nbits):
+    """The runs of set bits of a block bitmap (LSB first, bits past nbits ignored) as [(first, count)]."""
+    cdef uint64_t words = (nbits + 63) // 64
+    cdef uint64_t *copy
+    cdef uint64_t pos = 0, end
+    cdef uint64_t nbytes = min(<uint64_t>bitmap.shape[0], (nbits + 7) // 8)
+    runs = []
+    if nbits == 0:
+        return runs
+    copy = <uint64_t *>calloc(words, 8)
+    if copy == NULL:
+        raise MemoryError()
+    try:
+        if nbytes:
+            memcpy(copy, &bitmap[0], nbytes)
+        if nbits & 63:
+            copy[words - 1] &= (1ULL << (nbits & 63)) - 1
+        while pos < nbits:
+            pos = _run_end(copy, pos, nbits, False)
+            if pos >= nbits:
+                break
+            end = _run_end(copy, pos, nbits, True)
+            runs.append((pos, end - pos))
+            pos = end
+    finally:
+        free(copy)
+    return runs
+
+
+def runs_bitmap(runs, uint64_t nbits, bytes base=b""):
+    """A bitmap of nbits bits (bytes, LSB first): base's bits (if given) with those of runs [(first, count)] set;
+    ValueError for a run outside [0, nbits)."""
+    cdef bytearray out = bytearray((nbits + 7) // 8)
+    cdef unsigned char[:] view
+    cdef uint64_t b, first, count
+    if len(base) > len(out):
+        raise ValueError(f"bitmap longer than {len(out)} bytes")
+    out[:len(base)] = base
+    view = out if len(out) else None
+    for run in runs:
+        first, count = run
+        if count == 0 or first + count > nbits or first + count < first:
+            raise ValueError(f"blocks {first}+{count} are outside a segment of {nbits} blocks")
+        for b in range(first, first + count):
+            view[b >> 3] |= 1 << (b & 7)
+    return bytes(out)
+
+
 cdef class MapTable:
     """A vdisk's volatile map table: every entry starts INVALID, the controller fills it in.
 
@@ -194,6 +242,10 @@ cdef class MapTable:
                 fault.state = state
                 return -1
             alt = &self.alts[entry.alt] if entry.alt != NO_ALT else NULL
+            if is_write and state & ST_SHARED and (alt == NULL or not alt.flags & ALT_WRITABLE):
+                fault.segment = seg  # shared, and no location of its own to write to yet: copy on write
+                fault.state = state
+                return -1
             pos = off
             stop = off + count
             while pos < stop:
@@ -405,6 +457,30 @@ cdef class MapTable:
         if lba + nblocks > (self.nsegments << self.seg_shift) or lba + nblocks < lba:
             raise ValueError(f"blocks {lba}+{nblocks} are outside the table ({self.nsegments << self.seg_shift} blocks)")
         mark_written(self, lba, nblocks)
+
+    def freeze_alternates(self, uint64_t start, uint64_t count):
+        """Entries [start, start+count) are becoming shared (a snapshot): their writable alternate locations take no
+        more writes, while those already on their way still set their bits. The entries frozen, for thaw()."""
+        cdef uint64_t i
+        cdef alt_t *alt
+        self._check_range(start, count)
+        frozen = []
+        for i in range(start, start + count):
+            if entry_at(self, i).alt != NO_ALT:
+                alt = &self.alts[entry_at(self, i).alt]
+                if alt.flags & ALT_WRITABLE:
+                    alt.flags = (alt.flags & ~ALT_WRITABLE) | ALT_FROZEN
+                    frozen.append(i)
+        return frozen
+
+    def thaw(self, segments):
+        """The writes that were on their way to these entries' frozen alternate locations have ended (the blocking
+        flag): the locations are plain shared ones now."""
+        cdef uint64_t segment
+        for segment in segments:
+            self._check_range(segment, 1)
+            if entry_at(self, segment).alt != NO_ALT:
+                self.alts[entry_at(self, segment).alt].flags &= ~ALT_FROZEN
 
     def take_dirty(self):
         """The alternate locations with bits set since they were last taken, as (entry, container, segment,

@@ -94,7 +94,9 @@ class Container:
 
 @dataclass
 class VDisk:
-    """A virtual disk: its size, block size, provisioning, and whether its thick allocation is still running."""
+    """A virtual disk: its size, block size, provisioning, and whether its thick allocation is still running. A
+    snapshot is one too, read-only, named VDISK@NAME: origin is the id of the vdisk it is of, generation the one of
+    the origin it sees (a vdisk's own generation is the one its writes go into now), created when it was taken."""
 
     id: int
     name: str
@@ -104,6 +106,9 @@ class VDisk:
     thin: bool
     serial: str
     state: str = "ready"
+    origin: int = 0
+    generation: int = 0
+    created: str = ""
 
     def nsegments(self, segment_size: int) -> int:
         return -(-self.size_bytes // segment_size)

@@ -163,6 +163,12 @@ class SanServer:
         assert result.returncode == 0, f"san {' '.join(args)} exited {result.returncode}: {result.stderr}"
         return result.stdout
 
+    def fails(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the CLI, insist on failure (exit status 1), return the result."""
+        result = self.run(*args, input=input)
+        assert result.returncode == 1, f"san {' '.join(args)} exited {result.returncode}: {result.stdout}{result.stderr}"
+        return result
+
     def json(self, *args: str) -> Any:
         """Run a CLI command with --json and parse its output."""
         return json.loads(self.ok(*args, "--json"))

@@ -130,7 +130,7 @@ def test_healthy_store_is_clean(healthy: Path) -> None:
     # alpha: thick1 4 + thick2 3 + thin1 3 segments; beta: thick3 4 (200K in 64K segments) + thin2 1.
     assert "pool alpha: capacity 64 segments = used 10 + free 54" in lines
     assert "pool beta: capacity 128 segments = used 5 + free 123" in lines
-    assert "5 vdisks, 15 mapped segments" in lines
+    assert "5 vdisks, 0 snapshots, 15 mapped segments" in lines
 
 
 def test_copy_is_clean_before_damage(damaged: Path) -> None:

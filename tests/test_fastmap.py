@@ -2,6 +2,7 @@
 
 Hypothesis drives both tables with the same random commands and compares every translation."""
 
+import itertools
 import os
 import sys
 import tempfile
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import pyximport
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -28,6 +29,8 @@ from san._fastmap import (
     ZERO,
     MapFault,
     MapTable,
+    bitmap_runs,
+    runs_bitmap,
 )
 from san.agent.refmap import RefMapTable
 
@@ -104,6 +107,16 @@ class TableMachine(RuleBasedStateMachine):
         else:
             self.both("mark_written", lba, nblocks)
 
+    @rule(data=st.data())
+    def freeze_and_thaw(self, data: st.DataObject) -> None:
+        start = data.draw(st.integers(0, self.ref.nsegments))
+        count = data.draw(st.integers(0, self.ref.nsegments - start))
+        frozen = self.fast.freeze_alternates(start, count)
+        assert frozen == self.ref.freeze_alternates(start, count)
+        if data.draw(st.booleans()):
+            self.fast.thaw(frozen)
+            self.ref.thaw(frozen)
+
     @rule()
     def take_dirty(self) -> None:
         assert self.fast.take_dirty() == self.ref.take_dirty()
@@ -149,6 +162,18 @@ TestTableMachine = TableMachine.TestCase
 TestTableMachine.settings = settings(
     max_examples=300, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
+
+
+@given(st.binary(max_size=40), st.integers(0, 330))
+def test_a_bitmap_is_its_runs_of_set_bits(bitmap: bytes, nbits: int) -> None:
+    runs = bitmap_runs(bitmap, nbits)
+    expected = [b for b in range(min(nbits, len(bitmap) * 8)) if bitmap[b // 8] >> (b % 8) & 1]
+    assert [b for first, count in runs for b in range(first, first + count)] == expected
+    assert all(a[0] + a[1] < b[0] for a, b in itertools.pairwise(runs)), "runs are sorted, apart and maximal"
+    assert bitmap_runs(runs_bitmap(runs, nbits), nbits) == runs
+    assert runs_bitmap([], nbits, runs_bitmap(runs, nbits)) == runs_bitmap(runs, nbits)
+    with pytest.raises(ValueError):
+        runs_bitmap([(nbits, 1)], nbits)
 
 
 def test_new_table_is_invalid_everywhere() -> None:

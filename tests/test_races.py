@@ -119,13 +119,13 @@ def test_a_deleted_vdisks_segments_are_punched_before_anyone_gets_them(tmp_path:
         try:
             c = s.controller
             manager = c.vdisk_manager
-            punch = manager._punch
+            punch = manager.punch
 
             def slow_punch(*args: Any) -> None:
                 time.sleep(0.5)
                 punch(*args)
 
-            manager._punch = slow_punch  # type: ignore[method-assign,assignment]
+            manager.punch = slow_punch  # type: ignore[method-assign,assignment]
             await c.create_pool("p", 8 * MIB)
             a = await c.create_vdisk("a", "p", 8 * MIB)
             b = await c.create_vdisk("b", "p", 8 * MIB)

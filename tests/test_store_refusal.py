@@ -53,7 +53,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # Mappings written straight into the tables the way the controller writes them: 24 segments of v1.
         cid = db.execute("SELECT c.id FROM container c JOIN pool p ON p.id = c.pool_id WHERE p.name = 'p1'").fetchone()[0]
         vid = db.execute("SELECT id FROM vdisk WHERE name = 'v1'").fetchone()[0]
-        db.executemany("INSERT INTO mapping VALUES (?, ?, ?, ?, 0)", [(vid, seg, cid, seg + 1) for seg in range(24)])
+        db.executemany(
+            "INSERT INTO mapping (vdisk_id, vseg, container_id, pseg, state) VALUES (?, ?, ?, ?, 0)",
+            [(vid, seg, cid, seg + 1) for seg in range(24)],
+        )
         db.executemany("INSERT INTO segment VALUES (?, ?, 1)", [(cid, seg + 1) for seg in range(24)])
     pool_file = data / "pools" / "p1.img"
     with open(pool_file, "r+b") as f:
@@ -121,9 +124,9 @@ def test_a_segment_mapped_by_two_vdisks_is_refused(copy: Path) -> None:
         v2 = db.execute("SELECT id FROM vdisk WHERE name = 'v2'").fetchone()[0]
         cid, pseg = db.execute("SELECT container_id, pseg FROM mapping ORDER BY pseg LIMIT 1").fetchone()
         db.execute("UPDATE vdisk SET pool_id = (SELECT pool_id FROM container WHERE id = ?) WHERE id = ?", (cid, v2))
-        db.execute("INSERT INTO mapping VALUES (?, 0, ?, ?, 0)", (v2, cid, pseg))
+        db.execute("INSERT INTO mapping (vdisk_id, vseg, container_id, pseg, state) VALUES (?, 0, ?, ?, 0)", (v2, cid, pseg))
         db.execute("UPDATE segment SET refcount = 2 WHERE container_id = ? AND pseg = ?", (cid, pseg))
-    assert "shared by unrelated vdisks" in refused_to_serve(copy)
+    assert "shared outside its version set" in refused_to_serve(copy)
 
 
 def test_a_missing_pool_file_takes_only_its_pool_offline(copy: Path, tmp_path: Path) -> None:

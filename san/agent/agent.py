@@ -18,10 +18,23 @@ from typing import TypeVar
 
 from prometheus_client import Histogram
 
-from san._fastmap import ERROR, INVALID, LATENCY_BOUNDS, NOWRITE, ZERO, MapFault, MapTable
+from san._fastmap import ERROR, INVALID, LATENCY_BOUNDS, NOWRITE, SHARED, ZERO, MapFault, MapTable, bitmap_runs
+from san.agent import alternates
 from san.agent._blockio import AGAIN, DONE, FAULT, read_blocks, write_blocks
 from san.groupcommit import GroupCommit
-from san.protocol.messages import LOAD_CHUNK, Action, Allocated, Command, Fault, Flush, Op, Reason, Release, Response
+from san.protocol.messages import (
+    LOAD_CHUNK,
+    Action,
+    Allocated,
+    Alternate,
+    Command,
+    Fault,
+    Flush,
+    Op,
+    Reason,
+    Release,
+    Response,
+)
 from san.protocol.transport import ControllerLink
 from san.storage.containers import ContainerError, ContainerSet
 from san.storage.label import LabelError
@@ -72,6 +85,8 @@ class Volume:
     loading: dict[int, _Claim] = field(default_factory=dict)  # chunks (LOAD_CHUNK) whose entries are asked for
     topped: int = 0  # the grant's size when it was last topped up: a report goes early once half of it is used
     revokes: int = 0  # times the grant was revoked: an answer asked for before the last one brings no grant
+    frozen: list[int] = field(default_factory=list)  # entries whose writable alternates a snapshot is freezing
+    sharing: asyncio.Event | None = None  # set once a snapshot's fence has been answered: copies on write wait
 
 
 class Agent:
@@ -86,6 +101,7 @@ class Agent:
         self.containers = ContainerSet()
         self.drops = 0  # times every mapping was dropped (drop_all): an answer from before says nothing of now
         self.mapped = 0  # mappings made so far (faults that allocated, grant mappings): a generation count
+        self.copies_on_write = 0  # alternate locations taken for writes into shared entries
         self.durable = 0  # every mapping up to this generation is committed by the controller
         self.report_scheduled = False
         self.topping_up = False
@@ -136,6 +152,24 @@ class Agent:
             await _drained(volume.table)
         if dropped is not None:
             await self._report_quietly(command.vdisk, dropped)
+        if command.op is Op.SET_STATE and command.bits & SHARED and volume is not None:
+            return await self._shared(command.vdisk, volume, response)
+        return response
+
+    async def _shared(self, vdisk: int, volume: Volume, response: Response) -> Response:
+        """Entries became shared (a snapshot): once the writes that were on their way have set their bits, the frozen
+        alternate locations are plain shared ones, and everything written so far is reported, so that the
+        controller's snapshot holds every write acknowledged before the command."""
+        volume.table.thaw(volume.frozen)
+        volume.frozen.clear()
+        try:
+            await self._report(vdisk, volume)
+        except AgentIOError as exc:
+            return Response(Action.FAIL, reason=exc.reason, message=f"could not report what was written: {exc}")
+        finally:
+            if volume.sharing is not None:
+                volume.sharing.set()
+                volume.sharing = None
         return response
 
     async def _revoke_grant(self, vdisk: int) -> Response:
@@ -167,6 +201,7 @@ class Agent:
         lost = 0
         self.drops += 1
         for volume in self.volumes.values():
+            lost += volume.table.dirty
             volume.table.invalidate_all()
             volume.grant.clear()
             lost += len(volume.unreported)
@@ -224,11 +259,24 @@ class Agent:
             volume.nblocks = command.nblocks
         elif op is Op.GET_ENTRIES:
             entries = volume.table.get_entries(command.start, command.count)
-            return Response(start=command.start, entries=tuple(e[:3] for e in entries)), volume
+            found = tuple(
+                Alternate(command.start + i, alt[0], alt[1], tuple(bitmap_runs(alt[2], volume.table.segment_blocks)), alt[3])
+                for i, (_, _, _, alt) in enumerate(entries)
+                if alt is not None
+            )
+            return Response(start=command.start, entries=tuple(e[:3] for e in entries), alternates=found), volume
         elif op is Op.SET_ENTRIES:
             volume.table.set_entries(command.start, command.entries)
+            alternates.install(volume.table, command.alternates)
+        elif op is Op.SET_ALTERNATES:
+            alternates.install(volume.table, command.alternates)
+        elif op is Op.MARK_ALTERNATES:
+            alternates.mark(volume.table, command.alternates)
         elif op is Op.SET_STATE:
             volume.table.set_state(command.start, command.count, command.bits)
+            if command.bits & SHARED:
+                volume.frozen += volume.table.freeze_alternates(command.start, command.count)
+                volume.sharing = volume.sharing or asyncio.Event()
         elif op is Op.CLEAR_STATE:
             volume.table.clear_state(command.start, command.count, command.bits)
         return Response(), volume
@@ -361,6 +409,7 @@ class Agent:
                     pos = await self._resolve(vdisk, volume, hold, result, True, view, lba, pos, end, written)
                     continue
                 await self._transfer(result, view[(pos - lba) * block_size :], True, written)
+                table.mark_written(pos, end - pos)  # in a writable alternate location: its blocks are there now
                 pos = end
             if fua:
                 await self._sync(written)
@@ -371,6 +420,8 @@ class Agent:
         finally:
             hold.release()
         if fua:
+            if table.dirty:  # bits this write (or an earlier one) set in an alternate location: reported too
+                self.mapped += 1
             needed = self.mapped  # the mappings this write may have used are all of this generation or older
             while self.durable < needed:
                 await self.metadata_commit()
@@ -423,12 +474,16 @@ class Agent:
             if isinstance(prefix, MapFault):
                 return pos
             await self._transfer(prefix, view[(pos - lba) * block_size :], write, written)
+            if write:
+                table.mark_written(pos, seg_start - pos)
             pos = seg_start
         for start, stop, released in volume.releasing:
             if start <= fault.segment < stop:
                 # An unmap is giving this segment back: map it anew only once that is done.
                 await self._away(vdisk, volume, hold, released.wait())
                 return pos
+        if write and fault.state & SHARED and not fault.state & (INVALID | ERROR):
+            return await self._copy_on_write(vdisk, volume, hold, fault, pos)
         zero_data = False
         fresh = write and fault.state == ZERO and table.get_entries(fault.segment, 1)[0][3] is None
         if fresh:
@@ -475,12 +530,75 @@ class Agent:
         if response.action is Action.COMPLETE:
             return seg_end
         if fault.state & INVALID:
-            table.fill_invalid(response.start, response.entries)
+            self._fill(volume, response)
         elif response.entries:
             self._install(volume, response.start, response.entries)
             if fresh:
                 self.mapped += 1
         return pos
+
+    async def _copy_on_write(self, vdisk: int, volume: Volume, hold: _Hold, fault: MapFault, pos: int) -> int:
+        """A write met an entry shared with a snapshot or clone: give it a writable alternate location, a segment of
+        the grant (asked of the controller when there is none), and copy there first the blocks of the shared
+        alternate location it may have had. The write then goes on into it; only the blocks it writes are new
+        there. Returns where the write goes on from (the same place)."""
+        segment, table = fault.segment, volume.table
+        if volume.sharing is not None:  # a snapshot is being taken: what is written now comes after it
+            await self._away(vdisk, volume, hold, volume.sharing.wait())
+            return pos
+        if fault.state & ZERO:  # unmapped: nothing to share, a first write maps a fresh segment
+            table.clear_state(segment, 1, NOWRITE | SHARED)
+            return pos
+        asking = volume.faulting.get(segment)
+        if asking is not None:  # another write is doing it: this one goes on once that is done
+            await self._away(vdisk, volume, hold, asking.wait())
+            return pos
+        if not volume.grant:
+            revokes = volume.revokes
+            asked = Fault(vdisk, segment, fault.state, True, request=next(self.requests))
+            response = await self._away(vdisk, volume, hold, self._ask(asked))
+            self._take_grant(volume, revokes, response.grant)
+            state = response.entries[0][2] if response.entries else SHARED
+            if not state & SHARED and table.get_entries(segment, 1)[0][2] & SHARED:  # no snapshot shares it any more
+                table.clear_state(segment, 1, SHARED | (0 if state & NOWRITE else NOWRITE))
+            return pos  # look again: granted a segment, or no longer shared
+        claim = volume.faulting[segment] = _Claim()
+        location = next(iter(volume.grant))
+        del volume.grant[location]
+        try:
+            old = table.get_entries(segment, 1)[0][3]
+            if old is not None:
+                copy = alternates.copy_blocks
+                await self._away(vdisk, volume, hold, self._in_io_thread(copy, self.containers, table, old[:2], location, old[2]))
+            _, _, state, now = table.get_entries(segment, 1)[0]
+            if not state & SHARED or state & (INVALID | ERROR) or now != old:
+                volume.grant[location] = None  # changed meanwhile (unshared, dropped): not needed after all
+                return pos
+            table.set_alternate(segment, location[0], location[1], old[2] if old is not None else None, writable=True)
+            table.mark_dirty(segment)  # reported even if no write lands there: the grant's segment is used
+            self.mapped += 1
+            self.copies_on_write += 1
+        except (ContainerError, OSError) as exc:
+            volume.grant[location] = None
+            claim.error = AgentIOError(Reason.IO_ERROR, str(exc))
+            raise claim.error from None
+        except AgentIOError as exc:
+            claim.error = exc
+            raise
+        finally:
+            volume.faulting.pop(segment).done.set()
+        return pos
+
+    @staticmethod
+    def _fill(volume: Volume, response: Response) -> None:
+        """The entries a load was answered with, where they are still INVALID, with their alternate locations."""
+        table = volume.table
+        loading: set[int] = set()
+        if response.alternates:
+            current = table.get_entries(response.start, len(response.entries))
+            loading = {response.start + i for i, entry in enumerate(current) if entry[2] & INVALID}
+        table.fill_invalid(response.start, response.entries)
+        alternates.install(table, response.alternates, loading)
 
     @staticmethod
     def _install(volume: Volume, start: int, entries: tuple[tuple[int, int, int], ...]) -> None:
@@ -567,20 +685,26 @@ class Agent:
         """Tell the controller which granted segments now hold which vdisk segments. The mappings are kept until
         the controller has answered OK: one that is lost would leave acknowledged data pointing nowhere."""
         async with self.reporting:
-            if not volume.unreported:
+            if not volume.unreported and not volume.table.dirty:
                 return
             entries = tuple(volume.unreported)
+            reports = alternates.take_reports(volume.table)
             drops, revokes = self.drops, volume.revokes
             try:
-                response = await self._ask(Allocated(vdisk, entries, next(self.requests)))
+                response = await self._ask(Allocated(vdisk, entries, next(self.requests), reports[0] if reports else ()))
+                for more in reports[1:]:  # a bitmap too fragmented for one message
+                    await self._ask(Allocated(vdisk, (), next(self.requests), more))
             except AgentIOError as exc:
                 if exc.reason is not Reason.BAD_COMMAND or drops != self.drops:
+                    if drops == self.drops:
+                        alternates.put_back(volume.table, reports)
                     raise  # a store error: kept, and sent again (or dropped meanwhile: nothing of it is left)
                 # Refused for good (the controller maps these segments otherwise): sending them again would fail
                 # every later flush too. Dropped, loudly; this flush fails.
                 log.error("the controller refused vdisk %d's report of %d mappings (dropped): %s", vdisk, len(entries), exc)
                 del volume.unreported[: len(entries)]
-                for vseg, _, _ in entries:  # never write there again: fault, and take the controller's word for it
+                refused = {vseg for vseg, _, _ in entries} | {alt.vseg for report in reports for alt in report}
+                for vseg in refused:  # never write there again: fault, and take the controller's word for it
                     volume.table.set_entries(vseg, [(0, 0, INVALID)])
                 raise
             if drops == self.drops:  # else drop_all() emptied the list; what is there now is unreported
@@ -644,7 +768,7 @@ class Agent:
             _, _, state, alternate = table.get_entries(segment, 1)[0]
             if state & INVALID:
                 response = await self._ask(Fault(vdisk, segment, state, False, request=next(self.requests)))
-                table.fill_invalid(response.start, response.entries)
+                self._fill(volume, response)
                 continue
             mapped = not state & ZERO or alternate is not None
             start = max(segment * per, lba)

@@ -23,6 +23,7 @@ class RefEntry:
     alt_blocks: set[int] = field(default_factory=set)
     writable: bool = False
     dirty: bool = False
+    frozen: bool = False
 
 
 class RefMapTable:
@@ -54,7 +55,7 @@ class RefMapTable:
             seg, offset = divmod(block, self.segment_blocks)
             count = min(self.segment_blocks - offset, end - block)
             entry = self.entries[seg]
-            if entry.state & (INVALID | ERROR):
+            if entry.state & (INVALID | ERROR) or (is_write and entry.state & SHARED and not entry.writable):
                 return MapFault(seg, entry.state)
             runs = [(offset, count, True)] if is_write and entry.writable else self._runs(entry, offset, count)
             for first, run, in_alt in runs:
@@ -150,7 +151,7 @@ class RefMapTable:
             raise ValueError("bitmap too long")
         entry = self.entries[segment]
         entry.alternate = (container, alt_segment)
-        entry.writable, entry.dirty = writable, False
+        entry.writable, entry.dirty, entry.frozen = writable, False, False
         entry.alt_blocks = {
             block
             for block in range(self.segment_blocks)
@@ -170,14 +171,29 @@ class RefMapTable:
     def clear_alternate(self, segment: int) -> None:
         self._check_range(segment, 1)
         entry = self.entries[segment]
-        entry.alternate, entry.alt_blocks, entry.writable, entry.dirty = None, set(), False, False
+        entry.alternate, entry.alt_blocks, entry.writable, entry.dirty, entry.frozen = None, set(), False, False, False
+
+    def freeze_alternates(self, start: int, count: int) -> list[int]:
+        self._check_range(start, count)
+        frozen = []
+        for index in range(start, start + count):
+            entry = self.entries[index]
+            if entry.writable:
+                entry.writable, entry.frozen = False, True
+                frozen.append(index)
+        return frozen
+
+    def thaw(self, segments: list[int]) -> None:
+        for segment in segments:
+            self._check_range(segment, 1)
+            self.entries[segment].frozen = False
 
     def mark_written(self, lba: int, nblocks: int) -> None:
         if lba < 0 or nblocks < 0 or lba + nblocks > len(self.entries) * self.segment_blocks:
             raise ValueError("blocks outside the table")
         for block in range(lba, lba + nblocks):
             entry = self.entries[block // self.segment_blocks]
-            if entry.writable and block % self.segment_blocks not in entry.alt_blocks:
+            if (entry.writable or entry.frozen) and block % self.segment_blocks not in entry.alt_blocks:
                 entry.alt_blocks.add(block % self.segment_blocks)
                 entry.dirty = True
 

@@ -22,6 +22,7 @@ from san.api.bodies import (
     HostCreate,
     HostModify,
     PoolCreate,
+    SnapshotCreate,
     VDiskCreate,
     VDiskGrow,
     VDiskRename,
@@ -107,7 +108,7 @@ def create_app(
             "free_bytes": usage.free_bytes,
             "provisioned_bytes": usage.provisioned_bytes,
             "used_percent": usage.used_percent,
-            "vdisks": sum(1 for v in controller.vdisks.values() if v.pool_id == pool.id),
+            "vdisks": sum(1 for v in controller.vdisks.values() if v.pool_id == pool.id and not v.origin),
             "containers": [
                 {**c.public(), "path": controller.containers.paths.get(c.id) or controller.pool_manager.resolve(c.path)}
                 for c in controller.pool_containers(pool)
@@ -115,12 +116,15 @@ def create_app(
         }
 
     def vdisk_json(vdisk: VDisk) -> dict[str, Any]:
+        origin = controller.vdisks.get(vdisk.origin)
         return {
             **vdisk.to_dict(),
             "state": controller.vdisk_state(vdisk),
             "pool": controller.pools[vdisk.pool_id].name,
             "allocated_bytes": controller.allocated_bytes(vdisk),
             "progress": controller.progress.get(vdisk.id, 1.0),
+            "snapshot_of": origin.name if origin is not None else None,
+            "snapshots": [s.name for s in controller.snapshots.of(vdisk)],
         }
 
     if metrics is not None:
@@ -137,7 +141,8 @@ def create_app(
             "uptime_seconds": round(time.time() - started, 1),
             "pools": len(controller.pools),
             "pools_offline": len(controller.offline),
-            "vdisks": len(controller.vdisks),
+            "vdisks": sum(1 for v in controller.vdisks.values() if not v.origin),
+            "snapshots": sum(1 for v in controller.vdisks.values() if v.origin),
             "agents": len(controller.agents),
             "hosts": len(zoning.hosts),
             "zones": len(zoning.zones),
@@ -197,7 +202,28 @@ def create_app(
 
     @app.get("/vdisks")
     async def list_vdisks() -> list[dict[str, Any]]:
-        return [vdisk_json(v) for v in sorted(controller.vdisks.values(), key=lambda v: v.name)]
+        """The vdisks (not their snapshots: /snapshots, /vdisks/{name}/snapshots)."""
+        return [vdisk_json(v) for v in sorted(controller.vdisks.values(), key=lambda v: v.name) if not v.origin]
+
+    @app.get("/snapshots")
+    async def list_snapshots() -> list[dict[str, Any]]:
+        """Every snapshot, by vdisk, oldest first."""
+        live = sorted((v for v in controller.vdisks.values() if not v.origin), key=lambda v: v.name)
+        return [vdisk_json(s) for v in live for s in controller.snapshots.of(v)]
+
+    @app.get("/vdisks/{name}/snapshots")
+    async def list_vdisk_snapshots(name: str) -> list[dict[str, Any]]:
+        return [vdisk_json(s) for s in controller.snapshots.of(controller.vdisk(name))]
+
+    @app.post("/vdisks/{name}/snapshots", status_code=201)
+    async def create_snapshot(name: str, body: SnapshotCreate) -> dict[str, Any]:
+        """Snapshot NAME@{body.name}: a point-in-time, read-only image of the vdisk (every write acknowledged
+        before the request is in it, none that starts after)."""
+        return vdisk_json(await controller.snapshots.create(f"{name}@{body.name}"))
+
+    @app.delete("/vdisks/{name}/snapshots/{snapshot}", status_code=204)
+    async def delete_snapshot(name: str, snapshot: str) -> None:
+        await controller.snapshots.delete(f"{name}@{snapshot}")
 
     @app.post("/vdisks", status_code=201)
     async def create_vdisk(body: VDiskCreate) -> JSONResponse:

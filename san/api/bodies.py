@@ -60,6 +60,13 @@ class VDiskCreate(BaseModel):
         return value
 
 
+class SnapshotCreate(BaseModel):
+    """POST /vdisks/{name}/snapshots: the snapshot's name (it is {name}@{snapshot name} from then on)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Name
+
+
 class VDiskGrow(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     size: Size

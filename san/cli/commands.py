@@ -223,6 +223,30 @@ def _run_vdisk(client: SanClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_snapshot(client: SanClient, args: argparse.Namespace) -> int:
+    if args.action == "create":
+        snapshot = client.create_snapshot(args.vdisk, args.name)
+        print(f"snapshot {snapshot.name} taken: {format_exact(snapshot.size_bytes)}, read-only")
+    elif args.action == "list":
+        snapshots = client.snapshots(args.vdisk)
+        views.print_json(snapshots) if args.json else print(views.snapshot_rows(snapshots))
+    elif args.action == "show":
+        shown = client.vdisk(_snapshot_name(args.name))
+        views.print_json(shown) if args.json else print(views.show_vdisk(shown))
+    elif args.action == "delete":
+        vdisk, name = _snapshot_name(args.name).split("@", 1)
+        client.delete_snapshot(vdisk, name)
+        print(f"snapshot {args.name} deleted")
+    return 0
+
+
+def _snapshot_name(name: str) -> str:
+    vdisk, at, snapshot = name.partition("@")
+    if not at or not vdisk or not snapshot:
+        raise ApiError(f"{name!r} is not a snapshot name (VDISK@NAME)")
+    return name
+
+
 def run_client(args: argparse.Namespace) -> int:
     client = SanClient(args.api, args.token_file, args.ca_file)
     if args.command == "config":
@@ -246,4 +270,6 @@ def run_client(args: argparse.Namespace) -> int:
         return _run_pool(client, args)
     if args.command in ("host", "zone"):
         return _run_zoning(client, args)
+    if args.command == "snapshot":
+        return _run_snapshot(client, args)
     return _run_vdisk(client, args)

@@ -387,6 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     modify.add_argument("--mutual-secret", nargs="?", action=SecretOnCommandLine, help=argparse.SUPPRESS)
     host.add_parser("delete", parents=[client], help="delete a host with no zones").add_argument("name")
 
+    snapshot = commands.add_parser("snapshot", help="manage snapshots (VDISK@NAME: read-only, point in time)").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
+    create = snapshot.add_parser(
+        "create", parents=[client], help="snapshot a vdisk: every write acknowledged before is in it, none after"
+    )
+    create.add_argument("vdisk")
+    create.add_argument("name", help="the snapshot's name: it is VDISK@NAME from then on")
+    listing = snapshot.add_parser("list", parents=[client], help="list snapshots, oldest first")
+    listing.add_argument("vdisk", nargs="?", help="only this vdisk's (default: every vdisk's)")
+    listing.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
+    show = snapshot.add_parser("show", parents=[client], help="show one snapshot")
+    show.add_argument("name", metavar="VDISK@NAME")
+    show.add_argument("--json", action="store_true", help="print the API's JSON unchanged")
+    snapshot.add_parser(
+        "delete", parents=[client], help="delete a snapshot (not zoned); what only it kept is reclaimed in the background"
+    ).add_argument("name", metavar="VDISK@NAME")
+
     zone = commands.add_parser("zone", help="manage zoning: which host sees which vdisk").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )

@@ -33,7 +33,16 @@ def show_vdisk(v: VDisk) -> str:
             ("block size", v.block_size),
             ("serial", v.serial),
             ("state", v.state),
+            *([("snapshot of", v.snapshot_of), ("taken", v.created)] if v.snapshot_of else []),
+            *([("snapshots", ", ".join(v.snapshots))] if v.snapshots else []),
         ]
+    )
+
+
+def snapshot_rows(snapshots: Sequence[VDisk]) -> str:
+    return table(
+        ["NAME", "VDISK", "SIZE", "TAKEN", "STATE"],
+        [[s.name, s.snapshot_of, format_size(s.size_bytes), s.created, s.state] for s in snapshots],
     )
 
 

@@ -85,6 +85,19 @@ class SanClient(Transport):
     def delete_vdisk(self, name: str) -> None:
         self.delete(f"/vdisks/{_name(name)}")
 
+    # -- snapshots -----------------------------------------------------------------------------------------
+
+    def snapshots(self, vdisk: str | None = None) -> list[VDisk]:
+        """A vdisk's snapshots (oldest first), or every vdisk's."""
+        path = f"/vdisks/{_name(vdisk)}/snapshots" if vdisk is not None else "/snapshots"
+        return [_answer(VDisk, v) for v in self.get(path)]
+
+    def create_snapshot(self, vdisk: str, name: str) -> VDisk:
+        return _answer(VDisk, self.post(f"/vdisks/{_name(vdisk)}/snapshots", {"name": name}))
+
+    def delete_snapshot(self, vdisk: str, name: str) -> None:
+        self.delete(f"/vdisks/{_name(vdisk)}/snapshots/{_name(name)}")
+
     # -- hosts and zones -----------------------------------------------------------------------------------
 
     def hosts(self, secrets: bool = False) -> list[Host]:

@@ -91,6 +91,11 @@ class VDisk(Model):
     state: str = "ready"
     allocated_bytes: int = 0
     progress: float = 1.0
+    origin: int = 0
+    generation: int = 0
+    created: str = ""
+    snapshot_of: str | None = None
+    snapshots: list[str] = field(default_factory=list)
 
     @property
     def data_percent(self) -> float:

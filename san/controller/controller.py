@@ -14,6 +14,7 @@ from san.controller.allocator import PoolAllocator, Run, Segment
 from san.controller.faults import AgentMessage, FaultPolicy
 from san.controller.locks import Locks
 from san.controller.pools import PoolManager
+from san.controller.snapshots import SnapshotManager
 from san.controller.vdisks import VDiskManager
 from san.controller.zoning import Zoning
 from san.errors import NotFound, StoreFailure
@@ -72,6 +73,7 @@ class Controller:
         self.agents.on_gone = lambda session: self.policy.agent_gone(session.name)
         self.pool_manager = PoolManager(self, allow_paths)
         self.vdisk_manager = VDiskManager(self)
+        self.snapshots = SnapshotManager(self)
         self.zoning = Zoning(self.metadata, lambda: self.vdisks, self.locks)
         self.pool_manager.load()
 
@@ -109,7 +111,7 @@ class Controller:
         allocator = self.allocators[pool.id]
         capacity = allocator.capacity * pool.segment_size
         used = allocator.used * pool.segment_size
-        provisioned = sum(v.size_bytes for v in self.vdisks.values() if v.pool_id == pool.id)
+        provisioned = sum(v.size_bytes for v in self.vdisks.values() if v.pool_id == pool.id and not v.origin)
         return PoolUsage(capacity, used, capacity - used, provisioned, round(100 * used / capacity, 2) if capacity else 0)
 
     def allocated_bytes(self, vdisk: VDisk) -> int:

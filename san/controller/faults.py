@@ -8,7 +8,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from san._fastmap import ERROR, INVALID, NOWRITE, ZERO
+from san._fastmap import ERROR, INVALID, NOWRITE, SHARED, ZERO, runs_bitmap
 from san.controller.allocator import PoolAllocator, Segment
 from san.errors import StoreFailure
 from san.model import Pool, VDisk
@@ -73,7 +73,11 @@ class FaultPolicy:
         return response.answering(message.request) if message.request else response
 
     async def _change(self, message: Fault | Allocated | Release, agent: str) -> Response:
-        """A write fault, a report or a release: what may change a mapping."""
+        """A write fault, a report or a release: what may change a mapping. While a snapshot of the vdisk is being
+        taken, those that come after its writes were fenced wait until it is recorded."""
+        fence = self.controller.snapshots.fence(message.vdisk, agent, isinstance(message, Allocated))
+        if fence is not None:
+            await fence.wait()
         if isinstance(message, Allocated):
             response = self.record_allocated(message, agent)
             if response.action is Action.OK:
@@ -124,21 +128,105 @@ class FaultPolicy:
             return Response(Action.FAIL, reason=Reason.OUT_OF_RANGE, message=f"segment {fault.segment}")
         if fault.state & INVALID:
             start = fault.segment - fault.segment % LOAD_CHUNK
-            return Response(Action.RETRY, start, self.entries(vdisk, start, min(start + LOAD_CHUNK, nsegments)))
+            entries, alternates = self.controller.snapshots.entries(vdisk, start, min(start + LOAD_CHUNK, nsegments))
+            return Response(Action.RETRY, start, entries, alternates=alternates)
         if fault.state & ERROR:
             return Response(Action.FAIL, reason=Reason.IO_ERROR, message=f"segment {fault.segment} is in error")
+        if fault.write and vdisk.origin:
+            return Response(Action.FAIL, reason=Reason.WRITE_PROTECTED, message=f"{vdisk.name} is a snapshot: read-only")
         near = {
             m.vseg: m for m in controller.mappings(vdisk.id, max(fault.segment - 1, 0), fault.segment + pool.allocate_ahead + 2)
         }
         current = near.get(fault.segment)
         state = current.state if current else ZERO
+        if fault.write and fault.state & SHARED:
+            return self._copy_on_write(vdisk, pool, fault, current, agent)
         if not fault.write or not state & (NOWRITE | ZERO):
-            return Response(Action.RETRY, fault.segment, self.entries(vdisk, fault.segment, fault.segment + 1))
+            entries, alternates = self.controller.snapshots.entries(vdisk, fault.segment, fault.segment + 1)
+            return Response(Action.RETRY, fault.segment, entries, alternates=alternates)
         if state & NOWRITE:
             return Response(Action.FAIL, reason=Reason.WRITE_PROTECTED, message=f"segment {fault.segment} is read-only")
         if fault.zero_data:
             return Response(Action.COMPLETE)
         return self._allocate(vdisk, pool, fault.segment, nsegments, near, agent)
+
+    def _copy_on_write(self, vdisk: VDisk, pool: Pool, fault: Fault, current: Mapping | None, agent: str) -> Response:
+        """A write into an entry the agent holds as shared: while a snapshot shares it, the agent is granted a segment
+        to take as its alternate location (it copies on write there, and reports the blocks); once none does any
+        more, it is answered with the entry as it is now, to write in place."""
+        entries, alternates = self.controller.snapshots.entries(vdisk, fault.segment, fault.segment + 1)
+        if current is None or not entries[0][2] & SHARED:
+            return Response(Action.RETRY, fault.segment, entries, alternates=alternates)
+        if len(self.controller.agents) > 1:
+            return Response(
+                Action.FAIL,
+                reason=Reason.WRITE_PROTECTED,
+                message="copy on write through more than one gateway is not supported yet",
+            )
+        allocator = self.controller.allocators[pool.id]
+        grant = self.grants.setdefault(vdisk.id, {})
+        taken = allocator.take(1, (current.container_id, current.pseg + 1))
+        if not taken:
+            self.controller.space_exhausted(pool)
+            return Response(Action.FAIL, reason=Reason.NO_SPACE, message=f"pool {pool.name!r} has no free segment")
+        self.owners[vdisk.id] = agent
+        allocator.granted.update(taken)
+        grant.update(dict.fromkeys(taken))
+        more = self._grant(vdisk, allocator, taken[-1], agent)
+        if len(allocator.reserve) < allocator.reserve_target // 2:
+            self.controller.low_reserve(pool.id)
+        return Response(Action.RETRY, fault.segment, entries, alternates=alternates, grant=(*taken, *more))
+
+    def _record_alternates(self, vdisk: VDisk, report: Allocated, agent: str, grant: dict[Segment, None]) -> Response | None:
+        """Record the alternate locations (copy on write) a report names, with the blocks written there: into the
+        mappings' rows, all or nothing. A new location must be granted to the reporting agent; blocks added to a
+        location a snapshot shares are refused. None when recorded, else the refusal."""
+        controller = self.controller
+        pool = controller.pools[vdisk.pool_id]
+        nbits = pool.segment_size // vdisk.block_size
+        seen = controller.snapshots.seen(vdisk.id, taking=False)  # what is reported now is in one being taken
+        rows: dict[int, Mapping] = {}
+        taken: set[Segment] = set()
+        nsegments = vdisk.nsegments(pool.segment_size)
+        for alt in report.alternates:
+            refused = Response(
+                Action.FAIL,
+                reason=Reason.BAD_COMMAND,
+                message=f"segment {alt.container}:{alt.segment} is no alternate location for vdisk segment {alt.vseg}",
+            )
+            if not 0 <= alt.vseg < nsegments:
+                return refused
+            row = rows.get(alt.vseg)
+            if row is None:
+                found = controller.mappings(vdisk.id, alt.vseg, alt.vseg + 1)
+                if not found:
+                    return refused
+                row = found[0]
+            location = (alt.container, alt.segment)
+            try:
+                if row.bitmap is not None and (row.alt_container, row.alt_pseg) == location:
+                    bitmap = runs_bitmap(alt.runs, nbits, row.bitmap)
+                    if bitmap == row.bitmap:
+                        continue  # repeated
+                    if seen is not None and row.birth <= seen:
+                        return refused  # a snapshot sees that location's blocks as they are
+                elif location in grant and location not in taken and location != (row.container_id, row.pseg):
+                    bitmap = runs_bitmap(alt.runs, nbits)
+                    taken.add(location)
+                else:
+                    return refused
+            except ValueError as exc:
+                return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=str(exc))
+            rows[alt.vseg] = row._replace(
+                alt_container=alt.container, alt_pseg=alt.segment, bitmap=bitmap, birth=vdisk.generation
+            )
+        allocator = controller.allocators[vdisk.pool_id]
+        for location in taken:
+            del grant[location]
+            allocator.granted.discard(location)
+        if rows:
+            controller.metadata.insert(vdisk.id, rows.values())
+        return None
 
     def record_allocated(self, report: Allocated, agent: str = "") -> Response:
         """Record the mappings an agent made from its grant; all or nothing. A report repeated (its answer was lost)
@@ -172,7 +260,13 @@ class FaultPolicy:
             seen.add(vseg)
             taken.add(segment)
             if not repeated:
-                new.append(Mapping(vseg, container_id, pseg, 0))
+                new.append(Mapping(vseg, container_id, pseg, 0, birth=vdisk.generation, pbirth=vdisk.generation))
+        if report.alternates:
+            if taken & {(a.container, a.segment) for a in report.alternates}:
+                return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message="a segment reported twice")
+            refused = self._record_alternates(vdisk, report, agent, grant)
+            if refused is not None:
+                return refused
         allocator = controller.allocators[vdisk.pool_id]
         for mapping in new:
             del grant[(mapping.container_id, mapping.pseg)]
@@ -180,7 +274,7 @@ class FaultPolicy:
         controller.metadata.insert(vdisk.id, new)
         controller.check_threshold(vdisk.pool_id)
         if vdisk.state != "ready" or not report.entries:
-            return Response()
+            return Response()  # (a copy-on-write report is topped up by the next fault that needs a segment)
         last = report.entries[-1]
         more = self._grant(vdisk, allocator, (last[1], last[2]), agent)  # the report of a writer tops its grant up
         if len(allocator.reserve) < allocator.reserve_target // 2:
@@ -287,12 +381,6 @@ class FaultPolicy:
             if vdisk is not None:
                 self.controller.allocators[vdisk.pool_id].release(self.return_grant(vdisk))
 
-    def entries(self, vdisk: VDisk, start: int, stop: int) -> tuple[Entry, ...]:
-        entries: list[Entry] = [(0, 0, ZERO)] * (stop - start)
-        for m in self.controller.mappings(vdisk.id, start, stop):
-            entries[m.vseg - start] = (m.container_id, m.pseg, m.state)
-        return tuple(entries)
-
     def _allocate(self, vdisk: VDisk, pool: Pool, vseg: int, nsegments: int, mapped: dict[int, Mapping], agent: str) -> Response:
         """Map vseg (and, for a sequential writer, the next unmapped segments) onto reserved segments."""
         controller = self.controller
@@ -314,7 +402,10 @@ class FaultPolicy:
         if not taken:
             controller.space_exhausted(pool)
             return Response(Action.FAIL, reason=Reason.NO_SPACE, message=f"pool {pool.name!r} has no free segment")
-        controller.metadata.insert(vdisk.id, [Mapping(vseg + i, c, p, 0) for i, (c, p) in enumerate(taken)])
+        generation = vdisk.generation
+        controller.metadata.insert(
+            vdisk.id, [Mapping(vseg + i, c, p, 0, birth=generation, pbirth=generation) for i, (c, p) in enumerate(taken)]
+        )
         grant = self._grant(vdisk, allocator, taken[-1], agent)
         controller.check_threshold(pool.id)
         return Response(Action.RETRY, vseg, tuple((c, p, 0) for c, p in taken), grant=grant)

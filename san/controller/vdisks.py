@@ -179,6 +179,8 @@ class VDiskManager:
         async with c.locks.hold(*self._locks(name, pool)):
             vdisk = c.vdisk(name)
             c.pool_manager.require_online(pool)
+            if vdisk.origin:
+                raise InvalidRequest(f"{name!r} is a snapshot: read-only, its size is its vdisk's when it was taken")
             if vdisk.state != "ready":
                 raise Conflict(f"vdisk {name!r} is {vdisk.state}")
             if size <= vdisk.size_bytes:
@@ -219,13 +221,27 @@ class VDiskManager:
         pool = c.pools[c.vdisk(name).pool_id]
         async with c.locks.hold(*self._locks(name, pool), ("vdisk", new_name)):
             vdisk = c.vdisk(name)
+            if vdisk.origin:
+                raise InvalidRequest(f"{name!r} is a snapshot: snapshots are named after their vdisk")
             if vdisk.state != "ready":
                 raise Conflict(f"vdisk {name!r} is {vdisk.state}")
             if any(v.name == new_name for v in c.vdisks.values()):
                 raise Conflict(f"vdisk {new_name!r} already exists")
-            await c.metadata.commit_async(lambda store: store.rename_vdisk(vdisk.id, new_name))
+            snapshots = c.snapshots.of(vdisk)  # VDISK@NAME follow their vdisk
+            renamed = [(s, new_name + s.name[len(name) :]) for s in snapshots]
+
+            def change(store: SQLiteStore) -> None:
+                store.rename_vdisk(vdisk.id, new_name)
+                for snapshot, snapshot_name in renamed:
+                    store.rename_vdisk(snapshot.id, snapshot_name)
+
+            await c.metadata.commit_async(change)
             vdisk.name = new_name
+            for snapshot, snapshot_name in renamed:
+                snapshot.name = snapshot_name
         c.changed("renamed", vdisk)
+        for snapshot, _ in renamed:
+            c.changed("renamed", snapshot)
         return vdisk
 
     async def delete(self, name: str) -> None:
@@ -234,9 +250,14 @@ class VDiskManager:
         pool = c.pools[c.vdisk(name).pool_id]
         async with c.locks.hold(*self._locks(name, pool)):
             vdisk = c.vdisk(name)
+            if vdisk.origin:
+                raise InvalidRequest(f"{name!r} is a snapshot: delete it with `san snapshot delete`")
             if vdisk.state != "ready":
                 raise Conflict(f"vdisk {name!r} is {vdisk.state}")
             c.zoning.check_unzoned(vdisk)
+            snapshots = c.snapshots.of(vdisk)
+            if snapshots:
+                raise Conflict(f"vdisk {name!r} has {len(snapshots)} snapshots ({snapshots[0].name}, ...): delete them first")
             vdisk.state = "deleting"  # faults fail from now on, and zoning refuses it
             dropped = False
             try:
@@ -246,6 +267,7 @@ class VDiskManager:
 
                 def change(store: SQLiteStore) -> list[Segment]:
                     freed = store.remove_mappings(vdisk.id, 0, vdisk.nsegments(pool.segment_size))
+                    freed += store.delete_retained(vdisk.id)
                     store.delete_vdisk(vdisk.id)
                     return freed
 
@@ -265,11 +287,11 @@ class VDiskManager:
             granted = c.policy.return_grant(vdisk)
             # Punch before the segments are free: once released, a refill may hand one to another vdisk, and a
             # punch still running would then zero that vdisk's data.
-            await asyncio.to_thread(self._punch, pool, runs_of(freed))
+            await asyncio.to_thread(self.punch, pool, runs_of(freed))
             allocator.release(freed + granted)
             c.check_threshold(pool.id)
 
-    def _punch(self, pool: Pool, runs: list[Run]) -> None:
+    def punch(self, pool: Pool, runs: list[Run]) -> None:
         """Give a deleted vdisk's space back to the file system (it is zeroed again before anyone is handed it)."""
         for container_id, first, length in runs:
             try:
@@ -282,6 +304,8 @@ class VDiskManager:
         c = self.controller
         vdisk = c.vdisk(name)
         pool = c.pools[vdisk.pool_id]
+        if vdisk.origin:
+            raise InvalidRequest(f"{name!r} is a snapshot: its entries are its vdisk's")
         async with c.locks.hold(*self._locks(name, pool)):
             if state & ~(NOWRITE | ERROR) or start < 0 or count < 1 or start + count > vdisk.nsegments(pool.segment_size):
                 raise InvalidRequest(f"bad state {state} or segments {start}+{count} for vdisk {shown(name)}")

@@ -136,6 +136,8 @@ class Zoning:
             vdisk = self._vdisk(vdisk_name)
             if vdisk.state not in ("ready", "allocating"):
                 raise Conflict(f"vdisk {vdisk.name!r} is {vdisk.state}")
+            if vdisk.origin and not read_only:
+                raise InvalidRequest(f"{vdisk.name!r} is a snapshot, read-only: zone it with --read-only")
             current = self.zones_of(host)
             if any(z.vdisk_id == vdisk.id for z in current):
                 raise Conflict(f"{vdisk.name!r} is already zoned to host {host.name!r}")
@@ -166,6 +168,8 @@ class Zoning:
                 raise InvalidRequest(f"LUN {lun} must be 0-{MAX_LUN}")
             if any(z.lun == lun and z is not zone for z in self.zones_of(host)):
                 raise Conflict(f"host {host.name!r} already has LUN {lun}")
+            if vdisk.origin and read_only is False:
+                raise InvalidRequest(f"{vdisk.name!r} is a snapshot: it can only be zoned read-only")
             changed = Zone(host.id, vdisk.id, lun, zone.read_only if read_only is None else read_only)
             await self.metadata.commit_async(lambda store: store.update_zone(changed))
             self.zones[self.zones.index(zone)] = changed

@@ -272,7 +272,7 @@ class Gateway:
             return Access(luns, credentials if host.chap_user else None)
         if not self.open_access:
             return None
-        ready = sorted(view.vdisks.values(), key=lambda v: v.id)
+        ready = sorted((v for v in view.vdisks.values() if not v.origin), key=lambda v: v.id)  # snapshots: zoned only
         return Access({lun: Zoned(self.disk(v)) for lun, v in enumerate(ready)})
 
     # -- LIO -----------------------------------------------------------------------------------------------

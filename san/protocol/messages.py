@@ -16,7 +16,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 from san.model import Host, VDisk, Zone
 
 Entry = tuple[int, int, int]
-PROTOCOL_VERSION = 3  # 2: heartbeats carry the session census; 3: each session, as `san session list` shows it
+PROTOCOL_VERSION = 4  # 2: heartbeats carry the session census; 3: each session, as `san session list` shows it;
+# 4: alternate locations (copy-on-write) in reports, answers and commands
 MAX_TEXT = 1 << 16
 MAX_ITEMS = 1 << 16
 LOAD_CHUNK = 1024  # a fault on an INVALID entry is answered with the aligned chunk of this many segments around it
@@ -32,6 +33,8 @@ class Op(StrEnum):
     SET_ENTRIES = "set_entries"
     SET_STATE = "set_state"
     CLEAR_STATE = "clear_state"
+    SET_ALTERNATES = "set_alternates"
+    MARK_ALTERNATES = "mark_alternates"
     ATTACH_CONTAINER = "attach_container"
     DETACH_CONTAINER = "detach_container"
     REVOKE_GRANT = "revoke_grant"
@@ -115,12 +118,28 @@ class Fault:
 
 
 @dataclass(frozen=True)
+class Alternate:
+    """An entry's alternate location: vdisk segment vseg's blocks in `runs` ((first block, count) pairs) live at
+    (container, segment). In a report or a MARK_ALTERNATES command the runs are added to those already there (a
+    bitmap too fragmented for one message goes in several); in an answer or SET_ALTERNATES they are all of them.
+    writable: the agent may write there itself (copy on write; it reports the blocks it writes)."""
+
+    vseg: int
+    container: int
+    segment: int
+    runs: tuple[tuple[int, int], ...] = ()
+    writable: bool = False
+
+
+@dataclass(frozen=True)
 class Allocated:
-    """Agent -> controller: segments of a grant now hold these vdisk segments, as (vdisk segment, container, segment)."""
+    """Agent -> controller: segments of a grant now hold these vdisk segments, as (vdisk segment, container, segment),
+    or are alternate locations (copy on write) of these entries, holding these blocks."""
 
     vdisk: int
     entries: tuple[Entry, ...]
     request: int = 0
+    alternates: tuple[Alternate, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -150,6 +169,7 @@ class Command:
     start: int = 0
     count: int = 0
     entries: tuple[Entry, ...] = ()
+    alternates: tuple[Alternate, ...] = ()
     bits: int = 0
     blocking: bool = False
     nsegments: int = 0
@@ -179,8 +199,9 @@ class Config:
 
 @dataclass(frozen=True)
 class Response:
-    """The answer to a message: the outcome, entries to install from start, and maybe a grant of zeroed segments
-    (container, segment) the agent may map for this vdisk's first writes on its own, reporting them in Allocated."""
+    """The answer to a message: the outcome, entries to install from start (with the alternate locations of some),
+    and maybe a grant of zeroed segments (container, segment) the agent may map for this vdisk's first writes on its
+    own, or take as alternate locations for copy on write, reporting them in Allocated."""
 
     action: Action = Action.OK
     start: int = 0
@@ -189,10 +210,11 @@ class Response:
     message: str = ""
     grant: tuple[tuple[int, int], ...] = ()
     request: int = 0
+    alternates: tuple[Alternate, ...] = ()
 
     def answering(self, request: int) -> Response:
         """This answer, for the request with that id (spelled out: dataclasses.replace costs more per fault)."""
-        return Response(self.action, self.start, self.entries, self.reason, self.message, self.grant, request)
+        return Response(self.action, self.start, self.entries, self.reason, self.message, self.grant, request, self.alternates)
 
 
 Message = Register | Registered | Heartbeat | Fault | Allocated | Release | Flush | Command | Config | Response
@@ -224,7 +246,7 @@ def decode(data: dict[str, Any]) -> Message:
     return message
 
 
-_OBJECTS = frozenset({"vdisks", "hosts", "zones", "sessions"})
+_OBJECTS = frozenset({"vdisks", "hosts", "zones", "sessions", "alternates"})
 _NAMES = {name: tuple(f.name for f in fields(cls)) for name, cls in _TYPES.items()}
 
 

@@ -1,7 +1,8 @@
 """Offline consistency check of a data directory's store, like thin_check: reads only, reports every problem.
 
-The tables: reference counts, segment bounds, sharing across vdisks, free + used = capacity. The containers: present,
-long enough, and carrying this store's label for that container at the epoch the store last wrote."""
+The tables: reference counts (of mappings, their alternate locations and the versions snapshots keep), segment bounds,
+sharing only inside a version set, snapshots of existing vdisks, free + used = capacity. The containers: present, long
+enough, and carrying this store's label for that container at the epoch the store last wrote."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import contextlib
 import os
 import sqlite3
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from san.model import LABEL_SEGMENTS
@@ -65,7 +66,7 @@ def _readonly(path: str) -> Iterator[sqlite3.Connection]:
 
 def _version_problem(db: sqlite3.Connection) -> str | None:
     version = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    if version is None or int(version[0]) not in (1, 2, SCHEMA_VERSION):
+    if version is None or int(version[0]) not in (1, 2, 3, SCHEMA_VERSION):
         return f"schema version {version and version[0]} is not {SCHEMA_VERSION}"
     return None
 
@@ -76,16 +77,25 @@ def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
         return [problem], []
     problems: list[str] = []
     pools = {row[0]: (row[1], row[2]) for row in db.execute("SELECT id, name, segment_size FROM pool")}
-    labelled = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]) >= 3
-    uuid = "uuid" if labelled else "''"
+    version = int(db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+    uuid = "uuid" if version >= 3 else "''"
     containers = {
         row[0]: {"pool": row[1], "path": row[2], "size": row[3], "nsegments": row[4], "label": LABEL_SEGMENTS if row[5] else 0}
         for row in db.execute(f"SELECT id, pool_id, path, size_bytes, nsegments, {uuid} FROM container")
     }
+    origin = "origin_id, generation, block_size" if version >= 4 else "0, 0, block_size"
     vdisks = {
-        row[0]: {"name": row[1], "pool": row[2], "size": row[3], "thin": bool(row[4]), "state": row[5]}
-        for row in db.execute("SELECT id, name, pool_id, size_bytes, thin, state FROM vdisk")
-    }
+        row[0]: {
+            "name": row[1], "pool": row[2], "size": row[3], "thin": bool(row[4]), "state": row[5], "origin": row[6],
+            "generation": row[7], "block_size": row[8],
+        }
+        for row in db.execute(f"SELECT id, name, pool_id, size_bytes, thin, state, {origin} FROM vdisk")
+    }  # fmt: skip
+    for v in vdisks.values():
+        if v["origin"] and v["origin"] not in vdisks:
+            problems.append(f"snapshot {v['name']} is of a missing vdisk {v['origin']}")
+        elif v["origin"] and v["generation"] >= vdisks[v["origin"]]["generation"]:
+            problems.append(f"snapshot {v['name']} sees generation {v['generation']}, not older than its vdisk's")
     for cid, c in containers.items():
         if c["pool"] not in pools:
             problems.append(f"container {cid} ({c['path']}) belongs to missing pool {c['pool']}")
@@ -97,12 +107,15 @@ def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
     references: Counter[tuple[int, int]] = Counter()
     owners: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
     mapped: Counter[int] = Counter()
-    for vdisk_id, vseg, cid, pseg in db.execute("SELECT vdisk_id, vseg, container_id, pseg FROM mapping"):
+    for vdisk_id, vseg, cid, pseg, what in _holders(db, version):
         vdisk = vdisks.get(vdisk_id)
         if vdisk is None:
             problems.append(f"mapping of missing vdisk {vdisk_id} (segment {vseg})")
             continue
-        mapped[vdisk_id] += 1
+        if vdisk["origin"]:
+            problems.append(f"snapshot {vdisk['name']} has mappings of its own (segment {vseg})")
+        if what == "mapping":
+            mapped[vdisk_id] += 1
         container = containers.get(cid)
         if container is None:
             problems.append(f"vdisk {vdisk['name']} segment {vseg} points at missing container {cid}")
@@ -121,6 +134,8 @@ def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
             problems.append(f"vdisk {vdisk['name']} segment {vseg} points at the label of container {cid}")
         references[(cid, pseg)] += 1
         owners[(cid, pseg)].add(vdisk_id)
+    if version >= 4:
+        problems += _bitmap_problems(db, vdisks, pools)
 
     counted: dict[tuple[int, int], int] = {}
     for cid, pseg, refcount in db.execute("SELECT container_id, pseg, refcount FROM segment"):
@@ -136,7 +151,7 @@ def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
             problems.append(f"container {key[0]} segment {key[1]} is mapped {count} time(s) but marked free")
         if len(owners[key]) > 1:
             names = sorted(vdisks[v]["name"] for v in owners[key])
-            problems.append(f"container {key[0]} segment {key[1]} is shared by unrelated vdisks {', '.join(names)}")
+            problems.append(f"container {key[0]} segment {key[1]} is shared outside its version set: {', '.join(names)}")
 
     summary: list[str] = []
     for pool_id, (name, _) in sorted(pools.items()):
@@ -153,8 +168,37 @@ def _check_tables(db: sqlite3.Connection) -> tuple[list[str], list[str]]:
         nsegments = -(-vdisk["size"] // pools[vdisk["pool"]][1])
         if not vdisk["thin"] and vdisk["state"] == "ready" and mapped[vdisk_id] != nsegments:
             problems.append(f"thick vdisk {vdisk['name']} maps {mapped[vdisk_id]} of its {nsegments} segments")
-    summary.append(f"{len(vdisks)} vdisks, {sum(mapped.values())} mapped segments")
+    snapshots = sum(1 for v in vdisks.values() if v["origin"])
+    summary.append(f"{len(vdisks) - snapshots} vdisks, {snapshots} snapshots, {sum(mapped.values())} mapped segments")
     return problems, summary
+
+
+def _holders(db: sqlite3.Connection, version: int) -> Iterable[tuple[int, int, int, int, str]]:
+    """Every reference to a physical segment: (vdisk, vdisk segment, container, segment, what holds it)."""
+    if version < 4:
+        for vdisk_id, vseg, cid, pseg in db.execute("SELECT vdisk_id, vseg, container_id, pseg FROM mapping"):
+            yield vdisk_id, vseg, cid, pseg, "mapping"
+        return
+    columns = "vdisk_id, vseg, container_id, pseg, alt_container, alt_pseg, bitmap"
+    for table in ("mapping", "retained"):
+        for vdisk_id, vseg, cid, pseg, alt_cid, alt_pseg, bitmap in db.execute(f"SELECT {columns} FROM {table}"):
+            yield vdisk_id, vseg, cid, pseg, table
+            if bitmap is not None:
+                yield vdisk_id, vseg, alt_cid, alt_pseg, f"{table} alternate"
+
+
+def _bitmap_problems(db: sqlite3.Connection, vdisks: dict[int, dict[str, int]], pools: dict[int, tuple[str, int]]) -> list[str]:
+    """Alternate locations whose bitmap is not one bit per block of the segment."""
+    problems = []
+    for table in ("mapping", "retained"):
+        for vdisk_id, vseg, bitmap in db.execute(f"SELECT vdisk_id, vseg, bitmap FROM {table} WHERE bitmap IS NOT NULL"):
+            vdisk = vdisks.get(vdisk_id)
+            if vdisk is None or vdisk["pool"] not in pools:
+                continue
+            blocks = pools[vdisk["pool"]][1] // vdisk["block_size"]
+            if len(bitmap) != (blocks + 7) // 8:
+                problems.append(f"vdisk {vdisk['name']} segment {vseg}: a {len(bitmap)}-byte bitmap for {blocks} blocks")
+    return problems
 
 
 def _check_containers(db: sqlite3.Connection, data_dir: str) -> list[str]:

@@ -116,12 +116,22 @@ class Metadata:
         removal durable, so a crash can never leave this vdisk pointing at a segment someone else was given."""
         changed = self.changed.setdefault(vdisk_id, {})
         for mapping in self.find(vdisk_id, start, stop):
-            if changed.get(mapping.vseg) is not None:
-                self.orphans.append((mapping.container_id, mapping.pseg))  # never committed: nothing to unreference
+            if changed.get(mapping.vseg) is not None:  # what it holds that was never committed: nothing unreferences it
+                self.orphans += self._uncommitted(vdisk_id, mapping)
             changed[mapping.vseg] = None
             self._view(vdisk_id, mapping.vseg, None)
             if vdisk_id in self.counts:
                 self.counts[vdisk_id] -= 1
+
+    def _uncommitted(self, vdisk_id: int, mapping: Mapping) -> list[Segment]:
+        """The segments a pending mapping holds that no version of it in the store (or in the commit in flight) holds:
+        a new mapping's, a new alternate location's; not the shared primary of a copy on write."""
+        with _reading():
+            held = {s for m in self.store.mappings(vdisk_id, mapping.vseg, mapping.vseg + 1) for s in _segments(m)}
+        flying = self.flight.changed.get(vdisk_id, {}).get(mapping.vseg) if self.flight is not None else None
+        if flying is not None:
+            held.update(_segments(flying))
+        return [s for s in _segments(mapping) if s not in held]
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run action once the next commit is durable."""
@@ -250,9 +260,10 @@ class Metadata:
         began = time.monotonic()
         try:
             store.begin()
-            for vdisk_id, entries in changed.items():
-                freed += store.remove_mapping_ranges(vdisk_id, _ranges(entries))
+            for vdisk_id, entries in changed.items():  # a new version of a mapping may keep its segments
+                store.remove_mapping_ranges(vdisk_id, _ranges(entries), collect=False)
                 store.add_mappings(vdisk_id, sorted(m for m in entries.values() if m is not None))
+            freed += store.unreferenced()
             result = change(store) if change is not None else None
             store.commit()
         except (sqlite3.Error, StoreError, OSError) as exc:
@@ -281,7 +292,9 @@ class Metadata:
                 if vseg not in later:
                     later[vseg] = mapping
                 elif mapping is not None and later[vseg] != mapping:
-                    self.orphans.append((mapping.container_id, mapping.pseg))
+                    newer = later[vseg]
+                    kept = set(_segments(newer)) if newer is not None else set()
+                    self.orphans += [s for s in self._uncommitted(vdisk_id, mapping) if s not in kept]
         self.orphans[:0] = orphans
         self.actions[:0] = actions
         if isinstance(error, StoreFailure):
@@ -351,6 +364,14 @@ def _reading() -> Iterator[None]:
     except sqlite3.Error as exc:
         log.error("metadata read failed: %s", exc)
         raise StoreFailure(f"metadata read failed: {exc}") from exc
+
+
+def _segments(mapping: Mapping) -> list[Segment]:
+    """The physical segments a mapping holds: its primary location, and its alternate one if it has one."""
+    found = [(mapping.container_id, mapping.pseg)]
+    if mapping.bitmap is not None:
+        found.append((mapping.alt_container, mapping.alt_pseg))
+    return found
 
 
 def _ranges(vsegs: Iterable[int]) -> list[tuple[int, int]]:

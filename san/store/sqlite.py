@@ -8,7 +8,8 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from san.model import Container, Host, Pool, VDisk, Zone
 from san.store.store import SCHEMA_VERSION, Mapping, StoreError
@@ -77,7 +78,37 @@ SCHEMA_V3 = [
     "ALTER TABLE container ADD COLUMN epoch_next TEXT NOT NULL DEFAULT ''",
     "CREATE INDEX segment_unreferenced ON segment (refcount) WHERE refcount <= 0",
 ]
-UPGRADES = {1: SCHEMA_V2 + SCHEMA_V3, 2: SCHEMA_V3}
+# Version 4: version sets. A snapshot is a vdisk row with origin_id (the vdisk it is of) and the generation of its
+# origin it sees; a mapping has an alternate location with its block bitmap (copy on write), the generation it was
+# written in (birth) and the one its primary location came in (pbirth); the versions of mappings that a snapshot
+# still sees after the vdisk moved on are kept in `retained`, each with the generation it ended in (death).
+SCHEMA_V4 = [
+    "ALTER TABLE vdisk ADD COLUMN origin_id INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE vdisk ADD COLUMN generation BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE vdisk ADD COLUMN created TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE mapping ADD COLUMN alt_container INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE mapping ADD COLUMN alt_pseg BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE mapping ADD COLUMN bitmap BLOB",
+    "ALTER TABLE mapping ADD COLUMN birth BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE mapping ADD COLUMN pbirth BIGINT NOT NULL DEFAULT 0",
+    """CREATE TABLE retained (
+        vdisk_id INTEGER NOT NULL REFERENCES vdisk(id),
+        vseg BIGINT NOT NULL,
+        death BIGINT NOT NULL,
+        container_id INTEGER NOT NULL REFERENCES container(id),
+        pseg BIGINT NOT NULL,
+        state INTEGER NOT NULL,
+        alt_container INTEGER NOT NULL,
+        alt_pseg BIGINT NOT NULL,
+        bitmap BLOB,
+        birth BIGINT NOT NULL,
+        pbirth BIGINT NOT NULL,
+        PRIMARY KEY (vdisk_id, vseg, death))""",
+    "CREATE INDEX vdisk_origin ON vdisk (origin_id)",
+]
+UPGRADES = {1: SCHEMA_V2 + SCHEMA_V3 + SCHEMA_V4, 2: SCHEMA_V3 + SCHEMA_V4, 3: SCHEMA_V4}
+_MAPPING = "vseg, container_id, pseg, state, alt_container, alt_pseg, bitmap, birth, pbirth"
+_VDISK = "SELECT id, name, pool_id, size_bytes, block_size, thin, serial, state, origin_id, generation, created FROM vdisk"
 _CONTAINER = "SELECT id, pool_id, path, kind, size_bytes, nsegments, owned, uuid, epoch, epoch_next FROM container"
 
 
@@ -113,7 +144,7 @@ class SQLiteStore:
             if tables:
                 raise StoreError(f"{path} is not a san store")
             self.begin()
-            for statement in SCHEMA + SCHEMA_V2 + SCHEMA_V3:
+            for statement in SCHEMA + SCHEMA_V2 + SCHEMA_V3 + SCHEMA_V4:
                 self.db.execute(statement)
             self.db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (str(uuid.uuid4()),))
@@ -245,11 +276,30 @@ class SQLiteStore:
         assert cursor.lastrowid is not None
         return VDisk(cursor.lastrowid, name, pool_id, size_bytes, block_size, thin, serial, state)
 
-    def vdisks(self) -> list[VDisk]:
-        rows = self._reads().execute(
-            "SELECT id, name, pool_id, size_bytes, block_size, thin, serial, state FROM vdisk ORDER BY name"
+    def add_snapshot(self, origin: VDisk, name: str, created: str) -> VDisk:
+        """A snapshot of origin at its current generation; the origin goes on in the next one."""
+        serial = os.urandom(8).hex()
+        values = (name, origin.pool_id, origin.size_bytes, origin.block_size, int(origin.thin), serial, origin.id)
+        cursor = self._write(
+            "INSERT INTO vdisk (name, pool_id, size_bytes, block_size, thin, serial, state, origin_id, generation, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'ready', ?, ?, ?)",
+            (*values, origin.generation, created),
         )
-        return [VDisk(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7]) for r in rows]
+        self._write("UPDATE vdisk SET generation = ? WHERE id = ?", (origin.generation + 1, origin.id))
+        assert cursor.lastrowid is not None
+        return VDisk(
+            cursor.lastrowid, name, origin.pool_id, origin.size_bytes, origin.block_size, origin.thin, serial, "ready",
+            origin.id, origin.generation, created,
+        )  # fmt: skip
+
+    def vdisks(self) -> list[VDisk]:
+        rows = self._reads().execute(_VDISK + " ORDER BY name")
+        vdisks = [VDisk(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], r[8], r[9], r[10]) for r in rows]
+        born = dict(self._reads().execute("SELECT vdisk_id, MAX(birth) FROM mapping GROUP BY vdisk_id").fetchall())
+        for vdisk in vdisks:  # a generation whose snapshot never committed may have written mappings: go on past it
+            if not vdisk.origin and born.get(vdisk.id, 0) > vdisk.generation:
+                vdisk.generation = born[vdisk.id]
+        return vdisks
 
     def update_vdisk(self, vdisk: VDisk) -> None:
         self._write("UPDATE vdisk SET size_bytes = ?, state = ? WHERE id = ?", (vdisk.size_bytes, vdisk.state, vdisk.id))
@@ -259,10 +309,41 @@ class SQLiteStore:
 
     def mappings(self, vdisk_id: int, start: int, stop: int) -> list[Mapping]:
         rows = self._reads().execute(
-            "SELECT vseg, container_id, pseg, state FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ? ORDER BY vseg",
+            f"SELECT {_MAPPING} FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ? ORDER BY vseg",
             (vdisk_id, start, stop),
         )
         return [Mapping(*row) for row in rows]
+
+    def snapshot_mappings(self, origin_id: int, generation: int, start: int, stop: int) -> list[Mapping]:
+        """The mappings of origin's segments [start, stop) as they were in that generation (a snapshot's view):
+        the kept versions that ended after it, and the current ones written in it or before."""
+        rows = self._reads().execute(
+            f"SELECT {_MAPPING} FROM retained WHERE vdisk_id = ? AND vseg >= ? AND vseg < ? AND birth <= ? AND death > ?"
+            f" UNION ALL SELECT {_MAPPING} FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ? AND birth <= ?"
+            " ORDER BY vseg",
+            (origin_id, start, stop, generation, generation, origin_id, start, stop, generation),
+        )
+        return [Mapping(*row) for row in rows]
+
+    def snapshot_generations(self, origin_id: int) -> list[int]:
+        """The generations the snapshots of a vdisk see, oldest first."""
+        rows = self._reads().execute("SELECT generation FROM vdisk WHERE origin_id = ? ORDER BY generation", (origin_id,))
+        return [row[0] for row in rows]
+
+    def drop_unseen(self, origin_id: int, limit: int) -> tuple[int, list[tuple[int, int]]]:
+        """Drop up to `limit` kept versions of origin's mappings that no snapshot sees any more; how many went, and
+        the physical segments whose last reference went with them."""
+        self._writing()
+        rows = self.db.execute(
+            "SELECT vseg, death, container_id, pseg, alt_container, alt_pseg, bitmap FROM retained r WHERE vdisk_id = ?"
+            " AND NOT EXISTS (SELECT 1 FROM vdisk s WHERE s.origin_id = r.vdisk_id AND s.generation >= r.birth"
+            " AND s.generation < r.death) LIMIT ?",
+            (origin_id, limit),
+        ).fetchall()
+        self.db.executemany(
+            "DELETE FROM retained WHERE vdisk_id = ? AND vseg = ? AND death = ?", [(origin_id, r[0], r[1]) for r in rows]
+        )
+        return len(rows), self._unreference(_references(rows, 2))
 
     def set_mapping_state(self, vdisk_id: int, start: int, stop: int, state: int) -> None:
         self._write("UPDATE mapping SET state = ? WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", (state, vdisk_id, start, stop))
@@ -271,37 +352,71 @@ class SQLiteStore:
         return int(self._reads().execute("SELECT COUNT(*) FROM mapping WHERE vdisk_id = ?", (vdisk_id,)).fetchone()[0])
 
     def add_mappings(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
-        """Map unmapped vdisk segments and take a reference on each physical segment."""
+        """Map unmapped vdisk segments and take a reference on each physical segment (primary and alternate)."""
         self._writing()
         rows = list(mappings)
         self.db.executemany(
-            "INSERT INTO mapping (vdisk_id, vseg, container_id, pseg, state) VALUES (?, ?, ?, ?, ?)",
-            [(vdisk_id, m.vseg, m.container_id, m.pseg, m.state) for m in rows],
+            f"INSERT INTO mapping (vdisk_id, {_MAPPING}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(vdisk_id, *m) for m in rows],
         )
         self.db.executemany(
             "INSERT INTO segment (container_id, pseg, refcount) VALUES (?, ?, 1)"
             " ON CONFLICT (container_id, pseg) DO UPDATE SET refcount = segment.refcount + 1",
-            [(m.container_id, m.pseg) for m in rows],
+            _references([(m.container_id, m.pseg, m.alt_container, m.alt_pseg, m.bitmap) for m in rows], 0),
         )
 
     def remove_mappings(self, vdisk_id: int, start: int, stop: int) -> list[tuple[int, int]]:
         """Unmap vdisk segments [start, stop); the physical segments whose last reference went."""
         return self.remove_mapping_ranges(vdisk_id, [(start, stop)])
 
-    def remove_mapping_ranges(self, vdisk_id: int, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Unmap the vdisk segments of each range [start, stop); the physical segments whose last reference went."""
+    def remove_mapping_ranges(
+        self, vdisk_id: int, ranges: Iterable[tuple[int, int]], collect: bool = True
+    ) -> list[tuple[int, int]]:
+        """Unmap the vdisk segments of each range [start, stop); the physical segments whose last reference went. A
+        mapping a snapshot still sees (written in its generation or before) is kept for it, with its references.
+        Without collect, nothing is returned yet: mappings added next may take the same segments again (an
+        alternate location's new blocks), and unreferenced() says afterwards which are free."""
         self._writing()
-        gone: list[tuple[int, int]] = []
+        seen = self.db.execute("SELECT MAX(generation) FROM vdisk WHERE origin_id = ?", (vdisk_id,)).fetchone()[0]
+        now = self.db.execute("SELECT generation FROM vdisk WHERE id = ?", (vdisk_id,)).fetchone()
+        gone: list[tuple[int, int, int, int, bytes | None]] = []
         for start, stop in ranges:
             where = (vdisk_id, start, stop)
+            if seen is not None and now is not None:
+                self.db.execute(
+                    f"INSERT INTO retained (vdisk_id, death, {_MAPPING}) SELECT vdisk_id, ?, {_MAPPING} FROM mapping"
+                    " WHERE vdisk_id = ? AND vseg >= ? AND vseg < ? AND birth <= ?",
+                    (now[0], *where, seen),
+                )
+            kept = seen if seen is not None else -1
             gone += self.db.execute(
-                "SELECT container_id, pseg FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", where
+                "SELECT container_id, pseg, alt_container, alt_pseg, bitmap FROM mapping"
+                " WHERE vdisk_id = ? AND vseg >= ? AND vseg < ? AND birth > ?",
+                (*where, kept),
             ).fetchall()
             self.db.execute("DELETE FROM mapping WHERE vdisk_id = ? AND vseg >= ? AND vseg < ?", where)
-        return self._unreference(gone)
+        self._decrement(_references(gone, 0))
+        return self.unreferenced() if collect else []
+
+    def delete_retained(self, vdisk_id: int) -> list[tuple[int, int]]:
+        """Drop every kept version of a vdisk's mappings (it is being deleted, with its snapshots)."""
+        self._writing()
+        rows = self.db.execute(
+            "SELECT container_id, pseg, alt_container, alt_pseg, bitmap FROM retained WHERE vdisk_id = ?", (vdisk_id,)
+        ).fetchall()
+        self.db.execute("DELETE FROM retained WHERE vdisk_id = ?", (vdisk_id,))
+        return self._unreference(_references(rows, 0))
 
     def _unreference(self, gone: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        self._decrement(gone)
+        return self.unreferenced()
+
+    def _decrement(self, gone: list[tuple[int, int]]) -> None:
         self.db.executemany("UPDATE segment SET refcount = refcount - 1 WHERE container_id = ? AND pseg = ?", gone)
+
+    def unreferenced(self) -> list[tuple[int, int]]:
+        """The physical segments no mapping references any more, dropped from the space map: free."""
+        self._writing()
         freed = self.db.execute(
             "SELECT container_id, pseg FROM segment WHERE refcount <= 0 ORDER BY container_id, pseg"
         ).fetchall()
@@ -365,3 +480,15 @@ class SQLiteStore:
 
     def delete_zone(self, host_id: int, vdisk_id: int) -> None:
         self._write("DELETE FROM zone WHERE host_id = ? AND vdisk_id = ?", (host_id, vdisk_id))
+
+
+def _references(rows: Iterable[Sequence[Any]], at: int) -> list[tuple[int, int]]:
+    """The physical segments rows hold from column `at` on: (container, pseg, alt container, alt pseg, bitmap); the
+    alternate location counts only when the bitmap is there."""
+    found: list[tuple[int, int]] = []
+    for row in rows:
+        container, pseg, alt_container, alt_pseg, bitmap = row[at : at + 5]
+        found.append((container, pseg))
+        if bitmap is not None:
+            found.append((alt_container, alt_pseg))
+    return found

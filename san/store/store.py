@@ -9,16 +9,23 @@ from typing import NamedTuple, Protocol
 
 from san.model import Container, Host, Pool, VDisk, Zone
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Mapping(NamedTuple):
-    """A persistent map-table entry: vdisk segment -> (container, physical segment) with state bits."""
+    """A persistent map-table entry: vdisk segment -> (container, physical segment) with state bits, and maybe an
+    alternate location (alt_container, alt_pseg) whose bitmap says which blocks live there (None: no alternate).
+    birth: the generation of the vdisk it was written in; pbirth: the one its primary location came in."""
 
     vseg: int
     container_id: int
     pseg: int
     state: int
+    alt_container: int = 0
+    alt_pseg: int = 0
+    bitmap: bytes | None = None
+    birth: int = 0
+    pbirth: int = 0
 
 
 class StoreError(Exception):
@@ -77,7 +84,12 @@ class Store(Protocol):
     def remove_mappings(self, vdisk_id: int, start: int, stop: int) -> list[tuple[int, int]]:
         """Unmap vdisk segments [start, stop); return the physical segments whose last reference went."""
 
-    def remove_mapping_ranges(self, vdisk_id: int, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]: ...
+    def remove_mapping_ranges(
+        self, vdisk_id: int, ranges: Iterable[tuple[int, int]], collect: bool = True
+    ) -> list[tuple[int, int]]: ...
+
+    def unreferenced(self) -> list[tuple[int, int]]:
+        """The physical segments no mapping holds any more (after remove_mapping_ranges without collect)."""
 
     def used_segments(self) -> Iterator[tuple[int, int]]:
         """Every referenced (container id, physical segment)."""
