@@ -102,6 +102,7 @@ class Agent:
         self.drops = 0  # times every mapping was dropped (drop_all): an answer from before says nothing of now
         self.mapped = 0  # mappings made so far (faults that allocated, grant mappings): a generation count
         self.copies_on_write = 0  # alternate locations taken for writes into shared entries
+        self.copied_bytes = 0  # bytes copied into them from the shared alternate locations they replaced
         self.durable = 0  # every mapping up to this generation is committed by the controller
         self.report_scheduled = False
         self.topping_up = False
@@ -569,7 +570,10 @@ class Agent:
             old = table.get_entries(segment, 1)[0][3]
             if old is not None:
                 copy = alternates.copy_blocks
-                await self._away(vdisk, volume, hold, self._in_io_thread(copy, self.containers, table, old[:2], location, old[2]))
+                copied = await self._away(
+                    vdisk, volume, hold, self._in_io_thread(copy, self.containers, table, old[:2], location, old[2])
+                )
+                self.copied_bytes += copied
             _, _, state, now = table.get_entries(segment, 1)[0]
             if not state & SHARED or state & (INVALID | ERROR) or now != old:
                 volume.grant[location] = None  # changed meanwhile (unshared, dropped): not needed after all

@@ -71,12 +71,16 @@ def put_back(table: MapTable, reports: Iterable[tuple[Alternate, ...]]) -> None:
 
 def copy_blocks(
     containers: ContainerSet, table: MapTable, source: tuple[int, int], target: tuple[int, int], bitmap: bytes
-) -> None:
+) -> int:
     """Copy the blocks set in bitmap from segment `source` to segment `target` ((container, segment) each): what a
-    shared alternate location holds, into the fresh one that replaces it. Blocking I/O: call it in a thread."""
+    shared alternate location holds, into the fresh one that replaces it. The bytes copied. Blocking I/O: call it in
+    a thread."""
     block_size = table.block_size
     segment_bytes = table.segment_bytes
+    copied = 0
     for first, count in bitmap_runs(bitmap, table.segment_blocks):
         buffer = bytearray(count * block_size)
         containers.read_into(source[0], source[1] * segment_bytes + first * block_size, memoryview(buffer))
         containers.write_from(target[0], target[1] * segment_bytes + first * block_size, memoryview(buffer))
+        copied += len(buffer)
+    return copied

@@ -44,6 +44,15 @@ class ControllerCollector(Collector):
         yield from self._vdisks()
         yield from self._gateways()
         yield from self.commit_seconds.collect()
+        snapshots = self.controller.snapshots
+        reclaimed = CounterMetricFamily(
+            "san_snapshot_reclaimed_versions", "Kept mapping versions dropped once no snapshot saw them (deleted snapshots)"
+        )
+        reclaimed.add_metric([], snapshots.reclaimed)
+        count = GaugeMetricFamily("san_snapshots", "Snapshots, by vdisk", labels=["vdisk"])
+        for vdisk in sorted((v for v in self.controller.vdisks.values() if not v.origin), key=lambda v: v.name):
+            count.add_metric([vdisk.name], len(snapshots.of(vdisk)))
+        yield from (reclaimed, count)
 
     def _pools(self) -> Iterator[Metric]:
         controller = self.controller
@@ -142,6 +151,16 @@ class GatewayCollector(Collector):
                 tables.append((name, volume.table))
         yield from vdisk_io(tables)
         yield from self.agent.fault_seconds.collect()
+        copies = CounterMetricFamily(
+            "san_copy_on_write_alternates", "Alternate locations taken for writes into segments a snapshot shares"
+        )
+        copies.add_metric([], self.agent.copies_on_write)
+        copied = CounterMetricFamily(
+            "san_copy_on_write_copied_bytes",
+            "Bytes copied for copy on write besides what hosts wrote (a shared alternate location's blocks, moved on)",
+        )
+        copied.add_metric([], self.agent.copied_bytes)
+        yield from (copies, copied)
         initiators = GaugeMetricFamily(
             "san_iscsi_sessions", "iSCSI sessions on this gateway's built-in target, by initiator", labels=["initiator"]
         )

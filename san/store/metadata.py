@@ -263,7 +263,8 @@ class Metadata:
             for vdisk_id, entries in changed.items():  # a new version of a mapping may keep its segments
                 store.remove_mapping_ranges(vdisk_id, _ranges(entries), collect=False)
                 store.add_mappings(vdisk_id, sorted(m for m in entries.values() if m is not None))
-            freed += store.unreferenced()
+            if changed:
+                freed += store.unreferenced()
             result = change(store) if change is not None else None
             store.commit()
         except (sqlite3.Error, StoreError, OSError) as exc:
