@@ -390,6 +390,19 @@ cdef class MapTable:
         for i in range(start, start + count):
             self._writable(i).state |= <uint8_t>bits
 
+    def share(self, uint64_t start, uint64_t count):
+        """Entries [start, start+count) become NOWRITE | SHARED (a snapshot shares them: writes copy on write), but
+        those NOWRITE already stay only that: read-only for good, not to be copied on write either."""
+        cdef uint64_t i
+        cdef uint8_t state
+        self._check_range(start, count)
+        for i in range(start, start + count):
+            state = entry_at(self, i).state
+            if state & ST_NOWRITE and not state & ST_SHARED:
+                continue
+            if state != ST_NOWRITE | ST_SHARED:
+                self._writable(i).state = state | ST_NOWRITE | ST_SHARED
+
     def clear_state(self, uint64_t start, uint64_t count, uint32_t bits):
         """Turn NOWRITE and/or SHARED off for entries [start, start+count); INVALID, ZERO and ERROR void the entry
         and need set_entries()."""

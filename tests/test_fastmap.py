@@ -108,6 +108,11 @@ class TableMachine(RuleBasedStateMachine):
             self.both("mark_written", lba, nblocks)
 
     @rule(data=st.data())
+    def share(self, data: st.DataObject) -> None:
+        start = data.draw(st.integers(0, self.ref.nsegments))
+        self.both("share", start, data.draw(st.integers(0, self.ref.nsegments + 1 - start)))
+
+    @rule(data=st.data())
     def freeze_and_thaw(self, data: st.DataObject) -> None:
         start = data.draw(st.integers(0, self.ref.nsegments))
         count = data.draw(st.integers(0, self.ref.nsegments - start))

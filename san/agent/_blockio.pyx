@@ -92,12 +92,13 @@ def write_blocks(MapTable table, const int[:] fds, uint64_t lba, const unsigned 
                 failed = i
                 break
             at += ext[i].length
+    if not err:  # before the I/O counts as ended: a barrier waiting for it sees its bits set
+        mark_written(table, lba, nblocks)
     table.io_end_c(slot)
     for i in range(n if not err else failed + 1):
         written.add(ext[i].container)
     if err:
         raise OSError(err if err > 0 else 5, f"writing container {ext[failed].container} at byte {ext[failed].offset}")
-    mark_written(table, lba, nblocks)
     if arrived_ns:
         io_account(table, IO_WRITE, data.shape[0], arrived_ns)
     return DONE

@@ -87,6 +87,7 @@ class Volume:
     revokes: int = 0  # times the grant was revoked: an answer asked for before the last one brings no grant
     frozen: list[int] = field(default_factory=list)  # entries whose writable alternates a snapshot is freezing
     sharing: asyncio.Event | None = None  # set once a snapshot's fence has been answered: copies on write wait
+    fences: int = 0  # fences begun: a copy on write that saw one begin meanwhile starts again
 
 
 class Agent:
@@ -149,28 +150,28 @@ class Agent:
             return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=str(exc))
         except MemoryError:
             return Response(Action.FAIL, reason=Reason.BAD_COMMAND, message=f"no memory to carry out {command.op.value}")
+        if command.op is Op.SET_STATE and command.bits & NOWRITE and volume is not None:
+            return await self._fenced(command.vdisk, volume, response)
         if command.blocking and volume is not None:
             await _drained(volume.table)
         if dropped is not None:
             await self._report_quietly(command.vdisk, dropped)
-        if command.op is Op.SET_STATE and command.bits & SHARED and volume is not None:
-            return await self._shared(command.vdisk, volume, response)
         return response
 
-    async def _shared(self, vdisk: int, volume: Volume, response: Response) -> Response:
-        """Entries became shared (a snapshot): once the writes that were on their way have set their bits, the frozen
-        alternate locations are plain shared ones, and everything written so far is reported, so that the
-        controller's snapshot holds every write acknowledged before the command."""
-        volume.table.thaw(volume.frozen)
-        volume.frozen.clear()
+    async def _fenced(self, vdisk: int, volume: Volume, response: Response) -> Response:
+        """Writes to entries were fenced (NOWRITE; a snapshot's NOWRITE | SHARED): once the writes that were on their
+        way have ended and set their bits, the frozen alternate locations take no more, and everything written so far
+        is reported, so that a snapshot holds every write acknowledged before the command. Until then no write copies
+        on write (what it wrote would be after the snapshot, reported before it)."""
         try:
+            await _drained(volume.table)
+            volume.table.thaw(volume.frozen)
+            volume.frozen.clear()
             await self._report(vdisk, volume)
         except AgentIOError as exc:
             return Response(Action.FAIL, reason=exc.reason, message=f"could not report what was written: {exc}")
         finally:
-            if volume.sharing is not None:
-                volume.sharing.set()
-                volume.sharing = None
+            _end_fence(volume)
         return response
 
     async def _revoke_grant(self, vdisk: int) -> Response:
@@ -204,6 +205,8 @@ class Agent:
         for volume in self.volumes.values():
             lost += volume.table.dirty
             volume.table.invalidate_all()
+            volume.frozen.clear()
+            _end_fence(volume)
             volume.grant.clear()
             lost += len(volume.unreported)
             volume.unreported.clear()
@@ -273,10 +276,16 @@ class Agent:
             alternates.install(volume.table, command.alternates)
         elif op is Op.MARK_ALTERNATES:
             alternates.mark(volume.table, command.alternates)
+        elif op is Op.SET_STATE and command.bits == NOWRITE | SHARED:
+            volume.table.share(command.start, command.count)
+            volume.frozen += volume.table.freeze_alternates(command.start, command.count)
+            volume.fences += 1
+            volume.sharing = volume.sharing or asyncio.Event()
         elif op is Op.SET_STATE:
             volume.table.set_state(command.start, command.count, command.bits)
-            if command.bits & SHARED:
+            if command.bits & NOWRITE:  # no write goes on into an alternate location there either
                 volume.frozen += volume.table.freeze_alternates(command.start, command.count)
+                volume.fences += 1
                 volume.sharing = volume.sharing or asyncio.Event()
         elif op is Op.CLEAR_STATE:
             volume.table.clear_state(command.start, command.count, command.bits)
@@ -421,8 +430,9 @@ class Agent:
         finally:
             hold.release()
         if fua:
-            if table.dirty:  # bits this write (or an earlier one) set in an alternate location: reported too
-                self.mapped += 1
+            first, last = lba // table.segment_blocks, (lba + nblocks - 1) // table.segment_blocks
+            if any(alt is not None for _, _, _, alt in table.get_entries(first, last - first + 1)):
+                self.mapped += 1  # the bits it set in an alternate location (maybe in a report on its way): committed
             needed = self.mapped  # the mappings this write may have used are all of this generation or older
             while self.durable < needed:
                 await self.metadata_commit()
@@ -566,6 +576,7 @@ class Agent:
         claim = volume.faulting[segment] = _Claim()
         location = next(iter(volume.grant))
         del volume.grant[location]
+        fences, revokes, drops = volume.fences, volume.revokes, self.drops
         try:
             old = table.get_entries(segment, 1)[0][3]
             if old is not None:
@@ -574,9 +585,11 @@ class Agent:
                     vdisk, volume, hold, self._in_io_thread(copy, self.containers, table, old[:2], location, old[2])
                 )
                 self.copied_bytes += copied
+            if revokes != volume.revokes or drops != self.drops:
+                return pos  # the grant was taken back (or everything dropped) meanwhile: that segment is not ours
             _, _, state, now = table.get_entries(segment, 1)[0]
-            if not state & SHARED or state & (INVALID | ERROR) or now != old:
-                volume.grant[location] = None  # changed meanwhile (unshared, dropped): not needed after all
+            if fences != volume.fences or not state & SHARED or state & (INVALID | ERROR) or now != old:
+                volume.grant[location] = None  # a snapshot began, or it changed (unshared, dropped): look again
                 return pos
             table.set_alternate(segment, location[0], location[1], old[2] if old is not None else None, writable=True)
             table.mark_dirty(segment)  # reported even if no write lands there: the grant's segment is used
@@ -818,6 +831,13 @@ def _state_name(state: int) -> str:
         if state & bit:
             return name
     return "none"
+
+
+def _end_fence(volume: Volume) -> None:
+    """The fence of a volume's writes has been answered (or given up): copies on write go on."""
+    if volume.sharing is not None:
+        volume.sharing.set()
+        volume.sharing = None
 
 
 def _unmapped(state: int, alternate: object) -> bool:

@@ -134,6 +134,12 @@ class RefMapTable:
         for entry in self.entries[start : start + count]:
             entry.state |= bits
 
+    def share(self, start: int, count: int) -> None:
+        self._check_range(start, count)
+        for entry in self.entries[start : start + count]:
+            if not (entry.state & NOWRITE and not entry.state & SHARED):
+                entry.state |= NOWRITE | SHARED
+
     def clear_state(self, start: int, count: int, bits: int) -> None:
         if not bits or bits & ~(NOWRITE | SHARED):
             raise ValueError("only NOWRITE and SHARED can be cleared")

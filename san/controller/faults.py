@@ -155,6 +155,8 @@ class FaultPolicy:
         to take as its alternate location (it copies on write there, and reports the blocks); once none does any
         more, it is answered with the entry as it is now, to write in place."""
         entries, alternates = self.controller.snapshots.entries(vdisk, fault.segment, fault.segment + 1)
+        if current is not None and current.state & NOWRITE:
+            return Response(Action.FAIL, reason=Reason.WRITE_PROTECTED, message=f"segment {fault.segment} is read-only")
         if current is None or not entries[0][2] & SHARED:
             return Response(Action.RETRY, fault.segment, entries, alternates=alternates)
         if len(self.controller.agents) > 1:

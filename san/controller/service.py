@@ -62,6 +62,8 @@ class ControllerService:
             self.spawn(self.controller.finish_thick(vdisk))
         for pool_id in self.controller.pools:
             self.controller.low_reserve(pool_id)
+        for vdisk in self.controller.snapshots.unreclaimed():  # a reclaim that a stop (or a crash) cut short
+            self.controller.snapshots.reclaim(vdisk)
         self.spawn(self._maintain())
         self.spawn(self._expire())
 

@@ -96,10 +96,11 @@ class SnapshotManager:
         alone = len(c.agents) <= 1
         for m in rows:
             shared = seen is not None and m.pbirth <= seen
-            state = m.state | base | (NOWRITE | SHARED if shared and not vdisk.origin else 0)
+            persistent = bool(m.state & NOWRITE)  # read-only for good: not copied on write either
+            state = m.state | base | (NOWRITE | SHARED if shared and not vdisk.origin and not persistent else 0)
             entries[m.vseg - start] = (m.container_id, m.pseg, state)
             if m.bitmap is not None:
-                writable = not vdisk.origin and alone and not (seen is not None and m.birth <= seen)
+                writable = not vdisk.origin and alone and not m.state & NOWRITE and not (seen is not None and m.birth <= seen)
                 alternates.append(Alternate(m.vseg, m.alt_container, m.alt_pseg, tuple(bitmap_runs(m.bitmap, nbits)), writable))
         return tuple(entries), tuple(alternates)
 
@@ -195,6 +196,11 @@ class SnapshotManager:
         log.info("snapshot %s deleted; reclaiming what only it kept", name)
         self.reclaim(origin)
 
+    def unreclaimed(self) -> list[VDisk]:
+        """The vdisks keeping mapping versions: what a reclaim cut short may have left (reclaimed again at start)."""
+        c = self.controller
+        return [c.vdisks[v] for v in c.store.retaining() if v in c.vdisks and c.online(c.vdisks[v].pool_id)]
+
     def reclaim(self, origin: VDisk) -> None:
         """Start (or restart after the one running) the background reclaim of origin's kept versions."""
         running = self.reclaims.get(origin.id)
@@ -228,7 +234,9 @@ class SnapshotManager:
                 break
             await asyncio.sleep(RECLAIM_PAUSE)
         if origin.id in c.vdisks:
-            await self.unshare(origin)
+            async with c.locks.hold(("vdisk", origin.name)):  # no snapshot of it is taken meanwhile
+                if origin.id in c.vdisks:
+                    await self.unshare(origin)
 
     async def unshare(self, vdisk: VDisk) -> None:
         """Entries no snapshot shares any more are written in place again: the agents clear their SHARED state."""

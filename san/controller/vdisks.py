@@ -43,12 +43,13 @@ def segments_of(runs: Iterable[Run]) -> list[Segment]:
     return [(container_id, pseg) for container_id, first, length in runs for pseg in range(first, first + length)]
 
 
-def _mappings(runs: list[Run], first_vseg: int) -> list[Mapping]:
-    """Consecutive vdisk segments from first_vseg mapped onto claimed runs."""
+def _mappings(runs: list[Run], first_vseg: int, generation: int = 0) -> list[Mapping]:
+    """Consecutive vdisk segments from first_vseg mapped onto claimed runs, written in that generation."""
     mappings: list[Mapping] = []
     vseg = first_vseg
+    g = generation
     for container_id, first, length in runs:
-        mappings.extend(Mapping(vseg + i, container_id, first + i, 0) for i in range(length))
+        mappings.extend(Mapping(vseg + i, container_id, first + i, 0, birth=g, pbirth=g) for i in range(length))
         vseg += length
     return mappings
 
@@ -197,7 +198,7 @@ class VDiskManager:
             grown = VDisk(**{**vdisk.to_dict(), "size_bytes": size})
 
             def change(store: SQLiteStore) -> None:
-                store.add_mappings(vdisk.id, _mappings(runs, old_segments))
+                store.add_mappings(vdisk.id, _mappings(runs, old_segments, vdisk.generation))
                 store.update_vdisk(grown)
 
             try:

@@ -166,12 +166,12 @@ cdef int _blocks(MapTable table, const int[:] fds, uint64_t lba, uint64_t nblock
                 break
             done += 1
             at += ext[i].length
+    if write and not err:  # before the I/O counts as ended: a barrier waiting for it sees its bits set
+        mark_written(table, lba, nblocks)
     table.io_end_c(slot)
     if write:
         for i in range(done + (1 if err else 0)):
             written.add(ext[i].container)
-        if not err:
-            mark_written(table, lba, nblocks)
     return 1 if err else 0
 
 

@@ -103,13 +103,13 @@ class Metadata:
     # -- the agents' changes -------------------------------------------------------------------------------
 
     def insert(self, vdisk_id: int, mappings: Iterable[Mapping]) -> None:
-        """Map unmapped vdisk segments (durable at the next commit)."""
+        """Map vdisk segments, or give mapped ones a new version (durable at the next commit)."""
         changed = self.changed.setdefault(vdisk_id, {})
         for mapping in mappings:
+            if vdisk_id in self.counts and not self.find(vdisk_id, mapping.vseg, mapping.vseg + 1):
+                self.counts[vdisk_id] += 1  # (a new version of a mapping, copy on write's, maps nothing more)
             changed[mapping.vseg] = mapping
             self._view(vdisk_id, mapping.vseg, mapping)
-            if vdisk_id in self.counts:
-                self.counts[vdisk_id] += 1
 
     def remove(self, vdisk_id: int, start: int, stop: int) -> None:
         """Unmap vdisk segments [start, stop). Their physical segments go back only after the commit that makes the

@@ -330,6 +330,10 @@ class SQLiteStore:
         rows = self._reads().execute("SELECT generation FROM vdisk WHERE origin_id = ? ORDER BY generation", (origin_id,))
         return [row[0] for row in rows]
 
+    def retaining(self) -> list[int]:
+        """The vdisks that keep versions of their mappings for snapshots."""
+        return [row[0] for row in self._reads().execute("SELECT DISTINCT vdisk_id FROM retained")]
+
     def drop_unseen(self, origin_id: int, limit: int) -> tuple[int, list[tuple[int, int]]]:
         """Drop up to `limit` kept versions of origin's mappings that no snapshot sees any more; how many went, and
         the physical segments whose last reference went with them."""
