@@ -16,6 +16,7 @@ from typing import Any
 from conftest import SanServer, assert_clean
 
 ROUNDS = 12
+UNANSWERED = -1
 SIZES = ["8M", "16M", "24M"]
 
 
@@ -27,10 +28,13 @@ class Client:
         self.rng = rng
         self.files = files
         self.done: list[tuple[str, str, int]] = []  # (operation, name, status)
+        self.asking: tuple[str, str] | None = None  # the operation sent and not answered yet
 
-    def call(self, method: str, path: str, body: Any = None) -> int:
+    def call(self, operation: str, name: str, method: str, path: str, body: Any = None) -> None:
+        self.asking = (operation, name)
         status, _ = self.server.http(method, path, body, timeout=30)
-        return status
+        self.asking = None
+        self.done.append((operation, name, status))
 
     def step(self, n: int) -> None:
         rng = self.rng
@@ -44,29 +48,29 @@ class Client:
             body: dict[str, Any] = {"name": name, "size": rng.choice(SIZES), "segment_size": rng.choice(["64K", "1M"])}
             if rng.random() < 0.3:
                 body["path"] = str(self.files / f"{name}.img")
-            self.done.append(("pool", name, self.call("POST", "/pools", body)))
+            self.call("pool", name, "POST", "/pools", body)
         elif choice < 0.4:
             name = f"v{n}"
             body = {"name": name, "pool": rng.choice(pools), "size": rng.choice(["1M", "3M", "5M"]), "thick": rng.random() < 0.5}
-            self.done.append(("vdisk", name, self.call("POST", "/vdisks", body)))
+            self.call("vdisk", name, "POST", "/vdisks", body)
         elif choice < 0.5 and vdisks:
             name = rng.choice(vdisks)
-            self.done.append(("grow", name, self.call("POST", f"/vdisks/{name}/grow", {"size": "6M"})))
+            self.call("grow", name, "POST", f"/vdisks/{name}/grow", {"size": "6M"})
         elif choice < 0.6:
             name = f"h{n}"
-            self.done.append(("host", name, self.call("POST", "/hosts", {"name": name, "iqn": f"iqn.2024-01.org.example:h{n}"})))
+            self.call("host", name, "POST", "/hosts", {"name": name, "iqn": f"iqn.2024-01.org.example:h{n}"})
         elif choice < 0.75 and hosts and vdisks:
             host, vdisk = rng.choice(hosts), rng.choice(vdisks)
-            self.done.append(("zone", f"{host}/{vdisk}", self.call("POST", "/zones", {"host": host, "vdisk": vdisk})))
+            self.call("zone", f"{host}/{vdisk}", "POST", "/zones", {"host": host, "vdisk": vdisk})
         elif choice < 0.85 and zones:
             host, vdisk = rng.choice(zones)
-            self.done.append(("unzone", f"{host}/{vdisk}", self.call("DELETE", f"/zones/{host}/{vdisk}")))
+            self.call("unzone", f"{host}/{vdisk}", "DELETE", f"/zones/{host}/{vdisk}")
         elif choice < 0.93 and vdisks:
             name = rng.choice(vdisks)
-            self.done.append(("vdisk-delete", name, self.call("DELETE", f"/vdisks/{name}")))
+            self.call("vdisk-delete", name, "DELETE", f"/vdisks/{name}")
         elif pools:
             name = rng.choice(pools)
-            self.done.append(("pool-delete", name, self.call("DELETE", f"/pools/{name}")))
+            self.call("pool-delete", name, "DELETE", f"/pools/{name}")
 
     def run(self, start: int) -> int:
         n = start
@@ -75,6 +79,8 @@ class Client:
                 n += 1
                 self.step(n)
         except (OSError, AssertionError, http.client.HTTPException):
+            if self.asking is not None:  # killed before it answered: done or not, either is right
+                self.done.append((*self.asking, UNANSWERED))
             return n  # the server was killed, perhaps in the middle of an answer
 
 
@@ -88,6 +94,9 @@ def agreed(server: SanServer, done: list[tuple[str, str, int]]) -> None:
     for operation, name, status in done:
         kind = {"pool": "pool", "pool-delete": "pool", "vdisk": "vdisk", "vdisk-delete": "vdisk", "host": "host",
                 "zone": "zone", "unzone": "zone"}.get(operation)  # fmt: skip
+        if kind is not None and status == UNANSWERED:
+            final.pop((kind, name), None)  # asked when it was killed: it may or may not have happened
+            continue
         if kind is None or status >= 300:
             continue
         final[(kind, name)] = "gone" if operation in ("pool-delete", "vdisk-delete", "unzone") else "there"
